@@ -1,0 +1,121 @@
+"""Device, precision and measurement decided once, before the training loop."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} was asked for but CUDA is not available here; use 'auto' or 'cpu'.")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)."
+            )
+        return dev
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}.")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto`: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}.")
+    if name != "auto":
+        if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("precision='bf16' was asked for but this GPU does not support bf16; use fp16.")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+@dataclass
+class Precision:
+    """The autocast context and gradient scaler for one precision, built once."""
+
+    name: str
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]]
+    scaler: torch.amp.GradScaler
+
+
+def make_precision(name: str, device: torch.device) -> Precision:
+    dtype = _DTYPES[name]
+    enabled = name != "fp32"
+
+    def autocast() -> contextlib.AbstractContextManager[Any]:
+        if not enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    # Only fp16 needs loss scaling; bf16 has fp32's exponent range.
+    scaler = torch.amp.GradScaler(device.type, enabled=(name == "fp16"))
+    return Precision(name=name, autocast=autocast, scaler=scaler)
+
+
+class Clock:
+    """Wall time that is exact on CUDA: synchronizes, but only when read.
+
+    Read it at measurement points (evaluations), never per step.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._device = device
+
+    def now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize(self._device)  # CPU-GPU sync point, at measurement points only
+        return time.perf_counter()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Linux lets a process reset its own resident-set high-water mark (VmHWM).
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated by tensors. CPU: peak resident memory of this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,77 @@
+"""Gradient noise scale (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training").
+
+B_simple = tr(Σ) / |G|², estimated from squared gradient norms measured at two
+batch sizes B_small < B_big (appendix A.1):
+
+    |G|²  ≈ (B_big·|G_big|² − B_small·|G_small|²) / (B_big − B_small)
+    tr(Σ) ≈ (|G_small|² − |G_big|²) / (1/B_small − 1/B_big)
+
+Each estimate is unbiased but noisy; numerator and denominator are smoothed
+separately (bias-corrected EMAs) and divided only when read. Everything stays on
+the device: reading the values is the only host sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def grad_sq_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """Σ |∂L/∂θ|² over all parameters that have a gradient, as a 0-d fp32 device tensor."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        raise ValueError("no parameter has a gradient: call backward() first.")
+    norms = torch._foreach_norm(grads, 2.0)
+    return torch.stack([n.float() for n in norms]).square().sum()
+
+
+def two_batch_estimates(
+    g_small_sq: torch.Tensor | float, g_big_sq: torch.Tensor | float, b_small: float, b_big: float
+) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """Unbiased estimates of (|G|², tr(Σ)) from squared gradient norms at two batch sizes."""
+    if not 0 < b_small < b_big:
+        raise ValueError(f"need 0 < b_small < b_big, got {b_small=} and {b_big=}.")
+    grad_sq = (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small)
+    trace_sigma = (g_small_sq - g_big_sq) / (1.0 / b_small - 1.0 / b_big)
+    return grad_sq, trace_sigma
+
+
+class NoiseScaleEMA:
+    """Bias-corrected exponential moving averages of |G|² and tr(Σ), kept on the device."""
+
+    def __init__(self, device: torch.device, beta: float = 0.95) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta=}.")
+        self.beta = beta
+        self._grad_sq = torch.zeros((), device=device)
+        self._trace = torch.zeros((), device=device)
+        # Weight of the EMA so far (1 − β^t), counted on device so skipped updates don't count.
+        self._weight = torch.zeros((), device=device)
+        self.updates = 0
+
+    def update(self, g_small_sq: torch.Tensor, g_big_sq: torch.Tensor, b_small: float, b_big: float) -> None:
+        grad_sq, trace = two_batch_estimates(g_small_sq, g_big_sq, b_small, b_big)
+        assert isinstance(grad_sq, torch.Tensor) and isinstance(trace, torch.Tensor)
+        # fp16 steps with overflowing gradients are skipped rather than poisoning the average.
+        ok = torch.isfinite(grad_sq) & torch.isfinite(trace)
+        b = self.beta
+        self._grad_sq = torch.where(ok, b * self._grad_sq + (1 - b) * grad_sq, self._grad_sq)
+        self._trace = torch.where(ok, b * self._trace + (1 - b) * trace, self._trace)
+        self._weight = torch.where(ok, b * self._weight + (1 - b), self._weight)
+        self.updates += 1
+
+    def read(self) -> dict[str, float]:
+        """The smoothed values (a host sync: call at evaluation points only)."""
+        if self.updates == 0:
+            return {}
+        w, g, t = torch.stack([self._weight, self._grad_sq, self._trace]).tolist()
+        if w <= 0:
+            return {}
+        g, t = g / w, t / w
+        out = {"gns/grad_sq": g, "gns/trace_sigma": t}
+        # |G|² can come out ≤ 0 early in training when the noise dominates; B_simple is then undefined.
+        if g > 0:
+            out["gns/b_simple"] = t / g
+        return out

@@ -1,0 +1,312 @@
+"""The training loop: one recipe, one batch size, one learning rate, measured.
+
+Read top to bottom: set-up (device, precision, data, model, optimizer), the loop,
+then the end-of-run measurements. Device, precision and compilation are decided
+before the loop; inside it nothing reads a value back to the host except at
+logging and evaluation points, which are marked.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainers.device import (
+    Clock,
+    make_precision,
+    peak_memory_mb,
+    reset_peak_memory,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
+from trainers.data import DeviceBatcher
+from trainers.gns import NoiseScaleEMA, grad_sq_norm
+from trainers.recipes import build_task
+from trainers.schedule import lr_multiplier, scaled_lr
+from trainers.sharpness import top_hessian_eigenvalue
+from trainers.spec import NullSink, Sink, TrainResult, TrainSpec
+from trainers.task import Task
+
+# Metrics where larger is better; a target on any other metric is reached from above.
+HIGHER_IS_BETTER = ("acc",)
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+
+def is_oom_error(exc: BaseException) -> bool:
+    """True only for running out of memory (CUDA or CPU allocations), nothing else."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    if isinstance(exc, RuntimeError):
+        msg = str(exc)
+        return (
+            "out of memory" in msg.lower()
+            or "DefaultCPUAllocator: can't allocate memory" in msg
+            or "CUDA error: out of memory" in msg
+        )
+    return False
+
+
+def target_reached(metric: str, value: float, target: float) -> bool:
+    if any(metric.endswith(s) for s in HIGHER_IS_BETTER):
+        return value >= target
+    return value <= target
+
+
+def micro_batches(batch_size: int, micro_batch_size: int) -> list[tuple[int, int]]:
+    """[lo, hi) slices covering the batch; the last may be smaller."""
+    return [(lo, min(lo + micro_batch_size, batch_size)) for lo in range(0, batch_size, micro_batch_size)]
+
+
+def make_optimizer(spec: TrainSpec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=spec.weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {spec.optimizer!r}.")
+
+
+@torch.no_grad()
+def evaluate(task: Task, x: torch.Tensor, y: torch.Tensor, autocast, chunk: int = 4096) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Mean loss (and accuracy) over (x, y) in eval mode. One host sync at the end."""
+    model = task.model
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
+    for lo in range(0, len(x), chunk):
+        xb, yb = x[lo : lo + chunk], y[lo : lo + chunk]
+        with autocast():
+            out = model(xb)
+        loss_sum += task.loss_fn(out.float(), yb) * len(xb)
+        if task.classification:
+            correct += (out.argmax(dim=1) == yb).sum()
+    model.train(was_training)
+    loss, acc = (torch.stack([loss_sum, correct]) / len(x)).tolist()  # host sync: evaluation point
+    return {"loss": loss, "acc": acc} if task.classification else {"loss": loss}
+
+
+@dataclass
+class _Target:
+    metric: str
+    value: float
+    step: int | None = None
+    samples: int | None = None
+    time_s: float | None = None
+
+
+def train(spec: TrainSpec, sink: Sink | None = None, task: Task | None = None) -> TrainResult:
+    """Train `spec` to its budget (or until the sink stops it) and measure the result.
+
+    Returns a result whose status is `ok`, `pruned`, `diverged` or `oom`; any other
+    error propagates. `task` may be given to train an already-built model and data.
+    """
+    sink = sink or NullSink()
+    wall_start = time.perf_counter()
+
+    # ---- set-up: everything decided once ---------------------------------
+    device = resolve_device(spec.device)
+    precision = make_precision(resolve_precision(spec.precision, device), device)
+    seed_everything(spec.seed)
+    reset_peak_memory(device)
+    B = spec.batch_size
+    micro = spec.micro_batch_size or B
+    accum_plan = micro_batches(B, micro)
+    # Without accumulation the noise scale needs a smaller batch: split the batch in
+    # two halves on measuring steps, so such a step costs about the same as a plain one.
+    gns_on = spec.gns and B >= 2
+    gns_plan = accum_plan if len(accum_plan) >= 2 else micro_batches(B, (B + 1) // 2)
+    lr = scaled_lr(spec.lr, B, spec.lr_scaling, spec.reference_batch)
+    resolved = {
+        "device": str(device),
+        "precision": precision.name,
+        "micro_batch_size": micro,
+        "accum_steps": len(accum_plan),
+        "effective_lr": lr,
+    }
+    try:
+        if task is None:
+            task = build_task(spec.recipe, spec.model, spec.recipe_options, device)
+        model: nn.Module = task.model
+        step_model = torch.compile(model) if spec.compile else model
+        optimizer = make_optimizer(spec, model, lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_multiplier(spec.schedule, spec.warmup_steps, spec.max_steps)
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        batcher = DeviceBatcher(task.num_train, B, device, seed=spec.seed)
+        noise = NoiseScaleEMA(device, beta=spec.gns_ema)
+        scaler = precision.scaler
+        autocast = precision.autocast
+        loss_fn = task.loss_fn
+        losses = torch.zeros(spec.log_every, device=device)  # per-step losses, read at flush
+        clock = Clock(device)
+        target = (
+            _Target(spec.target_metric, spec.target_value)
+            if spec.target_metric is not None and spec.target_value is not None
+            else None
+        )
+        best: dict[str, float] = {}
+        evals: dict[str, float] = {}
+        train_time = 0.0
+        time_since = 0.0
+        last_eval_step = 0
+        n_buffered, first_buffered = 0, 1
+        status, reason = "ok", ""
+        step = 0
+        model.train()
+
+        def flush(upto: int) -> None:
+            """Hand the buffered per-step losses to the sink; detect divergence."""
+            nonlocal n_buffered, first_buffered
+            if n_buffered == 0:
+                return
+            values = losses[:n_buffered].tolist()  # host sync: logging point
+            for i, v in enumerate(values):
+                if not math.isfinite(v):
+                    n_buffered = 0
+                    raise Diverged(f"training loss became {v} at step {first_buffered + i}")
+                sink.metrics(first_buffered + i, {"train/loss": v})
+            sink.metrics(upto, {"lr": scheduler.get_last_lr()[0]})
+            n_buffered, first_buffered = 0, upto + 1
+
+        t_mark = clock.now()
+        # ---- the loop ----------------------------------------------------
+        for step in range(1, spec.max_steps + 1):
+            idx = batcher.next()
+            xb, yb = task.train_x[idx], task.train_y[idx]
+            measure = gns_on and step % spec.gns_every == 0
+            plan = gns_plan if measure else accum_plan
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), device=device)
+            small_sq = None
+            for j, (lo, hi) in enumerate(plan):
+                with autocast():
+                    out = step_model(xb[lo:hi])
+                    # Mean over the micro-batch, weighted so the sum is the full-batch mean.
+                    loss = loss_fn(out.float(), yb[lo:hi]) * ((hi - lo) / B)
+                scaler.scale(loss).backward()
+                step_loss += loss.detach()
+                if measure and j == 0:
+                    small_sq = grad_sq_norm(params) * (B / (hi - lo)) ** 2
+            if measure and small_sq is not None:
+                big_sq = grad_sq_norm(params)
+                if scaler.is_enabled():
+                    inv = 1.0 / scaler._scale.float() ** 2  # type: ignore[union-attr]  # device tensor: no sync
+                    small_sq, big_sq = small_sq * inv, big_sq * inv
+                noise.update(small_sq, big_sq, plan[0][1] - plan[0][0], B)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses[n_buffered].copy_(step_loss)
+            n_buffered += 1
+
+            at_eval = step % spec.eval_every == 0 or step == spec.max_steps
+            if n_buffered == spec.log_every or at_eval:
+                flush(step)
+            if not at_eval:
+                continue
+
+            # ---- evaluation point: time, validation, noise scale, memory -----
+            now = clock.now()
+            train_time += now - t_mark
+            time_since += now - t_mark
+            val = evaluate(task, task.val_x, task.val_y, autocast)
+            evals = {f"val/{k}": v for k, v in val.items()}
+            steps_in_window = step - last_eval_step
+            measured = dict(evals)
+            measured["perf/samples_per_s"] = steps_in_window * B / max(time_since, 1e-9)
+            measured["perf/step_time_ms"] = 1000.0 * time_since / max(steps_in_window, 1)
+            measured["mem/peak_mb"] = peak_memory_mb(device)
+            measured.update(noise.read())
+            last_eval_step = step
+            time_since = 0.0
+            for k, v in evals.items():
+                if k.endswith("acc"):
+                    best[k] = max(best.get(k, -math.inf), v)
+                else:
+                    best[k] = min(best.get(k, math.inf), v)
+            if target is not None and target.step is None:
+                value = measured.get(target.metric)
+                if value is not None and target_reached(target.metric, value, target.value):
+                    target.step, target.samples, target.time_s = step, step * B, train_time
+            keep_going = sink.evaluated(step, measured)
+            t_mark = clock.now()
+            if not keep_going:
+                status, reason = "pruned", f"stopped by the sweep's pruner at step {step}"
+                break
+            if spec.stop_at_target and target is not None and target.step is not None:
+                reason = f"stopped at the target {target.metric}={target.value} at step {step}"
+                break
+    except Diverged as exc:
+        return TrainResult("diverged", str(exc), steps=step, resolved=resolved, best=best)
+    except Exception as exc:
+        if not is_oom_error(exc):
+            raise
+        _free(device)
+        return TrainResult("oom", f"out of memory at batch size {B}: {exc}".splitlines()[0], steps=0, resolved=resolved)
+
+    # ---- end-of-run measurements ----------------------------------------
+    final = _final_metrics(spec, task, autocast, evals, best, device)
+    final["final/wall_s"] = time.perf_counter() - wall_start
+    final["final/train_time_s"] = train_time
+    if target is not None and target.step is not None:
+        final["final/steps_to_target"] = float(target.step)
+        final["final/samples_to_target"] = float(target.samples or 0)
+        final["final/time_to_target_s"] = float(target.time_s or 0.0)
+    elif target is not None and not reason:
+        reason = f"target {target.metric}={target.value} not reached in {step} steps"
+    return TrainResult(status, reason, steps=step, final=final, best=best, resolved=resolved)  # type: ignore[arg-type]
+
+
+def _final_metrics(
+    spec: TrainSpec, task: Task, autocast, evals: dict[str, float], best: dict[str, float], device: torch.device  # type: ignore[no-untyped-def]
+) -> dict[str, float]:
+    """Training loss/accuracy on a fixed subset the size of the validation set, gap, sharpness."""
+    final: dict[str, float] = {}
+    n = min(len(task.val_x), task.num_train)
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    subset = torch.randperm(task.num_train, generator=gen)[:n].to(device)
+    tr = evaluate(task, task.train_x[subset], task.train_y[subset], autocast)
+    val = evaluate(task, task.val_x, task.val_y, autocast)
+    final["final/train_loss"] = tr["loss"]
+    final["final/val_loss"] = val["loss"]
+    final["final/gen_gap"] = val["loss"] - tr["loss"]
+    if task.classification:
+        final["final/train_acc"] = tr["acc"]
+        final["final/val_acc"] = val["acc"]
+        final["final/gen_gap_acc"] = tr["acc"] - val["acc"]
+    if "val/acc" in best:
+        final["final/best_val_acc"] = best["val/acc"]
+    if "val/loss" in best:
+        final["final/best_val_loss"] = best["val/loss"]
+    if spec.sharpness:
+        m = min(512, n)
+        sharp = top_hessian_eigenvalue(
+            task.model,
+            task.loss_fn,
+            task.train_x[subset[:m]],
+            task.train_y[subset[:m]],
+            max_iters=spec.sharpness_iters,
+            tol=spec.sharpness_tol,
+            seed=spec.seed,
+        )
+        final["final/sharpness"] = sharp.value
+        final["final/sharpness_iters"] = float(sharp.iterations)
+    return final
+
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

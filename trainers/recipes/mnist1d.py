@@ -1,0 +1,128 @@
+"""MNIST-1D (Greydanus 2020): generated offline, small enough to live on the device.
+
+The data are made with `mnist1d.data.make_dataset` (never downloaded) and cached
+as .npz, since generating 10,000 examples takes several seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from trainers.task import Task
+
+MODELS = ("mlp", "cnn")
+
+
+class Mnist1dOptions(BaseModel):
+    """Recipe options, given in a config's `trainer:` section."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    num_samples: int = Field(default=5000, ge=100, le=1_000_000)
+    train_split: float = Field(default=0.8, gt=0.0, lt=1.0)
+    # The data seed is fixed across trials so that every trial sees the same data.
+    data_seed: int = 42
+    hidden: int = Field(default=100, ge=1)
+    channels: int = Field(default=25, ge=1)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("BATCHSCOPE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "batchscope"
+    )
+    return Path(root)
+
+
+def make_arrays(opts: Mnist1dOptions) -> dict[str, np.ndarray]:
+    """x, y, x_test, y_test as numpy arrays, generated once and cached."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = opts.num_samples
+    args.train_split = opts.train_split
+    args.seed = opts.data_seed
+    key = {k: v for k, v in vars(args).items() if k != "url"}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / f"mnist1d-{digest}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+    data = make_dataset(args)
+    arrays = {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so a concurrent reader never sees half a file.
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return arrays
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int = 40, hidden: int = 100, classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN1d(nn.Module):
+    """The small 1-D CNN of the MNIST-1D paper: three convolutions, one linear head."""
+
+    def __init__(self, length: int = 40, channels: int = 25, classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv1d(1, channels, 5, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=1, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=1, padding=1),
+            nn.ReLU(),
+        )
+        with torch.no_grad():
+            flat = self.conv(torch.zeros(1, 1, length)).numel()
+        self.head = nn.Linear(flat, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x.unsqueeze(1))
+        return self.head(h.flatten(1))
+
+
+def build(model: Literal["mlp", "cnn"] | str, options: Mnist1dOptions, device: torch.device) -> Task:
+    arrays = make_arrays(options)
+    length = arrays["x"].shape[1]
+    net: nn.Module
+    if model == "mlp":
+        net = MLP(length, options.hidden)
+    elif model == "cnn":
+        net = CNN1d(length, options.channels)
+    else:
+        raise ValueError(f"mnist1d has no model {model!r}; choose one of {MODELS}.")
+
+    def tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(a, dtype=dtype).to(device)
+
+    return Task(
+        model=net.to(device),
+        train_x=tensor(arrays["x"], torch.float32),
+        train_y=tensor(arrays["y"], torch.long),
+        val_x=tensor(arrays["x_test"], torch.float32),
+        val_y=tensor(arrays["y_test"], torch.long),
+        loss_fn=nn.functional.cross_entropy,
+        classification=True,
+    )

@@ -1,0 +1,63 @@
+"""Sharpness: the top eigenvalue of the loss Hessian, by power iteration on Hessian-vector products."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainers.task import LossFn
+
+
+@dataclass(frozen=True)
+class Sharpness:
+    value: float
+    iterations: int
+    converged: bool
+
+
+def top_hessian_eigenvalue(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    max_iters: int = 20,
+    tol: float = 1e-3,
+    seed: int = 0,
+) -> Sharpness:
+    """Largest-magnitude eigenvalue λ of ∇²L(θ) over the batch (x, y).
+
+    Stops when |λ_k − λ_{k−1}| ≤ tol·|λ_k| or after `max_iters` products. The model
+    is evaluated in eval mode (BatchNorm uses its running statistics) and in fp32.
+    """
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be at least 1, got {max_iters=}.")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol=}.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+    try:
+        loss = loss_fn(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        v = [torch.randn(p.shape, generator=gen).to(p.device, p.dtype) for p in params]
+        v = _normalize(v)
+        value = 0.0
+        for k in range(1, max_iters + 1):
+            hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+            new = float(sum((a * b).sum() for a, b in zip(hv, v, strict=True)))  # Rayleigh quotient
+            v = _normalize(list(hv))
+            if k > 1 and abs(new - value) <= tol * max(abs(new), 1e-12):
+                return Sharpness(new, k, True)
+            value = new
+        return Sharpness(value, max_iters, False)
+    finally:
+        model.train(was_training)
+
+
+def _normalize(vs: list[torch.Tensor]) -> list[torch.Tensor]:
+    norm = torch.sqrt(sum((t * t).sum() for t in vs))  # type: ignore[arg-type]
+    return [t / (norm + 1e-12) for t in vs]

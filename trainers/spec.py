@@ -1,0 +1,127 @@
+"""Plain descriptions of one training run and of its outcome.
+
+`trainers/` knows nothing of Optuna or MLflow: a sweep turns a trial into a
+`TrainSpec`, the loop reports through a `Sink`, and returns a `TrainResult`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+Status = Literal["ok", "pruned", "diverged", "oom", "failed"]
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything one training run needs, in plain values (logged whole)."""
+
+    recipe: str = "mnist1d"
+    model: str = "mlp"
+    recipe_options: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = 128
+    # None: the whole batch in one forward pass; otherwise gradient accumulation.
+    micro_batch_size: int | None = None
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    max_steps: int = 1000
+    eval_every: int = 50
+    # How often the per-step losses are copied to the host and handed to the sink.
+    log_every: int = 10
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    reference_batch: int = 128
+    warmup_steps: int = 0
+    target_metric: str | None = None
+    target_value: float | None = None
+    stop_at_target: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    gns: bool = True
+    gns_every: int = 1
+    gns_ema: float = 0.95
+    sharpness: bool = True
+    sharpness_iters: int = 20
+    sharpness_tol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size=}.")
+        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
+            raise ValueError(
+                "micro_batch_size must be between 1 and batch_size, "
+                f"got {self.micro_batch_size=} with {self.batch_size=}."
+            )
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr=}.")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps=}.")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be at least 1, got {self.eval_every=}.")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be at least 1, got {self.log_every=}.")
+        if self.gns_every < 1:
+            raise ValueError(f"gns_every must be at least 1, got {self.gns_every=}.")
+        if not 0.0 <= self.gns_ema < 1.0:
+            raise ValueError(f"gns_ema must be in [0, 1), got {self.gns_ema=}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["recipe_options"] = dict(self.recipe_options)
+        return d
+
+
+@dataclass
+class TrainResult:
+    """How a run ended and what it measured at the end."""
+
+    status: Status
+    reason: str = ""
+    steps: int = 0
+    # final/* metrics (train_loss, val_acc, gen_gap, sharpness, wall_s, ...)
+    final: dict[str, float] = field(default_factory=dict)
+    # best validation values seen at any eval (for objectives)
+    best: dict[str, float] = field(default_factory=dict)
+    # what was actually used: device, precision, micro_batch_size, accum_steps, effective lr
+    resolved: dict[str, Any] = field(default_factory=dict)
+
+
+class Sink(Protocol):
+    """Where the loop sends what it measures. Implementations buffer; the loop never waits."""
+
+    def metrics(self, step: int, values: Mapping[str, float]) -> None:
+        """Values measured at `step` (per-step losses arrive in bulk, one call per step)."""
+
+    def evaluated(self, step: int, values: Mapping[str, float]) -> bool:
+        """Called after each evaluation; return False to stop the run (pruning)."""
+        ...
+
+
+class NullSink:
+    """A sink that keeps nothing and never stops the run."""
+
+    def metrics(self, step: int, values: Mapping[str, float]) -> None:
+        return None
+
+    def evaluated(self, step: int, values: Mapping[str, float]) -> bool:
+        return True
+
+
+class RecordingSink:
+    """Keeps everything in memory: for tests, notebooks and `batchscope train` previews."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def metrics(self, step: int, values: Mapping[str, float]) -> None:
+        for key, value in values.items():
+            self.history.setdefault(key, []).append((step, float(value)))
+
+    def evaluated(self, step: int, values: Mapping[str, float]) -> bool:
+        self.metrics(step, values)
+        return True

@@ -1,0 +1,40 @@
+"""What a recipe hands the training loop: a model, data on the device, a loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Task:
+    """A model and its data. Small datasets live on the training device whole.
+
+    `loss_fn(outputs, targets)` returns the mean loss over the batch.
+    `classification` turns on accuracy metrics (`val/acc`, `final/train_acc`).
+    """
+
+    model: nn.Module
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    loss_fn: LossFn
+    classification: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.train_x) != len(self.train_y):
+            raise ValueError(f"train_x has {len(self.train_x)} rows but train_y has {len(self.train_y)}.")
+        if len(self.val_x) != len(self.val_y):
+            raise ValueError(f"val_x has {len(self.val_x)} rows but val_y has {len(self.val_y)}.")
+        if len(self.train_x) == 0 or len(self.val_x) == 0:
+            raise ValueError("a task needs at least one training and one validation example.")
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_x)
