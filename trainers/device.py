@@ -90,9 +90,8 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
         return
     # Linux lets a process reset its own resident-set high-water mark (VmHWM).
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
-            f.write("5")
+    with contextlib.suppress(OSError), open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
+        f.write("5")
 
 
 def peak_memory_mb(device: torch.device) -> float:

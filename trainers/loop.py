@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from trainers.data import DeviceBatcher
 from trainers.device import (
     Clock,
     make_precision,
@@ -24,13 +28,14 @@ from trainers.device import (
     resolve_precision,
     seed_everything,
 )
-from trainers.data import DeviceBatcher
 from trainers.gns import NoiseScaleEMA, grad_sq_norm
 from trainers.recipes import build_task
 from trainers.schedule import lr_multiplier, scaled_lr
 from trainers.sharpness import top_hessian_eigenvalue
 from trainers.spec import NullSink, Sink, TrainResult, TrainSpec
 from trainers.task import Task
+
+AutocastFactory = Callable[[], AbstractContextManager[Any]]
 
 # Metrics where larger is better; a target on any other metric is reached from above.
 HIGHER_IS_BETTER = ("acc",)
@@ -75,7 +80,9 @@ def make_optimizer(spec: TrainSpec, model: nn.Module, lr: float) -> torch.optim.
 
 
 @torch.no_grad()
-def evaluate(task: Task, x: torch.Tensor, y: torch.Tensor, autocast, chunk: int = 4096) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def evaluate(
+    task: Task, x: torch.Tensor, y: torch.Tensor, autocast: AutocastFactory, chunk: int = 4096
+) -> dict[str, float]:
     """Mean loss (and accuracy) over (x, y) in eval mode. One host sync at the end."""
     model = task.model
     was_training = model.training
@@ -175,7 +182,7 @@ def train(spec: TrainSpec, sink: Sink | None = None, task: Task | None = None) -
                     n_buffered = 0
                     raise Diverged(f"training loss became {v} at step {first_buffered + i}")
                 sink.metrics(first_buffered + i, {"train/loss": v})
-            sink.metrics(upto, {"lr": scheduler.get_last_lr()[0]})
+            sink.metrics(upto, {"lr": float(scheduler.get_last_lr()[0])})
             n_buffered, first_buffered = 0, upto + 1
 
         t_mark = clock.now()
@@ -268,7 +275,12 @@ def train(spec: TrainSpec, sink: Sink | None = None, task: Task | None = None) -
 
 
 def _final_metrics(
-    spec: TrainSpec, task: Task, autocast, evals: dict[str, float], best: dict[str, float], device: torch.device  # type: ignore[no-untyped-def]
+    spec: TrainSpec,
+    task: Task,
+    autocast: AutocastFactory,
+    evals: dict[str, float],
+    best: dict[str, float],
+    device: torch.device,
 ) -> dict[str, float]:
     """Training loss/accuracy on a fixed subset the size of the validation set, gap, sharpness."""
     final: dict[str, float] = {}

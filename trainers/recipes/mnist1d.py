@@ -61,7 +61,7 @@ def make_arrays(opts: Mnist1dOptions) -> dict[str, np.ndarray]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so a concurrent reader never sees half a file.
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
+    np.savez(tmp, x=arrays["x"], y=arrays["y"], x_test=arrays["x_test"], y_test=arrays["y_test"])
     os.replace(tmp, path)
     return arrays
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets up ./.venv (CPU PyTorch, batchscope with its dev extra) if needed, then runs lint, types and the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -d .venv ] || python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# The CPU wheel of torch first (from local disk); an unpinned torch would pull a multi-GB CUDA build.
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q -e '.[dev]'
+if [ -f scripts/test-setup-extra.sh ]; then bash scripts/test-setup-extra.sh; fi
+ruff check .
+mypy sweeps trainers analysis
+python -m pytest -q "$@"

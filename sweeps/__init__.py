@@ -1,0 +1,1 @@
+"""The glue: sweep configs, Optuna studies, MLflow tracking and the `batchscope` CLI."""

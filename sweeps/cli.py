@@ -1,0 +1,88 @@
+"""The `batchscope` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sweeps.errors import UserError
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "mnist1d_demo.yaml"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="sweep YAML (see sweeps/configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.max_steps=300 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchscope",
+        description="Which batch size, with which learning rate, and what does it cost? "
+        "Optuna sweeps of real PyTorch training, tracked in MLflow.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("sweep", help="run or continue a batch-size × learning-rate sweep")
+    _add_config_args(p)
+    p.add_argument("--n-trials", type=int, default=None, help="total trials for the study (default: search.n_trials)")
+    p.add_argument("--force", action="store_true", help="continue a study even though its config changed")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+    p = sub.add_parser("train", help="one tracked training run, without Optuna")
+    _add_config_args(p)
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the search space's middle value)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the geometric middle of the range)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: the first of train.seeds)")
+
+    p = sub.add_parser("status", help="a table of a study's trials")
+    p.add_argument("study", nargs="?", default=None, help="study name (default: list the studies)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: mlruns/optuna.journal)")
+
+    p = sub.add_parser("ui", help="open the MLflow UI (or optuna-dashboard) on the local stores")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=None, help="port (default 5000; 8080 for --optuna)")
+    p.add_argument("--optuna", action="store_true", help="open optuna-dashboard on the study storage instead")
+    p.add_argument("--storage", default=None, help="Optuna storage URL for --optuna")
+    p.add_argument("--tracking-uri", default=None, help="MLflow backend store (default: sqlite:///mlruns/mlflow.db)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    try:
+        from sweeps import commands
+
+        handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
+        return int(handler(args) or 0)
+    except UserError as exc:
+        err.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: the stores are consistent; run the same command again to continue.")
+        return 130
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

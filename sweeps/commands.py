@@ -1,0 +1,208 @@
+"""What each `batchscope` subcommand does (argument parsing lives in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from sweeps.config import load_config
+from sweeps.errors import UserError
+
+# Tables stay readable when piped or captured (rich would fold them to 80 columns).
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.n_trials is not None and args.n_trials < 1:
+        raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
+    from sweeps.progress import RichReporter
+    from sweeps.runner import Sweep
+
+    sweep = Sweep(cfg, force=args.force)
+    with RichReporter(err) as reporter:
+        summary = sweep.run(args.n_trials, reporter)
+    _print_best(sweep)
+    report_path = None
+    if cfg.report.auto and not args.no_report:
+        report_path = _write_report(sweep)
+    out.print()
+    out.print(f"[bold]{escape(cfg.study)}[/]: {summary.completed}/{summary.total} trials finished.")
+    out.print(f"  Optuna study:   {escape(summary.storage)}")
+    out.print(f"  MLflow runs:    {escape(_redacted(summary.tracking_uri))} (experiment {escape(cfg.study)})")
+    if report_path is not None:
+        out.print(f"  Report:         {report_path}")
+    out.print("  Look at it:     [bold]batchscope ui[/]  then open http://127.0.0.1:5000")
+    out.print(f"  Trials table:   batchscope status {escape(_quote(cfg.study))}")
+    return 0
+
+
+def _write_report(sweep: Any) -> Any:
+    try:
+        from analysis import report as report_mod
+    except ImportError:
+        return None
+    build = getattr(report_mod, "build_report", None)
+    if build is None:
+        return None
+    path = build(
+        [sweep.cfg.study],
+        storage=sweep.storage,
+        tracking_uri=sweep.stores.tracking_uri,
+        out_dir=sweep.cfg.report.out_dir,
+    )
+    log = getattr(report_mod, "log_report_artifacts", None)
+    if log is not None:
+        log(path, tracking_uri=sweep.stores.tracking_uri, parent_run_id=sweep.parent_run_id)
+    return path
+
+
+def _print_best(sweep: Any) -> None:
+    study = sweep.study
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        out.print("[yellow]No trial completed[/]: see `batchscope status` for the reasons.")
+        return
+    best = study.best_trials if len(study.directions) > 1 else [study.best_trial]
+    names = sweep.cfg.search.objectives
+    for t in best[:5]:
+        vals = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, t.values, strict=True))
+        out.print(f"best: trial {t.number}  batch_size={t.params['batch_size']}  lr={t.params['lr']:.4g}  {vals}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    import math as _m
+
+    bs = args.batch_size
+    if bs is None:
+        choices = cfg.search.batch_choices()
+        bs = choices[len(choices) // 2]
+    if bs < 1:
+        raise UserError(f"--batch-size must be at least 1, got {bs}")
+    lr = args.lr
+    if lr is None:
+        lrs = cfg.search.lr_choices()
+        lr = lrs[len(lrs) // 2] if lrs else _m.sqrt(cfg.search.lr.low * cfg.search.lr.high)  # type: ignore[union-attr]
+    if not lr > 0:
+        raise UserError(f"--lr must be positive, got {lr}")
+    seed = cfg.train.seeds[0] if args.seed is None else args.seed
+    from sweeps.single import train_once
+
+    result, run_id = train_once(cfg, bs, lr, seed)
+    table = Table(title=f"{cfg.study}: batch_size={bs} lr={lr:.4g} seed={seed} → {result.status}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in sorted(result.final.items()):
+        table.add_row(k, f"{v:.6g}")
+    out.print(table)
+    if result.reason:
+        out.print(f"note: {escape(result.reason)}")
+    out.print(f"MLflow run {run_id}: batchscope ui, then open http://127.0.0.1:5000")
+    return 0 if result.status in ("ok", "pruned") else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import optuna
+
+    from sweeps.stores import open_storage, quiet_libraries, resolve
+
+    quiet_libraries()
+    stores = resolve(args.storage, None)
+    if args.storage is None and not os.path.exists(stores.storage_url):
+        raise UserError(
+            f"no sweep has run here yet ({stores.storage_url} does not exist); start one with batchscope sweep CONFIG"
+        )
+    storage = open_storage(stores, heartbeat=False)
+    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    if args.study is None:
+        table = Table(title=f"studies in {escape(stores.storage_label)}")
+        for col in ("study", "trials", "directions"):
+            table.add_column(col)
+        for s in summaries:
+            table.add_row(escape(s.study_name), str(s.n_trials), ", ".join(d.name.lower() for d in s.directions))
+        out.print(table)
+        return 0
+    names = [s.study_name for s in summaries]
+    if args.study not in names:
+        raise UserError(
+            f"no study named {args.study!r} in {stores.storage_label}; known studies: {', '.join(names) or 'none'}"
+        )
+    study = optuna.load_study(study_name=args.study, storage=storage)
+    table = Table(title=f"study {escape(args.study)}")
+    for col in ("#", "state", "status", "batch_size", "lr", "objective", "steps to target", "run id", "reason"):
+        table.add_column(col, overflow="fold")
+    for t in study.get_trials(deepcopy=False):
+        vals = ", ".join(f"{v:.4g}" for v in t.values) if t.values else ""
+        stt = t.user_attrs.get("steps_to_target")
+        table.add_row(
+            str(t.number),
+            t.state.name,
+            escape(str(t.user_attrs.get("status", ""))),
+            str(t.params.get("batch_size", "")),
+            f"{t.params['lr']:.4g}" if "lr" in t.params else "",
+            vals,
+            "" if stt is None or not math.isfinite(stt) else f"{stt:.0f}",
+            escape(str(t.user_attrs.get("mlflow_run_id", ""))),
+            escape(str(t.user_attrs.get("reason", ""))[:80]),
+        )
+    out.print(table)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from sweeps.stores import resolve
+
+    stores = resolve(args.storage, args.tracking_uri)
+    if args.optuna:
+        try:
+            import optuna_dashboard  # noqa: F401
+        except ImportError:
+            raise UserError("optuna-dashboard is not installed: pip install 'batchscope[dashboard]'") from None
+        port = args.port or 8080
+        cmd = [sys.executable, "-m", "optuna_dashboard", stores.storage_url, "--host", args.host, "--port", str(port)]
+        err.print(f"optuna-dashboard on http://{args.host}:{port} (Ctrl-C to stop)")
+    else:
+        port = args.port or 5000
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            stores.tracking_uri,
+            "--host",
+            args.host,
+            "--port",
+            str(port),
+        ]
+        if stores.artifact_root:
+            cmd += ["--default-artifact-root", stores.artifact_root]
+        err.print(f"MLflow UI on http://{args.host}:{port} (Ctrl-C to stop)")
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _redacted(url: str) -> str:
+    from sweeps.stores import redact
+
+    return redact(url)
+
+
+def _quote(name: str) -> str:
+    import shlex
+
+    return shlex.quote(name)

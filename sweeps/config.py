@@ -1,0 +1,476 @@
+"""Sweep definitions: YAML validated strictly, with `--set key=value` overrides.
+
+Every mistake is reported with the field's path and the bad value, before
+anything is created on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from sweeps.errors import UserError
+from trainers.recipes import RECIPES
+
+
+def _to_float(value: Any) -> Any:
+    # YAML 1.1 reads `1e-3` (no dot) as a string; accept numeric strings and ints, refuse bools.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
+    return value
+
+
+Float = Annotated[float, BeforeValidator(_to_float)]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# ---- trainer ---------------------------------------------------------------
+
+
+class TrainerConfig(BaseModel):
+    """`trainer: {recipe, model, ...recipe options}`; options are checked by the recipe."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    recipe: str = "mnist1d"
+    model: str = "mlp"
+
+    @model_validator(mode="after")
+    def _check_recipe(self) -> TrainerConfig:
+        recipe = RECIPES.get(self.recipe)
+        if recipe is None:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(sorted(RECIPES))}")
+        if self.model not in recipe.models:
+            raise ValueError(
+                f"recipe {self.recipe!r} has no model {self.model!r}; choose one of: {', '.join(recipe.models)}"
+            )
+        recipe.options.model_validate(self.options)
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+# ---- train -----------------------------------------------------------------
+
+
+class Target(_Strict):
+    metric: str = "val/acc"
+    value: Float
+    # Stop the trial as soon as the target holds (default: train to the budget).
+    stop: bool = False
+
+
+class LrScaling(_Strict):
+    rule: Literal["none", "linear", "sqrt"] = "none"
+    reference_batch: PositiveInt = 128
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+
+
+class NoiseScaleConfig(_Strict):
+    enabled: bool = True
+    # Measure on every n-th step (each measuring step splits its batch in two).
+    every: PositiveInt = 1
+    ema: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.95
+
+
+class SharpnessConfig(_Strict):
+    enabled: bool = True
+    iters: PositiveInt = 20
+    tol: Annotated[Float, Field(gt=0.0)] = 1e-3
+
+
+class TrainConfig(_Strict):
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[Float, Field(ge=0.0)] = 0.0
+    # The budget: exactly one of steps, samples or epochs (default 1000 steps).
+    max_steps: PositiveInt | None = None
+    max_samples: PositiveInt | None = None
+    max_epochs: Annotated[Float, Field(gt=0.0)] | None = None
+    eval_every: PositiveInt = 50
+    log_every: PositiveInt = 10
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    target: Target | None = None
+    lr_scaling: LrScaling = LrScaling()
+    seeds: Annotated[list[int], Field(min_length=1)] = [0]
+    micro_batch_size: PositiveInt | None = None
+    gns: NoiseScaleConfig = NoiseScaleConfig()
+    sharpness: SharpnessConfig = SharpnessConfig()
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainConfig:
+        given = [k for k in ("max_steps", "max_samples", "max_epochs") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one budget, not {' and '.join(given)}")
+        return self
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
+
+    def steps_for(self, batch_size: int, num_train: int) -> int:
+        """The step budget for one batch size (a sample or epoch budget gives larger batches fewer steps)."""
+        if self.max_samples is not None:
+            return max(1, math.ceil(self.max_samples / batch_size))
+        if self.max_epochs is not None:
+            return max(1, math.ceil(self.max_epochs * num_train / batch_size))
+        return self.max_steps or 1000
+
+
+# ---- search ----------------------------------------------------------------
+
+
+class BatchValues(_Strict):
+    values: Annotated[list[PositiveInt], Field(min_length=1)]
+
+    @field_validator("values")
+    @classmethod
+    def _distinct(cls, values: list[int]) -> list[int]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"batch sizes must be distinct, got {values}")
+        return sorted(values)
+
+    def choices(self) -> list[int]:
+        return list(self.values)
+
+
+class BatchRange(_Strict):
+    """Powers of two from `low` to `high`."""
+
+    low: PositiveInt
+    high: PositiveInt
+    log: Literal[True] = True
+
+    @model_validator(mode="after")
+    def _order(self) -> BatchRange:
+        if self.low > self.high:
+            raise ValueError(f"low must be ≤ high, got low={self.low} and high={self.high}")
+        if not self.choices():
+            raise ValueError(f"no power of two lies between low={self.low} and high={self.high}")
+        return self
+
+    def choices(self) -> list[int]:
+        out, b = [], 1
+        while b <= self.high:
+            if b >= self.low:
+                out.append(b)
+            b *= 2
+        return out
+
+
+class LrValues(_Strict):
+    values: Annotated[list[Annotated[Float, Field(gt=0.0)]], Field(min_length=1)]
+
+
+class LrRange(_Strict):
+    low: Annotated[Float, Field(gt=0.0)]
+    high: Annotated[Float, Field(gt=0.0)]
+    log: bool = True
+    # Only for the grid sampler: how many (log-)evenly spaced values to try.
+    grid_points: Annotated[int, Field(ge=2)] = 5
+
+    @model_validator(mode="after")
+    def _order(self) -> LrRange:
+        if self.low >= self.high:
+            raise ValueError(f"low must be < high, got low={self.low} and high={self.high}")
+        return self
+
+    def grid(self) -> list[float]:
+        n = self.grid_points
+        if self.log:
+            a, b = math.log10(self.low), math.log10(self.high)
+            return [float(f"{10 ** (a + (b - a) * i / (n - 1)):.6g}") for i in range(n)]
+        return [float(f"{self.low + (self.high - self.low) * i / (n - 1):.6g}") for i in range(n)]
+
+
+def _values_or_range(raw: Any) -> str:
+    # Pick the union member from the keys given, so errors speak of that member only.
+    if isinstance(raw, dict):
+        return "by-values" if "values" in raw else "by-range"
+    return "by-range" if hasattr(raw, "low") else "by-values"
+
+
+BatchSpace = Annotated[
+    Annotated[BatchValues, Tag("by-values")] | Annotated[BatchRange, Tag("by-range")], Discriminator(_values_or_range)
+]
+LrSpace = Annotated[
+    Annotated[LrValues, Tag("by-values")] | Annotated[LrRange, Tag("by-range")], Discriminator(_values_or_range)
+]
+
+Objective = Literal["val_loss", "val_acc", "steps_to_target", "time_to_target"]
+
+
+class SearchConfig(_Strict):
+    batch_size: BatchSpace = BatchValues(values=[16, 32, 64, 128, 256, 512, 1024])
+    lr: LrSpace = LrRange(low=1e-3, high=1.0)
+    sampler: Literal["tpe", "grid", "random"] = "tpe"
+    pruner: Literal["none", "median", "hyperband"] = "none"
+    n_trials: PositiveInt = 24
+    # What Optuna optimizes; two names give a Pareto front (no pruning then).
+    objective: Objective | Annotated[list[Objective], Field(min_length=1, max_length=2)] = "val_loss"
+    seed: int | None = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchConfig:
+        if len(self.objectives) == 2 and self.pruner != "none":
+            raise ValueError("pruning works with one objective only; set pruner: none for two objectives")
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"objectives must differ, got {self.objectives}")
+        return self
+
+    @property
+    def objectives(self) -> list[str]:
+        return [self.objective] if isinstance(self.objective, str) else list(self.objective)
+
+    def batch_choices(self) -> list[int]:
+        return self.batch_size.choices()
+
+    def lr_choices(self) -> list[float] | None:
+        """Discrete learning rates, or None for a continuous range (except under grid)."""
+        if isinstance(self.lr, LrValues):
+            return list(self.lr.values)
+        return self.lr.grid() if self.sampler == "grid" else None
+
+
+# ---- the whole sweep -------------------------------------------------------
+
+_STUDY_NAME = re.compile(r"^[^\x00-\x1f/\\]{1,200}$")
+
+
+class ReportConfig(_Strict):
+    # Write the comparison report when the sweep ends.
+    auto: bool = True
+    out_dir: str = "reports"
+
+
+class SweepConfig(_Strict):
+    study: str
+    trainer: TrainerConfig = TrainerConfig()
+    train: TrainConfig = TrainConfig()
+    search: SearchConfig = SearchConfig()
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    storage: str | None = None
+    tracking_uri: str | None = None
+    report: ReportConfig = ReportConfig()
+
+    @field_validator("study")
+    @classmethod
+    def _study_name(cls, name: str) -> str:
+        if not _STUDY_NAME.match(name) or not name.strip():
+            raise ValueError(f"study name must be 1–200 printable characters without '/' or '\\', got {name!r}")
+        return name
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        return device
+
+    @model_validator(mode="after")
+    def _target_metric(self) -> SweepConfig:
+        target = self.train.target
+        recipe = RECIPES[self.trainer.recipe]
+        if target is not None and target.metric not in recipe.metrics:
+            raise ValueError(
+                f"train.target.metric {target.metric!r} is not produced by recipe {self.trainer.recipe!r}; "
+                f"choose one of: {', '.join(recipe.metrics)}"
+            )
+        needs_target = {"steps_to_target", "time_to_target"} & set(self.search.objectives)
+        if needs_target and target is None:
+            raise ValueError(f"objective {sorted(needs_target)[0]} needs train.target to be set")
+        return self
+
+
+# ---- loading -----------------------------------------------------------------
+
+
+def _format_error(err: Mapping[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith("function-"))
+    # Pydantic names union members in the path (tags, types); drop those for readability.
+    loc = re.sub(r"\.by-(values|range)(?=\.|$)", "", loc)
+    loc = re.sub(r"\.(list\[.*?\]|str|int|float|literal\[.*?\])(?=\.|$)", "", loc)
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown key (check the spelling; see sweeps/configs/ for the keys)"
+    elif "input" in err and err.get("type") not in ("missing",):
+        value = err["input"]
+        if not isinstance(value, dict | list | BaseModel) and len(repr(value)) < 80 and repr(value) not in msg:
+            msg = f"{msg} (got {value!r})"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def validate(raw: Any, source: str) -> SweepConfig:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: a sweep config must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # Union types produce one error per member; report the most specific first.
+        first = _format_error(errors[0])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(f"{source}: {first}{more}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"config file {str(p)!r} does not exist; give the path to a sweep YAML (see sweeps/configs/)")
+    if p.is_dir():
+        raise UserError(f"config {str(p)!r} is a folder; give the path to a sweep YAML file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {str(p)!r} cannot be read: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"{p}: bad YAML{where}: {problem}") from None
+    if raw is None:
+        raise UserError(f"{p}: the file is empty; a sweep config needs at least `study:`")
+    if not isinstance(raw, dict):
+        raise UserError(f"{p}: a sweep config must be a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def _known_paths(model: type[BaseModel]) -> set[str]:
+    return set(model.model_fields)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (`300`, `[0, 1]`, `true`)."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=300")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        parts = key.split(".")
+        if not key or any(not p for p in parts):
+            raise UserError(f"--set {item!r}: the key {key!r} is not a dotted path like train.max_steps")
+        _check_key_exists(parts, item)
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if not isinstance(child, dict):
+                child = {}
+                node[p] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _check_key_exists(parts: list[str], item: str) -> None:
+    """Refuse `--set` keys the schema does not have (trainer options are checked by the recipe)."""
+    model: Any = SweepConfig
+    for i, p in enumerate(parts):
+        if model is TrainerConfig and p not in TrainerConfig.model_fields:
+            return  # recipe option, validated with the whole config
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return  # inside a free-form value (a list or a union member's fields)
+        if p not in fields:
+            path = ".".join(parts[: i + 1])
+            raise UserError(
+                f"--set {item!r}: there is no config key {path!r}; known keys here: {', '.join(sorted(fields))}"
+            )
+        annotation = fields[p].annotation
+        model = _model_of(annotation)
+        if model is None:
+            if i < len(parts) - 1:
+                # A union of models (batch_size: values | low/high) or a plain value: allow any sub-key of a member.
+                members = _union_models(annotation)
+                if members:
+                    sub = parts[i + 1]
+                    if not any(sub in m.model_fields for m in members):
+                        keys = sorted({k for m in members for k in m.model_fields})
+                        raise UserError(
+                            f"--set {item!r}: there is no config key {'.'.join(parts[: i + 2])!r}; "
+                            f"known keys here: {', '.join(keys)}"
+                        )
+                    return
+                raise UserError(f"--set {item!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section")
+            return
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    annotation = _strip_annotated(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    members = _union_models(annotation)
+    # `Target | None`: one model in a union with None.
+    if len(members) == 1 and type(None) in getattr(annotation, "__args__", ()):
+        return members[0]
+    return None
+
+
+def _strip_annotated(annotation: Any) -> Any:
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    return annotation
+
+
+def _union_models(annotation: Any) -> list[type[BaseModel]]:
+    args = [_strip_annotated(a) for a in get_args(_strip_annotated(annotation))]
+    return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
+    """Read, override and validate a sweep config; raises UserError with one clear line."""
+    raw = apply_overrides(read_yaml(path), overrides)
+    return validate(raw, str(path))
+
+
+def config_to_dict(cfg: SweepConfig) -> dict[str, Any]:
+    """The resolved config as plain data (for logging and the study's fingerprint)."""
+    d = cfg.model_dump(mode="json")
+    d["trainer"] = {"recipe": cfg.trainer.recipe, "model": cfg.trainer.model, **cfg.trainer.options}
+    return d

@@ -1,0 +1,458 @@
+"""The sweep: create or load the study, run trials until `n_trials` are done, track everything.
+
+A trial is one sampled (batch size, lr); it trains once per seed, each seed a
+child run in MLflow. Whatever way a trial ends, its runs are ended and its
+Optuna state says so; running the same command again continues the study.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import optuna
+from optuna.trial import TrialState
+
+import trainers
+from sweeps import space
+from sweeps.config import SweepConfig, config_to_dict
+from sweeps.errors import UserError
+from sweeps.stores import Stores, check_tracking, open_storage, quiet_libraries, redact, resolve
+from sweeps.tracking import REASON, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, MlflowSink, Tracker
+from trainers.device import resolve_device, resolve_precision
+from trainers.loop import train
+from trainers.recipes import get_recipe
+from trainers.spec import TrainResult, TrainSpec
+
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+FINGERPRINT_ATTR = "batchscope.fingerprint"
+
+
+class Reporter(Protocol):
+    """Progress display hooks; the CLI draws them with rich, tests pass `QuietReporter`."""
+
+    def sweep_started(self, study: str, done: int, total: int) -> None: ...
+    def trial_started(self, number: int, params: Mapping[str, Any], seed: int, max_steps: int) -> None: ...
+    def trial_step(self, step: int, loss: float | None) -> None: ...
+    def trial_finished(self, number: int, status: str, values: list[float] | None, best: str | None) -> None: ...
+
+
+class QuietReporter:
+    def sweep_started(self, study: str, done: int, total: int) -> None: ...
+    def trial_started(self, number: int, params: Mapping[str, Any], seed: int, max_steps: int) -> None: ...
+    def trial_step(self, step: int, loss: float | None) -> None: ...
+    def trial_finished(self, number: int, status: str, values: list[float] | None, best: str | None) -> None: ...
+
+
+@dataclass
+class TrialOutcome:
+    number: int
+    status: str
+    reason: str
+    values: list[float] | None
+    run_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SweepSummary:
+    study: str
+    experiment_id: str
+    parent_run_id: str
+    tracking_uri: str
+    storage: str  # redacted
+    outcomes: list[TrialOutcome]
+    completed: int
+    total: int
+
+
+class TrialCrashed(Exception):
+    """A trial raised something other than OOM or divergence."""
+
+
+def git_commit(cwd: str | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _worker_alive(worker: str | None) -> bool:
+    """A trial's worker on this machine is alive if its process is; other hosts are trusted (heartbeat)."""
+    if not worker or ":" not in worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Sweep:
+    """One study: its stores, its Optuna study, its MLflow experiment and parent run."""
+
+    def __init__(self, cfg: SweepConfig, *, force: bool = False, stores: Stores | None = None) -> None:
+        quiet_libraries()
+        self.cfg = cfg
+        self.stores = stores or resolve(cfg.storage, cfg.tracking_uri)
+        check_tracking(self.stores)
+        self.storage = open_storage(self.stores)
+        self.study = self._create_or_load(force)
+        self.tracker = Tracker(self.stores.tracking_uri, self.stores.artifact_root)
+        self.experiment_id = self.tracker.experiment_id(cfg.study)
+        self.parent_run_id = self.tracker.sweep_run(
+            self.experiment_id, cfg.study, self._sweep_params(), self._common_tags()
+        )
+        self.commit = git_commit()
+
+    # ---- study ---------------------------------------------------------------
+    def _create_or_load(self, force: bool) -> optuna.Study:
+        cfg = self.cfg
+        fp = space.fingerprint(cfg)
+        dirs = space.directions(cfg.search)
+        try:
+            existing = optuna.load_study(study_name=cfg.study, storage=self.storage)
+        except KeyError:
+            existing = None
+        if existing is not None:
+            old = existing.user_attrs.get(FINGERPRINT_ATTR)
+            old_dirs = [d.name.lower() for d in existing.directions]
+            if (old is not None and old != fp) or old_dirs != dirs:
+                if not force:
+                    what = (
+                        space.describe_difference(old, fp) if old and old != fp else f"directions {old_dirs} → {dirs}"
+                    )
+                    raise UserError(
+                        f"study {cfg.study!r} already exists with a different setup ({what}); "
+                        f"use a new name (--set study={cfg.study}-2) or --force to continue it anyway"
+                    )
+                if old_dirs != dirs:
+                    raise UserError(
+                        f"study {cfg.study!r} optimizes {old_dirs}, not {dirs}; --force cannot change "
+                        "the objective of an existing study: use a new study name"
+                    )
+        study = optuna.create_study(
+            study_name=cfg.study,
+            storage=self.storage,
+            sampler=space.make_sampler(cfg.search),
+            pruner=space.make_pruner(cfg),
+            directions=dirs,  # type: ignore[arg-type]
+            load_if_exists=True,
+        )
+        if study.user_attrs.get(FINGERPRINT_ATTR) != fp:
+            study.set_user_attr(FINGERPRINT_ATTR, fp)
+            study.set_user_attr("batchscope.config", config_to_dict(cfg) | {"storage": None, "tracking_uri": None})
+        return study
+
+    def _sweep_params(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "study": c.study,
+            "trainer": c.trainer.recipe,
+            "model": c.trainer.model,
+            "sampler": c.search.sampler,
+            "pruner": c.search.pruner,
+            "n_trials": c.search.n_trials,
+            "objective": ",".join(c.search.objectives),
+            "batch_sizes": c.search.batch_choices(),
+            "lr_space": c.search.lr.model_dump(),
+            "seeds": c.train.seeds,
+            "storage": self.stores.storage_label,
+        }
+
+    def _common_tags(self) -> dict[str, str]:
+        tags = {STUDY: self.cfg.study, "batchscope.version": trainers.__version__}
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        return tags
+
+    def total_trials(self, n_trials: int | None = None) -> int:
+        total = n_trials or self.cfg.search.n_trials
+        grid = space.grid_size(self.cfg.search)
+        return min(total, grid) if grid is not None else total
+
+    def finished_count(self) -> int:
+        return len(self.study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+    # ---- recovery --------------------------------------------------------------
+    def recover(self) -> int:
+        """Fail trials whose worker died (their runs end KILLED) and queue them to re-run as they were."""
+        recovered = 0
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if _worker_alive(t.user_attrs.get("worker")):
+                continue
+            self.storage.set_trial_user_attr(t._trial_id, "status", "failed")
+            self.storage.set_trial_user_attr(t._trial_id, "reason", "the sweep stopped while this trial was running")
+            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            self.study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number}, skip_if_exists=False)
+            recovered += 1
+        running = {
+            rid
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            for rid in t.user_attrs.get("mlflow_run_ids", [])
+        }
+        self.tracker.close_stale_runs(self.experiment_id, lambda run_id: run_id in running)
+        return recovered
+
+    # ---- the loop ----------------------------------------------------------------
+    def run(self, n_trials: int | None = None, reporter: Reporter | None = None) -> SweepSummary:
+        reporter = reporter or QuietReporter()
+        total = self.total_trials(n_trials)
+        self.recover()
+        outcomes: list[TrialOutcome] = []
+        reporter.sweep_started(self.cfg.study, self.finished_count(), total)
+        status = "FINISHED"
+        try:
+            while self.finished_count() + self._running_elsewhere() < total:
+                outcome = self.run_one(reporter)
+                outcomes.append(outcome)
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            self.tracker.client.set_terminated(self.parent_run_id, status=status)
+        return SweepSummary(
+            self.cfg.study,
+            self.experiment_id,
+            self.parent_run_id,
+            self.stores.tracking_uri,
+            self.stores.storage_label,
+            outcomes,
+            self.finished_count(),
+            total,
+        )
+
+    def _running_elsewhere(self) -> int:
+        me = worker_id()
+        return sum(
+            1
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker") != me
+        )
+
+    def run_one(self, reporter: Reporter | None = None) -> TrialOutcome:
+        """Ask Optuna for one trial, train it once per seed, tell Optuna how it went."""
+        reporter = reporter or QuietReporter()
+        trial = self.study.ask()
+        trial.set_user_attr("worker", worker_id())
+        params = space.suggest(trial, self.cfg.search)
+        finals: list[Mapping[str, float]] = []
+        run_ids: list[str] = []
+        status, reason = "ok", ""
+        try:
+            for i, seed in enumerate(self.cfg.train.seeds):
+                result, _ = self._train_seed(trial, params, seed, prune=(i == 0), reporter=reporter, run_ids=run_ids)
+                if result.status != "ok":
+                    status, reason = result.status, result.reason
+                    break
+                finals.append(result.final)
+                if result.reason and not reason:
+                    reason = result.reason
+        except KeyboardInterrupt:
+            self._tell(trial, TrialState.FAIL, None, "failed", "interrupted by the user (Ctrl-C)")
+            raise
+        except TrialCrashed as exc:
+            self._tell(trial, TrialState.FAIL, None, "failed", str(exc))
+            outcome = TrialOutcome(trial.number, "failed", str(exc), None, run_ids)
+            reporter.trial_finished(trial.number, "failed", None, self._best_text())
+            return outcome
+        values: list[float] | None = None
+        if status == "ok":
+            values = space.objective_values(self.cfg.search, finals)
+            self._tell(trial, TrialState.COMPLETE, values, status, reason)
+        else:
+            # Pruned, diverged and out-of-memory trials count towards n_trials and tell the
+            # sampler that this region is bad (a FAIL would be ignored by the sampler).
+            self._tell(trial, TrialState.PRUNED, None, status, reason)
+        reporter.trial_finished(trial.number, status, values, self._best_text())
+        return TrialOutcome(trial.number, status, reason, values, run_ids)
+
+    def _tell(
+        self, trial: optuna.Trial, state: TrialState, values: list[float] | None, status: str, reason: str
+    ) -> None:
+        trial.set_user_attr("status", status)
+        trial.set_user_attr("reason", reason)
+        if values is not None and any(math.isnan(v) for v in values):
+            state, values = TrialState.FAIL, None
+        self.study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
+
+    def _best_text(self) -> str | None:
+        if len(self.study.directions) != 1:
+            n = len(self.study.best_trials) if self.study.get_trials(states=(TrialState.COMPLETE,)) else 0
+            return f"{n} on the Pareto front" if n else None
+        try:
+            best = self.study.best_trial
+        except ValueError:
+            return None
+        name = self.cfg.search.objectives[0]
+        return f"{name}={best.value:.4g} (bs={best.params.get('batch_size')}, lr={best.params.get('lr'):.3g})"
+
+    # ---- one seed of one trial ------------------------------------------------------
+    def spec_for(self, params: Mapping[str, Any], seed: int) -> TrainSpec:
+        return make_spec(self.cfg, int(params["batch_size"]), float(params["lr"]), seed)
+
+    def _train_seed(
+        self,
+        trial: optuna.Trial,
+        params: Mapping[str, Any],
+        seed: int,
+        *,
+        prune: bool,
+        reporter: Reporter,
+        run_ids: list[str],
+    ) -> tuple[TrainResult, str]:
+        spec = self.spec_for(params, seed)
+        run_id = self.tracker.trial_run(
+            self.experiment_id,
+            self.parent_run_id,
+            f"trial {trial.number}" + (f" seed {seed}" if len(self.cfg.train.seeds) > 1 else ""),
+            run_params(spec, self.cfg),
+            {
+                STUDY: self.cfg.study,
+                TRIAL: str(trial.number),
+                SEED: str(seed),
+                STATUS: "running",
+                **({"mlflow.source.git.commit": self.commit} if self.commit else {}),
+            },
+        )
+        run_ids.append(run_id)
+        trial.set_user_attr("mlflow_run_ids", list(run_ids))
+        if len(run_ids) == 1:
+            trial.set_user_attr("mlflow_run_id", run_id)
+        objective = self.cfg.search.objectives[0]
+        prune_key = space.PRUNING_METRIC.get(objective) if prune and len(self.cfg.search.objectives) == 1 else None
+
+        def on_eval(step: int, values: Mapping[str, float]) -> bool:
+            if prune_key is None or prune_key not in values:
+                return True
+            trial.report(values[prune_key], step)
+            return not trial.should_prune()
+
+        def on_metrics(step: int, values: Mapping[str, float]) -> None:
+            loss = values.get("train/loss")
+            if loss is not None:
+                reporter.trial_step(step, loss)
+
+        reporter.trial_started(trial.number, params, seed, spec.max_steps)
+        sink = MlflowSink(self.tracker.client, run_id, on_eval=on_eval, on_metrics=on_metrics)
+        result: TrainResult | None = None
+        try:
+            result = train(spec, sink)
+        except KeyboardInterrupt:
+            _close_quietly(sink)
+            self.tracker.end(run_id, "KILLED", tags={STATUS: "failed", REASON: "interrupted by the user (Ctrl-C)"})
+            raise
+        except Exception as exc:
+            _close_quietly(sink)
+            reason = f"{type(exc).__name__}: {redact(str(exc)).splitlines()[0] if str(exc) else ''}"
+            self.tracker.end(run_id, "FAILED", tags={STATUS: "failed", REASON: reason})
+            raise TrialCrashed(reason) from exc
+        sink.close()
+        if result.final:
+            self.tracker.log_final(run_id, result.steps, result.final)
+        self.tracker.end(run_id, RUN_STATUS[result.status], tags={STATUS: result.status, REASON: result.reason})
+        return result, run_id
+
+
+def _close_quietly(sink: MlflowSink) -> None:
+    # The trial already failed; a second error from the writer would hide the first.
+    with contextlib.suppress(Exception):
+        sink.close(timeout=30)
+
+
+def make_spec(cfg: SweepConfig, batch_size: int, lr: float, seed: int, num_train: int | None = None) -> TrainSpec:
+    t = cfg.train
+    if t.max_steps is None and (t.max_samples is not None or t.max_epochs is not None) and num_train is None:
+        num_train = _num_train(cfg)
+    micro = t.micro_batch_size if t.micro_batch_size is not None and t.micro_batch_size < batch_size else None
+    return TrainSpec(
+        recipe=cfg.trainer.recipe,
+        model=cfg.trainer.model,
+        recipe_options=cfg.trainer.options,
+        batch_size=batch_size,
+        micro_batch_size=micro,
+        lr=lr,
+        optimizer=t.optimizer,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        max_steps=t.steps_for(batch_size, num_train or 1),
+        eval_every=t.eval_every,
+        log_every=t.log_every,
+        schedule=t.schedule,
+        lr_scaling=t.lr_scaling.rule,
+        reference_batch=t.lr_scaling.reference_batch,
+        warmup_steps=t.lr_scaling.warmup_steps,
+        target_metric=t.target.metric if t.target else None,
+        target_value=t.target.value if t.target else None,
+        stop_at_target=bool(t.target and t.target.stop),
+        seed=seed,
+        device=cfg.device,
+        precision=cfg.precision,
+        compile=t.compile,
+        gns=t.gns.enabled,
+        gns_every=t.gns.every,
+        gns_ema=t.gns.ema,
+        sharpness=t.sharpness.enabled,
+        sharpness_iters=t.sharpness.iters,
+        sharpness_tol=t.sharpness.tol,
+    )
+
+
+def _num_train(cfg: SweepConfig) -> int:
+    # Sample and epoch budgets need the training-set size; recipes know it without building the model.
+    opts = get_recipe(cfg.trainer.recipe).options.model_validate(cfg.trainer.options)
+    n = getattr(opts, "num_samples", None)
+    split = getattr(opts, "train_split", 1.0)
+    return int(n * split) if n else 1
+
+
+def run_params(spec: TrainSpec, cfg: SweepConfig) -> dict[str, Any]:
+    """The contract's child-run params, with device and precision as they will be used."""
+    device = resolve_device(spec.device)
+    micro = spec.micro_batch_size or spec.batch_size
+    opts = ",".join(f"{k}={v}" for k, v in sorted(spec.recipe_options.items()))
+    return {
+        "batch_size": spec.batch_size,
+        "micro_batch_size": micro,
+        "accum_steps": -(-spec.batch_size // micro),
+        "lr": spec.lr,
+        "effective_lr": trainers.schedule.scaled_lr(spec.lr, spec.batch_size, spec.lr_scaling, spec.reference_batch),
+        "optimizer": spec.optimizer,
+        "momentum": spec.momentum if spec.optimizer == "sgd" else None,
+        "weight_decay": spec.weight_decay,
+        "seed": spec.seed,
+        "trainer": spec.recipe,
+        "model": spec.model,
+        "dataset": f"{spec.recipe}({opts})" if opts else spec.recipe,
+        "max_steps": spec.max_steps,
+        "eval_every": spec.eval_every,
+        "device": str(device),
+        "precision": resolve_precision(spec.precision, device),
+        "lr_scaling": spec.lr_scaling,
+        "reference_batch": spec.reference_batch,
+        "warmup_steps": spec.warmup_steps,
+        "schedule": spec.schedule,
+        "target": f"{spec.target_metric}={spec.target_value}" if spec.target_metric else None,
+        "gns": spec.gns,
+    }

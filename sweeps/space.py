@@ -1,0 +1,107 @@
+"""The Optuna side of a config: sampler, pruner, directions and the search space."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+
+from sweeps.config import LrRange, SearchConfig, SweepConfig, config_to_dict
+
+# objective name -> (direction, per-seed metric it reads from the trainer's final metrics)
+OBJECTIVES: dict[str, tuple[str, str]] = {
+    "val_loss": ("minimize", "final/val_loss"),
+    "val_acc": ("maximize", "final/best_val_acc"),
+    "steps_to_target": ("minimize", "final/steps_to_target"),
+    "time_to_target": ("minimize", "final/time_to_target_s"),
+}
+# The eval metric reported to Optuna for pruning, per objective.
+PRUNING_METRIC = {"val_loss": "val/loss", "val_acc": "val/acc"}
+
+
+def directions(search: SearchConfig) -> list[str]:
+    return [OBJECTIVES[o][0] for o in search.objectives]
+
+
+def make_sampler(search: SearchConfig) -> optuna.samplers.BaseSampler:
+    if search.sampler == "grid":
+        grid: dict[str, Any] = {"batch_size": search.batch_choices(), "lr": search.lr_choices()}
+        return optuna.samplers.GridSampler(grid, seed=search.seed)
+    if search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=search.seed)
+    # A few random trials first, then TPE; multivariate TPE models batch size and lr jointly.
+    return optuna.samplers.TPESampler(
+        seed=search.seed, multivariate=True, n_startup_trials=min(8, search.n_trials // 3 or 1)
+    )
+
+
+def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
+    search = cfg.search
+    if search.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2 * cfg.train.eval_every)
+    if search.pruner == "hyperband":
+        max_steps = cfg.train.max_steps or 1000
+        return optuna.pruners.HyperbandPruner(
+            min_resource=cfg.train.eval_every, max_resource=max_steps, reduction_factor=3
+        )
+    return optuna.pruners.NopPruner()
+
+
+def grid_size(search: SearchConfig) -> int | None:
+    if search.sampler != "grid":
+        return None
+    lrs = search.lr_choices() or []
+    return len(search.batch_choices()) * len(lrs)
+
+
+def suggest(trial: optuna.trial.BaseTrial, search: SearchConfig) -> dict[str, Any]:
+    """Sample (batch_size, lr). Batch sizes are categorical: the listed or power-of-two values."""
+    params: dict[str, Any] = {"batch_size": trial.suggest_categorical("batch_size", search.batch_choices())}
+    lrs = search.lr_choices()
+    if lrs is not None:
+        params["lr"] = trial.suggest_categorical("lr", lrs)
+    else:
+        assert isinstance(search.lr, LrRange)
+        params["lr"] = trial.suggest_float("lr", search.lr.low, search.lr.high, log=search.lr.log)
+    return params
+
+
+def fingerprint(cfg: SweepConfig) -> str:
+    """What makes two sweeps the same study: the space, the objective, the training recipe."""
+    d = config_to_dict(cfg)
+    keep = {
+        "search": {k: d["search"][k] for k in ("batch_size", "lr", "objective")},
+        "trainer": d["trainer"],
+        "train": {k: v for k, v in d["train"].items() if k not in ("log_every",)},
+    }
+    return json.dumps(keep, sort_keys=True)
+
+
+def describe_difference(old: str, new: str) -> str:
+    a, b = _flatten(json.loads(old)), _flatten(json.loads(new))
+    diffs = [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(diffs[:4]) + (" …" if len(diffs) > 4 else "")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def objective_values(search: SearchConfig, finals: list[Mapping[str, float]]) -> list[float]:
+    """Mean over seeds of each objective; a target never reached counts as infinitely slow."""
+    values = []
+    for name in search.objectives:
+        key = OBJECTIVES[name][1]
+        per_seed = [float(f.get(key, math.inf)) for f in finals]
+        values.append(sum(per_seed) / len(per_seed))
+    return values

@@ -1,0 +1,123 @@
+"""Where a sweep keeps its state: the Optuna storage and the MLflow tracking store.
+
+Default (nothing to start): everything under `mlruns/` in the working directory,
+an Optuna journal file (safe for several processes, unlike SQLite) and MLflow's
+SQLite store with artifacts beside it. Scaled out: a database URL for Optuna and
+an MLflow tracking server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from sweeps.errors import UserError
+
+DEFAULT_ROOT = "mlruns"
+_RDB_SCHEMES = ("postgresql", "postgres", "mysql", "sqlite")
+
+
+def redact(url: str | None) -> str:
+    """The URL with any password replaced by ***, for logs, errors and tags."""
+    if url is None:
+        return ""
+    return re.sub(r"(?<=://)([^:/@\s]+):([^@/\s]*)@", r"\1:***@", url)
+
+
+def root_dir() -> Path:
+    """The local store folder: $BATCHSCOPE_ROOT, else ./mlruns."""
+    return Path(os.environ.get("BATCHSCOPE_ROOT", DEFAULT_ROOT)).absolute()
+
+
+@dataclass(frozen=True)
+class Stores:
+    storage_url: str  # what the user gave (or the local journal path); never logged unredacted
+    tracking_uri: str
+    artifact_root: str | None  # only for the local SQLite store; a server decides its own
+    local_root: Path | None
+
+    @property
+    def storage_label(self) -> str:
+        return redact(self.storage_url)
+
+
+def resolve(storage: str | None, tracking_uri: str | None) -> Stores:
+    """Decide the stores without touching them (nothing is created here)."""
+    root = root_dir()
+    storage_url = storage or str(root / "optuna.journal")
+    if tracking_uri is None:
+        return Stores(storage_url, f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri(), root)
+    return Stores(storage_url, tracking_uri, None, root if storage is None else None)
+
+
+def open_storage(stores: Stores, *, heartbeat: bool = True) -> optuna.storages.BaseStorage:
+    """The Optuna storage object; raises UserError when it cannot be reached."""
+    url = stores.storage_url
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    try:
+        if scheme.split("+")[0] in _RDB_SCHEMES:
+            kwargs: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True}}
+            if heartbeat and not scheme.startswith("sqlite"):
+                # Dead-worker detection: a trial whose worker stops beating is failed and re-run.
+                kwargs.update(heartbeat_interval=30, grace_period=120)
+            return optuna.storages.RDBStorage(url, **kwargs)
+        if scheme == "redis":
+            from optuna.storages.journal import JournalRedisBackend
+
+            return optuna.storages.JournalStorage(JournalRedisBackend(url))
+        if scheme:
+            raise UserError(
+                f"storage {redact(url)!r}: unsupported scheme {scheme!r}; use a file path, "
+                "postgresql://, mysql://, sqlite:/// or redis://"
+            )
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+        path = Path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    except UserError:
+        raise
+    except Exception as exc:  # any driver error: report it without the password
+        raise UserError(
+            f"storage {redact(url)!r} cannot be reached: {redact(_first_line(exc))}; "
+            "check that the database is running and the URL is right"
+        ) from None
+
+
+def check_tracking(stores: Stores) -> None:
+    """Fail early, with one line, if the MLflow tracking store cannot be reached."""
+    uri = stores.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+                resp.read()
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise UserError(
+                f"tracking_uri {redact(uri)!r} cannot be reached: {_first_line(exc)}; "
+                "start the server (batchscope server) or fix the URL"
+            ) from None
+        return
+    if uri.startswith("sqlite:///") and stores.local_root is not None:
+        stores.local_root.mkdir(parents=True, exist_ok=True)
+
+
+def quiet_libraries() -> None:
+    """MLflow's and alembic's INFO lines would drown the progress display."""
+    for name in ("mlflow", "alembic", "optuna", "sqlalchemy", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,60 @@
+"""Shared fixtures: every test gets its own store folder; the MNIST-1D cache is shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# A small, fast MNIST-1D for tests (the demo uses 5000 samples).
+SMALL_TRAINER = {"recipe": "mnist1d", "model": "mlp", "num_samples": 1200}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_data_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["BATCHSCOPE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working directory whose default stores land in ./mlruns."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BATCHSCOPE_ROOT", str(tmp_path / "mlruns"))
+    return tmp_path
+
+
+def small_config(study: str = "t", **overrides: object) -> dict:
+    """A sweep config dict that trains in about a second per trial."""
+    cfg: dict = {
+        "study": study,
+        "trainer": dict(SMALL_TRAINER),
+        "train": {
+            "max_steps": 60,
+            "eval_every": 20,
+            "target": {"metric": "val/acc", "value": 0.3},
+            "sharpness": {"iters": 5},
+        },
+        "search": {
+            "batch_size": {"values": [16, 64, 256]},
+            "lr": {"low": 0.01, "high": 0.5, "log": True},
+            "n_trials": 3,
+            "sampler": "random",
+        },
+        "device": "cpu",
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        if name:
+            cfg.setdefault(section, {})[name] = value
+        else:
+            cfg[section] = value
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path

@@ -1,0 +1,139 @@
+"""A short sweep end to end: real Optuna study, real MLflow store, real training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from sweeps.cli import main
+from tests.conftest import small_config, write_config
+
+CHILD_PARAMS = {
+    "batch_size",
+    "micro_batch_size",
+    "accum_steps",
+    "lr",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "seed",
+    "trainer",
+    "model",
+    "dataset",
+    "max_steps",
+    "device",
+    "precision",
+    "lr_scaling",
+}
+HISTORIES = {
+    "train/loss",
+    "lr",
+    "val/loss",
+    "val/acc",
+    "gns/grad_sq",
+    "gns/trace_sigma",
+    "perf/samples_per_s",
+    "mem/peak_mb",
+}
+FINALS = {
+    "final/train_loss",
+    "final/train_acc",
+    "final/val_loss",
+    "final/val_acc",
+    "final/gen_gap",
+    "final/sharpness",
+    "final/wall_s",
+}
+
+
+def _journal(workdir: Path) -> optuna.storages.JournalStorage:
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(workdir / "mlruns" / "optuna.journal")))
+
+
+@pytest.fixture
+def swept(workdir: Path) -> Path:
+    path = write_config(workdir / "sweep.yaml", small_config("e2e"))
+    assert main(["sweep", str(path), "--no-report"]) == 0
+    return path
+
+
+def test_sweep_fills_both_stores_as_the_contract_says(workdir: Path, swept: Path) -> None:
+    study = optuna.load_study(study_name="e2e", storage=_journal(workdir))
+    trials = study.get_trials()
+    assert len(trials) == 3
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("e2e")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("batchscope.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("batchscope.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 3
+    assert all(r.info.status != "RUNNING" for r in runs)
+    by_id = {r.info.run_id: r for r in children}
+    for t in trials:
+        run = by_id[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["optuna.study"] == "e2e"
+        assert run.data.tags["optuna.trial_number"] == str(t.number)
+        assert run.data.tags["batchscope.status"] == "ok"
+        assert set(run.data.params) >= CHILD_PARAMS
+        assert int(run.data.params["batch_size"]) == t.params["batch_size"]
+        assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"])
+        assert set(run.data.metrics) >= FINALS
+        assert run.data.metrics["final/val_loss"] == pytest.approx(t.value)
+        for key in HISTORIES:
+            assert client.get_metric_history(run.info.run_id, key), key
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert steps == list(range(1, 61))  # every step once, no duplicates
+
+
+def test_running_again_continues_to_n_trials(workdir: Path, swept: Path) -> None:
+    assert main(["sweep", str(swept), "--no-report", "--n-trials", "5"]) == 0
+    study = optuna.load_study(study_name="e2e", storage=_journal(workdir))
+    trials = study.get_trials()
+    assert len(trials) == 5  # 3 from before + 2 new, none re-run
+    assert len({t.user_attrs["mlflow_run_id"] for t in trials}) == 5
+    # Same command again: already at 5, nothing new.
+    assert main(["sweep", str(swept), "--no-report", "--n-trials", "5"]) == 0
+    assert len(optuna.load_study(study_name="e2e", storage=_journal(workdir)).get_trials()) == 5
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])  # type: ignore[union-attr]
+    assert len([r for r in runs if r.data.tags.get("batchscope.role") == "trial"]) == 5
+    assert len([r for r in runs if r.data.tags.get("batchscope.role") == "sweep"]) == 1
+
+
+def test_changed_search_space_is_refused(workdir: Path, swept: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["sweep", str(swept), "--no-report", "--set", "search.batch_size.values=[8, 32]"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "different setup" in err and "--force" in err
+
+
+def test_status_lists_the_trials(workdir: Path, swept: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert main(["status", "e2e"]) == 0
+    text = capsys.readouterr().out
+    assert "COMPLETE" in text and "batch_size" in text
+
+
+def test_train_command_logs_one_run(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(workdir / "one.yaml", small_config("single"))
+    assert main(["train", str(path), "--batch-size", "32", "--lr", "0.1"]) == 0
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("single")
+    runs = client.search_runs([exp.experiment_id])  # type: ignore[union-attr]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["batch_size"] == "32"
+    assert "final/val_acc" in run.data.metrics

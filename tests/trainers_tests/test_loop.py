@@ -1,0 +1,130 @@
+"""The training loop alone: real training on MNIST-1D, no optuna, no mlflow."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainers.loop import micro_batches, train
+from trainers.spec import RecordingSink, TrainSpec
+
+OPTS = {"num_samples": 1200}
+
+
+def spec(**kw: object) -> TrainSpec:
+    base: dict = dict(
+        recipe_options=OPTS, batch_size=64, lr=0.1, max_steps=150, eval_every=50, device="cpu", sharpness_iters=5
+    )
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+def test_loss_falls_and_accuracy_beats_chance() -> None:
+    sink = RecordingSink()
+    result = train(spec(), sink)
+    losses = [v for _, v in sink.history["train/loss"]]
+    assert result.status == "ok"
+    assert len(losses) == 150  # one value per step
+    # The mean of the last 20 steps is well below the first step (ln 10 ≈ 2.30 at chance).
+    assert sum(losses[-20:]) / 20 < losses[0] - 0.3
+    assert result.final["final/val_acc"] > 0.2  # 10 classes: chance is 0.1
+
+
+def test_same_seed_gives_identical_metrics_on_cpu() -> None:
+    a, b = RecordingSink(), RecordingSink()
+    ra, rb = train(spec(seed=3), a), train(spec(seed=3), b)
+    assert a.history["train/loss"] == b.history["train/loss"]
+    for key in ("final/val_loss", "final/train_loss", "final/val_acc", "final/sharpness"):
+        assert ra.final[key] == rb.final[key]
+
+
+def test_different_seeds_differ() -> None:
+    a, b = RecordingSink(), RecordingSink()
+    train(spec(seed=0, max_steps=20), a)
+    train(spec(seed=1, max_steps=20), b)
+    assert a.history["train/loss"] != b.history["train/loss"]
+
+
+def test_contract_metrics_are_reported_at_each_eval() -> None:
+    sink = RecordingSink()
+    result = train(spec(target_metric="val/acc", target_value=0.15), sink)
+    for key in ("val/loss", "val/acc", "perf/samples_per_s", "mem/peak_mb", "gns/grad_sq", "gns/trace_sigma", "lr"):
+        assert key in sink.history, key
+    assert [s for s, _ in sink.history["val/loss"]] == [50, 100, 150]
+    for key in (
+        "final/train_loss",
+        "final/train_acc",
+        "final/val_loss",
+        "final/val_acc",
+        "final/gen_gap",
+        "final/sharpness",
+        "final/steps_to_target",
+        "final/samples_to_target",
+        "final/time_to_target_s",
+        "final/wall_s",
+    ):
+        assert key in result.final, key
+    assert result.final["final/samples_to_target"] == result.final["final/steps_to_target"] * 64
+    assert math.isclose(
+        result.final["final/gen_gap"], result.final["final/val_loss"] - result.final["final/train_loss"]
+    )
+
+
+def test_unreached_target_leaves_no_steps_to_target_and_says_why() -> None:
+    result = train(spec(max_steps=20, eval_every=10, target_metric="val/acc", target_value=0.99))
+    assert "final/steps_to_target" not in result.final
+    assert "not reached" in result.reason
+
+
+def test_huge_learning_rate_diverges_instead_of_crashing() -> None:
+    result = train(spec(lr=1e6, optimizer="sgd", max_steps=100))
+    assert result.status == "diverged"
+    assert "step" in result.reason
+
+
+def test_stop_at_target_ends_early() -> None:
+    result = train(spec(max_steps=400, eval_every=10, target_metric="val/acc", target_value=0.15, stop_at_target=True))
+    assert result.status == "ok"
+    assert result.steps == result.final["final/steps_to_target"] < 400
+
+
+def test_sink_can_stop_the_run() -> None:
+    class StopAtSecondEval(RecordingSink):
+        def evaluated(self, step: int, values: object) -> bool:  # type: ignore[override]
+            return step < 100
+
+    result = train(spec(), StopAtSecondEval())
+    assert result.status == "pruned"
+    assert result.steps == 100
+
+
+@pytest.mark.parametrize(("batch", "micro", "expected"), [(10, 10, [(0, 10)]), (10, 4, [(0, 4), (4, 8), (8, 10)])])
+def test_micro_batches_cover_the_batch(batch: int, micro: int, expected: list[tuple[int, int]]) -> None:
+    assert micro_batches(batch, micro) == expected
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"lr": -1.0}, "lr"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"micro_batch_size": 100}, "micro_batch_size"),
+    ],
+)
+def test_bad_spec_is_refused_with_the_field(kw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        spec(**kw)
+
+
+def test_batch_larger_than_dataset_spans_epochs() -> None:
+    result = train(spec(batch_size=2048, max_steps=3, eval_every=3))
+    assert result.status == "ok"
+
+
+def test_device_is_cpu_without_cuda() -> None:
+    result = train(spec(device="auto", max_steps=2, eval_every=2))
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert result.resolved["device"].startswith(expected)
