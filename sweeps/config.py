@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from sweeps.errors import UserError
-from trainers.recipes import RECIPES
+from trainers.recipes import get_recipe
 
 
 def _to_float(value: Any) -> Any:
@@ -64,9 +64,7 @@ class TrainerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_recipe(self) -> TrainerConfig:
-        recipe = RECIPES.get(self.recipe)
-        if recipe is None:
-            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(sorted(RECIPES))}")
+        recipe = get_recipe(self.recipe)  # ValueError with the known names (or the import problem)
         if self.model not in recipe.models:
             raise ValueError(
                 f"recipe {self.recipe!r} has no model {self.model!r}; choose one of: {', '.join(recipe.models)}"
@@ -304,7 +302,7 @@ class SweepConfig(_Strict):
     @model_validator(mode="after")
     def _target_metric(self) -> SweepConfig:
         target = self.train.target
-        recipe = RECIPES[self.trainer.recipe]
+        recipe = get_recipe(self.trainer.recipe)
         if target is not None and target.metric not in recipe.metrics:
             raise ValueError(
                 f"train.target.metric {target.metric!r} is not produced by recipe {self.trainer.recipe!r}; "

@@ -369,6 +369,8 @@ class Sweep:
             self.tracker.end(run_id, "FAILED", tags={STATUS: "failed", REASON: reason})
             raise TrialCrashed(reason) from exc
         sink.close()
+        if "tokens_per_batch" in result.resolved:
+            self.tracker.log_params(run_id, {"tokens_per_batch": result.resolved["tokens_per_batch"]})
         if result.final:
             self.tracker.log_final(run_id, result.steps, result.final)
         self.tracker.end(run_id, RUN_STATUS[result.status], tags={STATUS: result.status, REASON: result.reason})

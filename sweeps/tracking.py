@@ -97,6 +97,9 @@ class Tracker:
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
         self.client.set_terminated(run_id, status=status)
 
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        self.client.log_batch(run_id, params=_params(params))
+
     def log_final(self, run_id: str, step: int, values: Mapping[str, float]) -> None:
         now = _now_ms()
         metrics = [Metric(k, float(v), now, step) for k, v in values.items()]

@@ -95,10 +95,17 @@ def evaluate(
             out = model(xb)
         loss_sum += task.loss_fn(out.float(), yb) * len(xb)
         if task.classification:
-            correct += (out.argmax(dim=1) == yb).sum()
+            correct += (out.argmax(dim=-1) == yb).sum()
     model.train(was_training)
-    loss, acc = (torch.stack([loss_sum, correct]) / len(x)).tolist()  # host sync: evaluation point
-    return {"loss": loss, "acc": acc} if task.classification else {"loss": loss}
+    # Accuracy is per target element: per example for classifiers, per token for sequence models.
+    per_target = max(1, y[:1].numel()) * len(x)
+    loss_t, correct_t = torch.stack([loss_sum, correct]).tolist()  # host sync: evaluation point
+    result = {"loss": loss_t / len(x)}
+    if task.classification:
+        result["acc"] = correct_t / per_target
+    if task.derived_metrics is not None:
+        result.update(task.derived_metrics(result))
+    return result
 
 
 @dataclass
@@ -143,6 +150,8 @@ def train(spec: TrainSpec, sink: Sink | None = None, task: Task | None = None) -
         if task is None:
             task = build_task(spec.recipe, spec.model, spec.recipe_options, device)
         model: nn.Module = task.model
+        if task.tokens_per_example is not None:
+            resolved["tokens_per_batch"] = B * task.tokens_per_example
         step_model = torch.compile(model) if spec.compile else model
         optimizer = make_optimizer(spec, model, lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -296,6 +305,9 @@ def _final_metrics(
         final["final/train_acc"] = tr["acc"]
         final["final/val_acc"] = val["acc"]
         final["final/gen_gap_acc"] = tr["acc"] - val["acc"]
+    for key in val.keys() - {"loss", "acc"}:  # recipe-derived metrics, e.g. perplexity
+        final[f"final/val_{key}"] = val[key]
+        final[f"final/train_{key}"] = tr[key]
     if "val/acc" in best:
         final["final/best_val_acc"] = best["val/acc"]
     if "val/loss" in best:

@@ -16,7 +16,9 @@ class Task:
     """A model and its data. Small datasets live on the training device whole.
 
     `loss_fn(outputs, targets)` returns the mean loss over the batch.
-    `classification` turns on accuracy metrics (`val/acc`, `final/train_acc`).
+    `classification` turns on accuracy metrics (`val/acc`, `final/train_acc`): the
+    argmax over the last dimension of the outputs compared with the targets, so
+    per-token accuracy for sequence models whose outputs are (batch, time, classes).
     """
 
     model: nn.Module
@@ -26,6 +28,10 @@ class Task:
     val_y: torch.Tensor
     loss_fn: LossFn
     classification: bool = True
+    # Extra eval metrics derived from the mean loss and accuracy, e.g. {"ppl": exp(loss)} for language models.
+    derived_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
+    # Examples are sequences of this many tokens (language models): logged as tokens per batch.
+    tokens_per_example: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.train_x) != len(self.train_y):

@@ -32,7 +32,7 @@ def get_recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
     except KeyError:
-        raise ValueError(f"unknown recipe {name!r}; built-in recipes: {', '.join(sorted(RECIPES))}.") from None
+        raise ValueError(f"unknown recipe {name!r}; choose one of: {', '.join(sorted(RECIPES))}") from None
 
 
 def build_task(name: str, model: str, options: Mapping[str, Any], device: torch.device) -> Task:
