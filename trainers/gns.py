@@ -75,3 +75,13 @@ class NoiseScaleEMA:
         if g > 0:
             out["gns/b_simple"] = t / g
         return out
+
+    def state_dict(self) -> dict[str, object]:
+        return {"grad_sq": self._grad_sq, "trace": self._trace, "weight": self._weight, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        for name in ("grad_sq", "trace", "weight"):
+            value = state[name]
+            assert isinstance(value, torch.Tensor)
+            setattr(self, f"_{name}", value.to(self._grad_sq.device))
+        self.updates = int(state["updates"])  # type: ignore[call-overload]

@@ -12,12 +12,13 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from trainers.checkpoint import Checkpointer, CheckpointPolicy, RunState
+from trainers.checkpoint import load as checkpoint_load
 from trainers.data import DeviceBatcher
 from trainers.device import (
     Clock,
@@ -108,20 +109,21 @@ def evaluate(
     return result
 
 
-@dataclass
-class _Target:
-    metric: str
-    value: float
-    step: int | None = None
-    samples: int | None = None
-    time_s: float | None = None
+def train(
+    spec: TrainSpec,
+    sink: Sink | None = None,
+    task: Task | None = None,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    checkpoint: CheckpointPolicy | None = None,
+) -> TrainResult:
+    """Train `spec` to its budget (or until stopped) and measure the result.
 
-
-def train(spec: TrainSpec, sink: Sink | None = None, task: Task | None = None) -> TrainResult:
-    """Train `spec` to its budget (or until the sink stops it) and measure the result.
-
-    Returns a result whose status is `ok`, `pruned`, `diverged` or `oom`; any other
-    error propagates. `task` may be given to train an already-built model and data.
+    Returns a result whose status is `ok`, `pruned` (the sink said stop), `diverged`,
+    `oom` or `failed` (`should_stop` returned True, checked at each logging point);
+    any other error propagates. `task` may be given to train an already-built model
+    and data. With `checkpoint`, the run saves its state at evaluation points when
+    due, and resumes from `checkpoint.resume_from` if that file exists.
     """
     sink = sink or NullSink()
     wall_start = time.perf_counter()
@@ -139,13 +141,14 @@ def train(spec: TrainSpec, sink: Sink | None = None, task: Task | None = None) -
     gns_on = spec.gns and B >= 2
     gns_plan = accum_plan if len(accum_plan) >= 2 else micro_batches(B, (B + 1) // 2)
     lr = scaled_lr(spec.lr, B, spec.lr_scaling, spec.reference_batch)
-    resolved = {
+    resolved: dict[str, Any] = {
         "device": str(device),
         "precision": precision.name,
         "micro_batch_size": micro,
         "accum_steps": len(accum_plan),
         "effective_lr": lr,
     }
+    state = RunState()
     try:
         if task is None:
             task = build_task(spec.recipe, spec.model, spec.recipe_options, device)
@@ -166,18 +169,36 @@ def train(spec: TrainSpec, sink: Sink | None = None, task: Task | None = None) -
         losses = torch.zeros(spec.log_every, device=device)  # per-step losses, read at flush
         clock = Clock(device)
         target = (
-            _Target(spec.target_metric, spec.target_value)
-            if spec.target_metric is not None and spec.target_value is not None
-            else None
+            (spec.target_metric, spec.target_value) if spec.target_metric and spec.target_value is not None else None
         )
-        best: dict[str, float] = {}
-        evals: dict[str, float] = {}
-        train_time = 0.0
+        saver = Checkpointer(checkpoint) if checkpoint is not None else None
+        stateful = {
+            "model": model,
+            "optimizer": optimizer,
+            "scheduler": scheduler,
+            "scaler": scaler,
+            "batcher": batcher,
+            "noise": noise,
+        }
+        record = checkpoint is not None  # keep the history only when it has to go into checkpoints
+
+        def emit(step: int, values: dict[str, float]) -> None:
+            sink.metrics(step, values)
+            if record:
+                state.history.append((step, values))
+
+        if checkpoint is not None and checkpoint.resume_from is not None and checkpoint.resume_from.exists():
+            state = checkpoint_load(checkpoint.resume_from, stateful, device)
+            resolved["resumed_from_step"] = state.step
+            # Replay the history so the new run's metrics are complete, without duplicates.
+            for s, values in state.history:
+                sink.metrics(s, values)
+            assert saver is not None
+            saver.mark(state.step)
+
+        n_buffered, first_buffered = 0, state.step + 1
         time_since = 0.0
-        last_eval_step = 0
-        n_buffered, first_buffered = 0, 1
         status, reason = "ok", ""
-        step = 0
         model.train()
 
         def flush(upto: int) -> None:
@@ -190,13 +211,13 @@ def train(spec: TrainSpec, sink: Sink | None = None, task: Task | None = None) -
                 if not math.isfinite(v):
                     n_buffered = 0
                     raise Diverged(f"training loss became {v} at step {first_buffered + i}")
-                sink.metrics(first_buffered + i, {"train/loss": v})
-            sink.metrics(upto, {"lr": float(scheduler.get_last_lr()[0])})
+                emit(first_buffered + i, {"train/loss": v})
+            emit(upto, {"lr": float(scheduler.get_last_lr()[0])})
             n_buffered, first_buffered = 0, upto + 1
 
         t_mark = clock.now()
         # ---- the loop ----------------------------------------------------
-        for step in range(1, spec.max_steps + 1):
+        for step in range(state.step + 1, spec.max_steps + 1):
             idx = batcher.next()
             xb, yb = task.train_x[idx], task.train_y[idx]
             measure = gns_on and step % spec.gns_every == 0
@@ -224,70 +245,77 @@ def train(spec: TrainSpec, sink: Sink | None = None, task: Task | None = None) -
             scheduler.step()
             losses[n_buffered].copy_(step_loss)
             n_buffered += 1
+            state.step = step
 
             at_eval = step % spec.eval_every == 0 or step == spec.max_steps
             if n_buffered == spec.log_every or at_eval:
                 flush(step)
+                if should_stop is not None and should_stop():
+                    status, reason = "failed", f"stopped on request at step {step}"
+                    break
             if not at_eval:
                 continue
 
             # ---- evaluation point: time, validation, noise scale, memory -----
             now = clock.now()
-            train_time += now - t_mark
+            state.train_time += now - t_mark
             time_since += now - t_mark
             val = evaluate(task, task.val_x, task.val_y, autocast)
-            evals = {f"val/{k}": v for k, v in val.items()}
-            steps_in_window = step - last_eval_step
-            measured = dict(evals)
+            state.evals = {f"val/{k}": v for k, v in val.items()}
+            steps_in_window = step - state.last_eval_step
+            measured = dict(state.evals)
             measured["perf/samples_per_s"] = steps_in_window * B / max(time_since, 1e-9)
             measured["perf/step_time_ms"] = 1000.0 * time_since / max(steps_in_window, 1)
             measured["mem/peak_mb"] = peak_memory_mb(device)
             measured.update(noise.read())
-            last_eval_step = step
+            state.last_eval_step = step
             time_since = 0.0
-            for k, v in evals.items():
-                if k.endswith("acc"):
-                    best[k] = max(best.get(k, -math.inf), v)
-                else:
-                    best[k] = min(best.get(k, math.inf), v)
-            if target is not None and target.step is None:
-                value = measured.get(target.metric)
-                if value is not None and target_reached(target.metric, value, target.value):
-                    target.step, target.samples, target.time_s = step, step * B, train_time
+            for k, v in state.evals.items():
+                better = max if k.endswith(HIGHER_IS_BETTER) else min
+                state.best[k] = better(state.best.get(k, v), v)
+            if target is not None and state.target_step is None:
+                value = measured.get(target[0])
+                if value is not None and target_reached(target[0], value, target[1]):
+                    state.target_step, state.target_time_s = step, state.train_time
+            if record:
+                state.history.append((step, measured))
             keep_going = sink.evaluated(step, measured)
+            if saver is not None and saver.due(step):
+                saver.save(stateful, state)
             t_mark = clock.now()
             if not keep_going:
                 status, reason = "pruned", f"stopped by the sweep's pruner at step {step}"
                 break
-            if spec.stop_at_target and target is not None and target.step is not None:
-                reason = f"stopped at the target {target.metric}={target.value} at step {step}"
+            if spec.stop_at_target and state.target_step is not None:
+                reason = f"stopped at the target {spec.target_metric}={spec.target_value} at step {step}"
                 break
     except Diverged as exc:
-        return TrainResult("diverged", str(exc), steps=step, resolved=resolved, best=best)
+        return TrainResult("diverged", str(exc), steps=state.step, resolved=resolved, best=state.best)
     except Exception as exc:
         if not is_oom_error(exc):
             raise
         _free(device)
         return TrainResult("oom", f"out of memory at batch size {B}: {exc}".splitlines()[0], steps=0, resolved=resolved)
+    if status == "failed":
+        return TrainResult("failed", reason, steps=state.step, resolved=resolved, best=state.best)
 
     # ---- end-of-run measurements ----------------------------------------
-    final = _final_metrics(spec, task, autocast, evals, best, device)
+    final = _final_metrics(spec, task, autocast, state.best, device)
     final["final/wall_s"] = time.perf_counter() - wall_start
-    final["final/train_time_s"] = train_time
-    if target is not None and target.step is not None:
-        final["final/steps_to_target"] = float(target.step)
-        final["final/samples_to_target"] = float(target.samples or 0)
-        final["final/time_to_target_s"] = float(target.time_s or 0.0)
+    final["final/train_time_s"] = state.train_time
+    if target is not None and state.target_step is not None:
+        final["final/steps_to_target"] = float(state.target_step)
+        final["final/samples_to_target"] = float(state.target_step * B)
+        final["final/time_to_target_s"] = float(state.target_time_s or 0.0)
     elif target is not None and not reason:
-        reason = f"target {target.metric}={target.value} not reached in {step} steps"
-    return TrainResult(status, reason, steps=step, final=final, best=best, resolved=resolved)  # type: ignore[arg-type]
+        reason = f"target {target[0]}={target[1]} not reached in {state.step} steps"
+    return TrainResult(status, reason, steps=state.step, final=final, best=state.best, resolved=resolved)  # type: ignore[arg-type]
 
 
 def _final_metrics(
     spec: TrainSpec,
     task: Task,
     autocast: AutocastFactory,
-    evals: dict[str, float],
     best: dict[str, float],
     device: torch.device,
 ) -> dict[str, float]:
