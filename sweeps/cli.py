@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, default=None, help="total trials for the study (default: search.n_trials)")
     p.add_argument("--force", action="store_true", help="continue a study even though its config changed")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--workers", type=int, default=1, help="trials run at a time on this machine (default 1)")
 
     p = sub.add_parser("train", help="one tracked training run, without Optuna")
     _add_config_args(p)

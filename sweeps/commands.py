@@ -30,7 +30,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     sweep = Sweep(cfg, force=args.force)
     with RichReporter(err) as reporter:
-        summary = sweep.run(args.n_trials, reporter)
+        summary = sweep.run(args.n_trials, reporter, workers=args.workers)
     _print_best(sweep)
     report_path = None
     if cfg.report.auto and not args.no_report:

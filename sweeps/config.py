@@ -106,6 +106,14 @@ class SharpnessConfig(_Strict):
     tol: Annotated[Float, Field(gt=0.0)] = 1e-3
 
 
+class CheckpointConfig(_Strict):
+    # Save every n steps and/or every m minutes (at the next evaluation point); null for neither.
+    every_steps: PositiveInt | None = None
+    every_minutes: Annotated[Float, Field(gt=0.0)] | None = 5.0
+    # Checkpoints of finished trials: keep the best trial's, all, or none. Kept final weights go to MLflow.
+    keep: Literal["best", "all", "none"] = "best"
+
+
 class TrainConfig(_Strict):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.9
@@ -124,6 +132,7 @@ class TrainConfig(_Strict):
     gns: NoiseScaleConfig = NoiseScaleConfig()
     sharpness: SharpnessConfig = SharpnessConfig()
     compile: bool = False
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:

@@ -1,12 +1,14 @@
-"""Rich progress for a sweep: trials done/total, the current trial's steps and loss, best so far."""
+"""Rich progress for a sweep: trials done/total, each running trial's steps and loss, best so far."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 
 class RichReporter:
@@ -14,16 +16,15 @@ class RichReporter:
         self.console = console or Console(stderr=True)
         self.progress = Progress(
             TextColumn("{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=24),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("{task.fields[info]}"),
             console=self.console,
-            transient=False,
         )
         self._sweep = self.progress.add_task("trials", total=1, info="", visible=False)
-        self._trial = self.progress.add_task("trial", total=1, info="", visible=False)
-        self._best: str | None = None
+        self._trials: dict[int, TaskID] = {}
+        self._lock = threading.Lock()
 
     def __enter__(self) -> RichReporter:
         self.progress.start()
@@ -34,32 +35,33 @@ class RichReporter:
 
     def sweep_started(self, study: str, done: int, total: int) -> None:
         self.progress.update(
-            self._sweep,
-            description=f"[bold]{_esc(study)}[/] trials",
-            total=total,
-            completed=done,
-            visible=True,
-            info="",
+            self._sweep, description=f"[bold]{escape(study)}[/] trials", total=total, completed=done, visible=True
         )
 
     def trial_started(self, number: int, params: Mapping[str, Any], seed: int, max_steps: int) -> None:
         desc = f"  trial {number} bs={params['batch_size']} lr={params['lr']:.3g} seed={seed}"
-        self.progress.reset(self._trial, total=max_steps, description=desc, info="", visible=True)
+        with self._lock:
+            task = self._trials.get(number)
+            if task is None:
+                self._trials[number] = self.progress.add_task(desc, total=max_steps, info="")
+            else:
+                self.progress.reset(task, total=max_steps, description=desc, info="")
 
-    def trial_step(self, step: int, loss: float | None) -> None:
-        info = f"loss {loss:.4f}" if loss is not None else ""
-        self.progress.update(self._trial, completed=step, info=info)
+    def trial_step(self, number: int, step: int, loss: float | None) -> None:
+        task = self._trials.get(number)
+        if task is not None:
+            self.progress.update(task, completed=step, info=f"loss {loss:.4f}" if loss is not None else "")
 
     def trial_finished(self, number: int, status: str, values: list[float] | None, best: str | None) -> None:
-        self._best = best
-        shown = ", ".join(f"{v:.4g}" for v in values) if values else status
-        self.progress.console.log(f"trial {number}: {status} {'→ ' + shown if values else ''}")
+        with self._lock:
+            task = self._trials.pop(number, None)
+        if task is not None:
+            self.progress.remove_task(task)
+        shown = "→ " + ", ".join(f"{v:.4g}" for v in values) if values else ""
+        self.progress.console.print(f"trial {number}: {status} {shown}", highlight=False)
         self.progress.update(
-            self._sweep, advance=1 if status != "failed" else 0, info=f"best {_esc(best)}" if best else ""
+            self._sweep, advance=0 if status == "failed" else 1, info=f"best {escape(best)}" if best else ""
         )
 
-
-def _esc(text: str | None) -> str:
-    from rich.markup import escape
-
-    return escape(text or "")
+    def message(self, text: str) -> None:
+        self.progress.console.print(escape(text), highlight=False)

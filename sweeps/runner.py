@@ -7,13 +7,14 @@ Optuna state says so; running the same command again continues the study.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import socket
 import subprocess
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import optuna
@@ -23,15 +24,18 @@ import trainers
 from sweeps import space
 from sweeps.config import SweepConfig, config_to_dict
 from sweeps.errors import UserError
-from sweeps.stores import Stores, check_tracking, open_storage, quiet_libraries, redact, resolve
-from sweeps.tracking import REASON, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, MlflowSink, Tracker
+from sweeps.stores import Stores, check_tracking, open_storage, quiet_libraries, redact, resolve, root_dir, safe_name
+from sweeps.tracking import REASON, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker
+from sweeps.worker import Job, TrialError, TrialWorker, WorkerDied
+from trainers.checkpoint import CheckpointPolicy
 from trainers.device import resolve_device, resolve_precision
-from trainers.loop import train
 from trainers.recipes import get_recipe
 from trainers.spec import TrainResult, TrainSpec
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 FINGERPRINT_ATTR = "batchscope.fingerprint"
+# A sweep whose trials keep crashing stops rather than burning through the budget.
+MAX_CONSECUTIVE_CRASHES = 5
 
 
 class Reporter(Protocol):
@@ -39,15 +43,17 @@ class Reporter(Protocol):
 
     def sweep_started(self, study: str, done: int, total: int) -> None: ...
     def trial_started(self, number: int, params: Mapping[str, Any], seed: int, max_steps: int) -> None: ...
-    def trial_step(self, step: int, loss: float | None) -> None: ...
+    def trial_step(self, number: int, step: int, loss: float | None) -> None: ...
     def trial_finished(self, number: int, status: str, values: list[float] | None, best: str | None) -> None: ...
+    def message(self, text: str) -> None: ...
 
 
 class QuietReporter:
     def sweep_started(self, study: str, done: int, total: int) -> None: ...
     def trial_started(self, number: int, params: Mapping[str, Any], seed: int, max_steps: int) -> None: ...
-    def trial_step(self, step: int, loss: float | None) -> None: ...
+    def trial_step(self, number: int, step: int, loss: float | None) -> None: ...
     def trial_finished(self, number: int, status: str, values: list[float] | None, best: str | None) -> None: ...
+    def message(self, text: str) -> None: ...
 
 
 @dataclass
@@ -121,6 +127,9 @@ class Sweep:
             self.experiment_id, cfg.study, self._sweep_params(), self._common_tags()
         )
         self.commit = git_commit()
+        self.checkpoint_dir = root_dir() / "checkpoints" / safe_name(cfg.study)
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
     # ---- study ---------------------------------------------------------------
     def _create_or_load(self, force: bool) -> optuna.Study:
@@ -213,89 +222,156 @@ class Sweep:
         return recovered
 
     # ---- the loop ----------------------------------------------------------------
-    def run(self, n_trials: int | None = None, reporter: Reporter | None = None) -> SweepSummary:
+    def run(self, n_trials: int | None = None, reporter: Reporter | None = None, workers: int = 1) -> SweepSummary:
+        """Run trials until the study has `n_trials` finished ones; `workers` trials at a time.
+
+        Ctrl-C: the running trials are asked to stop at their next logging point and
+        are marked failed (and queued to re-run on the next sweep); a second Ctrl-C
+        kills them at once. Either way both stores are left consistent.
+        """
+        if workers < 1:
+            raise UserError(f"--workers must be at least 1, got {workers}")
         reporter = reporter or QuietReporter()
         total = self.total_trials(n_trials)
-        self.recover()
-        outcomes: list[TrialOutcome] = []
+        recovered = self.recover()
+        if recovered:
+            reporter.message(f"{recovered} trial(s) left running by a stopped sweep will be re-run")
         reporter.sweep_started(self.cfg.study, self.finished_count(), total)
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._outcomes: list[TrialOutcome] = []
+        self._errors: list[BaseException] = []
+        slots = [TrialWorker(env=self._worker_env()) for _ in range(workers)]
+        self._slots = slots
+        threads = [
+            threading.Thread(target=self._slot_loop, args=(i, total, reporter), name=f"slot-{i}", daemon=True)
+            for i in range(workers)
+        ]
         status = "FINISHED"
         try:
-            while self.finished_count() + self._running_elsewhere() < total:
-                outcome = self.run_one(reporter)
-                outcomes.append(outcome)
+            for t in threads:
+                t.start()
+            self._wait(threads)
         except KeyboardInterrupt:
             status = "KILLED"
-            raise
-        except BaseException:
-            status = "FAILED"
+            self._stopping.set()
+            reporter.message("stopping: marking the running trial(s); Ctrl-C again to stop at once")
+            for w in slots:
+                w.request_stop()
+            try:
+                self._wait(threads)
+            except KeyboardInterrupt:
+                for w in slots:
+                    w.kill()
+                self._wait(threads)
             raise
         finally:
+            for w in slots:
+                w.close()
+            if self._errors and status == "FINISHED":
+                status = "FAILED"
             self.tracker.client.set_terminated(self.parent_run_id, status=status)
+        if self._errors:
+            raise self._errors[0]
         return SweepSummary(
             self.cfg.study,
             self.experiment_id,
             self.parent_run_id,
             self.stores.tracking_uri,
             self.stores.storage_label,
-            outcomes,
+            list(self._outcomes),
             self.finished_count(),
             total,
         )
 
-    def _running_elsewhere(self) -> int:
-        me = worker_id()
-        return sum(
-            1
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.user_attrs.get("worker") != me
-        )
+    @staticmethod
+    def _wait(threads: list[threading.Thread]) -> None:
+        # join() with a timeout keeps the main thread responsive to Ctrl-C.
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(0.2)
 
-    def run_one(self, reporter: Reporter | None = None) -> TrialOutcome:
-        """Ask Optuna for one trial, train it once per seed, tell Optuna how it went."""
-        reporter = reporter or QuietReporter()
-        trial = self.study.ask()
-        trial.set_user_attr("worker", worker_id())
+    def _worker_env(self) -> dict[str, str]:
+        return {}
+
+    def _slot_loop(self, slot: int, total: int, reporter: Reporter) -> None:
+        consecutive_crashes = 0
+        try:
+            while not self._stopping.is_set():
+                with self._lock:
+                    running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+                    if self.finished_count() + running >= total:
+                        return
+                    trial = self.study.ask()
+                    trial.set_user_attr("worker", worker_id())
+                outcome = self._run_trial(trial, slot, reporter)
+                with self._lock:
+                    self._outcomes.append(outcome)
+                consecutive_crashes = consecutive_crashes + 1 if outcome.status == "failed" else 0
+                if consecutive_crashes >= MAX_CONSECUTIVE_CRASHES and not self._stopping.is_set():
+                    raise UserError(
+                        f"{consecutive_crashes} trials in a row failed; the last one: {outcome.reason}. "
+                        "Fix the cause and run the same command again to continue the sweep"
+                    )
+        except BaseException as exc:
+            self._errors.append(exc)
+            self._stopping.set()
+
+    def _run_trial(self, trial: optuna.Trial, slot: int, reporter: Reporter) -> TrialOutcome:
+        """Train one sampled configuration once per seed, then tell Optuna how it went."""
         params = space.suggest(trial, self.cfg.search)
         finals: list[Mapping[str, float]] = []
         run_ids: list[str] = []
         status, reason = "ok", ""
         try:
             for i, seed in enumerate(self.cfg.train.seeds):
-                result, _ = self._train_seed(trial, params, seed, prune=(i == 0), reporter=reporter, run_ids=run_ids)
+                result = self._train_seed(trial, params, seed, slot, prune=(i == 0), reporter=reporter, run_ids=run_ids)
                 if result.status != "ok":
                     status, reason = result.status, result.reason
                     break
                 finals.append(result.final)
                 if result.reason and not reason:
                     reason = result.reason
-        except KeyboardInterrupt:
-            self._tell(trial, TrialState.FAIL, None, "failed", "interrupted by the user (Ctrl-C)")
-            raise
         except TrialCrashed as exc:
-            self._tell(trial, TrialState.FAIL, None, "failed", str(exc))
-            outcome = TrialOutcome(trial.number, "failed", str(exc), None, run_ids)
-            reporter.trial_finished(trial.number, "failed", None, self._best_text())
-            return outcome
+            status, reason = "failed", str(exc)
+        except BaseException:
+            self._tell(trial, TrialState.FAIL, None, "failed", "the sweep stopped during this trial")
+            raise
         values: list[float] | None = None
-        if status == "ok":
+        if status == "failed":
+            interrupted = self._stopping.is_set()
+            if interrupted:
+                reason = "interrupted by the user (Ctrl-C); it re-runs when the sweep continues"
+                self.study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+            self._tell(trial, TrialState.FAIL, None, status, reason)
+        elif status == "ok":
             values = space.objective_values(self.cfg.search, finals)
+            self._record_finals(trial, finals)
             self._tell(trial, TrialState.COMPLETE, values, status, reason)
         else:
             # Pruned, diverged and out-of-memory trials count towards n_trials and tell the
             # sampler that this region is bad (a FAIL would be ignored by the sampler).
             self._tell(trial, TrialState.PRUNED, None, status, reason)
+        self._keep_checkpoints(trial, status, values, run_ids)
         reporter.trial_finished(trial.number, status, values, self._best_text())
         return TrialOutcome(trial.number, status, reason, values, run_ids)
+
+    def _record_finals(self, trial: optuna.Trial, finals: list[Mapping[str, float]]) -> None:
+        # A few headline values on the Optuna trial too, for `batchscope status` and dashboards.
+        for key in ("final/steps_to_target", "final/best_val_acc", "final/val_loss"):
+            vals = [f[key] for f in finals if key in f]
+            if vals:
+                trial.set_user_attr(key.removeprefix("final/"), sum(vals) / len(vals))
 
     def _tell(
         self, trial: optuna.Trial, state: TrialState, values: list[float] | None, status: str, reason: str
     ) -> None:
         trial.set_user_attr("status", status)
-        trial.set_user_attr("reason", reason)
+        trial.set_user_attr("reason", redact(reason)[:2000])
         if values is not None and any(math.isnan(v) for v in values):
             state, values = TrialState.FAIL, None
-        self.study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
+        with self._lock:
+            self.study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
 
     def _best_text(self) -> str | None:
         if len(self.study.directions) != 1:
@@ -308,21 +384,97 @@ class Sweep:
         name = self.cfg.search.objectives[0]
         return f"{name}={best.value:.4g} (bs={best.params.get('batch_size')}, lr={best.params.get('lr'):.3g})"
 
+    # ---- checkpoints -----------------------------------------------------------------
+    def checkpoint_path(self, number: int, seed: int) -> Path:
+        return self.checkpoint_dir / f"trial-{number}-seed-{seed}.pt"
+
+    def _checkpoint_policy(self, trial: optuna.Trial, seed: int) -> CheckpointPolicy | None:
+        c = self.cfg.train.checkpoint
+        if c.every_steps is None and c.every_minutes is None:
+            return None
+        retry_of = trial.user_attrs.get("retry_of")
+        resume = self.checkpoint_path(int(retry_of), seed) if retry_of is not None else None
+        return CheckpointPolicy(
+            self.checkpoint_path(trial.number, seed),
+            every_steps=c.every_steps,
+            every_seconds=c.every_minutes * 60 if c.every_minutes is not None else None,
+            resume_from=resume,
+        )
+
+    def _keep_checkpoints(
+        self, trial: optuna.Trial, status: str, values: list[float] | None, run_ids: list[str]
+    ) -> None:
+        """Apply `train.checkpoint.keep` once a trial has ended; log kept final weights to MLflow."""
+        keep = self.cfg.train.checkpoint.keep
+        seeds = self.cfg.train.seeds
+        mine = [self.checkpoint_path(trial.number, s) for s in seeds]
+        retry_of = trial.user_attrs.get("retry_of")
+        if retry_of is not None:  # the checkpoint this trial resumed from is no longer needed
+            for s in seeds:
+                self.checkpoint_path(int(retry_of), s).unlink(missing_ok=True)
+        if status == "failed" and self._stopping.is_set():
+            return  # interrupted: its re-run resumes from these
+        kept = status == "ok" and (keep == "all" or (keep == "best" and self._is_best(trial, values)))
+        if kept:
+            for path, run_id in zip(mine, run_ids, strict=False):
+                self._log_weights(path, run_id)
+            if keep == "best":
+                previous = self.study.user_attrs.get("batchscope.best_checkpoint_trial")
+                if previous is not None and previous != trial.number:
+                    for s in seeds:
+                        self.checkpoint_path(int(previous), s).unlink(missing_ok=True)
+                self.study.set_user_attr("batchscope.best_checkpoint_trial", trial.number)
+            return
+        for path in mine:
+            path.unlink(missing_ok=True)
+
+    def _is_best(self, trial: optuna.Trial, values: list[float] | None) -> bool:
+        if values is None:
+            return False
+        if len(self.study.directions) > 1:
+            return True  # every trial may be on the Pareto front
+        previous = [
+            t.value
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.number != trial.number and t.value is not None
+        ]
+        if not previous:
+            return True
+        if self.study.direction == optuna.study.StudyDirection.MINIMIZE:
+            return values[0] <= min(previous)
+        return values[0] >= max(previous)
+
+    def _log_weights(self, checkpoint: Path, run_id: str) -> None:
+        if not checkpoint.exists():
+            return
+        import tempfile
+
+        import torch
+
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["objects"]["model"]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.pt"
+            torch.save(state, path)
+            self.tracker.client.log_artifact(run_id, str(path), artifact_path="weights")
+
     # ---- one seed of one trial ------------------------------------------------------
-    def spec_for(self, params: Mapping[str, Any], seed: int) -> TrainSpec:
-        return make_spec(self.cfg, int(params["batch_size"]), float(params["lr"]), seed)
+    def spec_for(self, params: Mapping[str, Any], seed: int, slot: int = 0) -> TrainSpec:
+        spec = make_spec(self.cfg, int(params["batch_size"]), float(params["lr"]), seed)
+        device = slot_device(self.cfg.device, slot)
+        return replace(spec, device=device) if device != spec.device else spec
 
     def _train_seed(
         self,
         trial: optuna.Trial,
         params: Mapping[str, Any],
         seed: int,
+        slot: int,
         *,
         prune: bool,
         reporter: Reporter,
         run_ids: list[str],
-    ) -> tuple[TrainResult, str]:
-        spec = self.spec_for(params, seed)
+    ) -> TrainResult:
+        spec = self.spec_for(params, seed, slot)
         run_id = self.tracker.trial_run(
             self.experiment_id,
             self.parent_run_id,
@@ -334,6 +486,9 @@ class Sweep:
                 SEED: str(seed),
                 STATUS: "running",
                 **({"mlflow.source.git.commit": self.commit} if self.commit else {}),
+                **(
+                    {"batchscope.retry_of": str(trial.user_attrs["retry_of"])} if "retry_of" in trial.user_attrs else {}
+                ),
             },
         )
         run_ids.append(run_id)
@@ -349,38 +504,43 @@ class Sweep:
             trial.report(values[prune_key], step)
             return not trial.should_prune()
 
-        def on_metrics(step: int, values: Mapping[str, float]) -> None:
-            loss = values.get("train/loss")
-            if loss is not None:
-                reporter.trial_step(step, loss)
-
         reporter.trial_started(trial.number, params, seed, spec.max_steps)
-        sink = MlflowSink(self.tracker.client, run_id, on_eval=on_eval, on_metrics=on_metrics)
-        result: TrainResult | None = None
+        job = Job(spec, run_id, self.stores.tracking_uri, trial.number, self._checkpoint_policy(trial, seed))
         try:
-            result = train(spec, sink)
-        except KeyboardInterrupt:
-            _close_quietly(sink)
-            self.tracker.end(run_id, "KILLED", tags={STATUS: "failed", REASON: "interrupted by the user (Ctrl-C)"})
-            raise
-        except Exception as exc:
-            _close_quietly(sink)
-            reason = f"{type(exc).__name__}: {redact(str(exc)).splitlines()[0] if str(exc) else ''}"
+            result = self._slots[slot].run(
+                job, on_step=lambda step, loss: reporter.trial_step(trial.number, step, loss), on_eval=on_eval
+            )
+        except (WorkerDied, TrialError) as exc:
+            reason = redact(str(exc))
             self.tracker.end(run_id, "FAILED", tags={STATUS: "failed", REASON: reason})
             raise TrialCrashed(reason) from exc
-        sink.close()
-        if "tokens_per_batch" in result.resolved:
-            self.tracker.log_params(run_id, {"tokens_per_batch": result.resolved["tokens_per_batch"]})
+        except BaseException:
+            self.tracker.end(run_id, "KILLED", tags={STATUS: "failed", REASON: "the sweep stopped during this trial"})
+            raise
+        if result.status == "failed":  # stopped on request (Ctrl-C)
+            self.tracker.end(run_id, "KILLED", tags={STATUS: "failed", REASON: "interrupted by the user (Ctrl-C)"})
+            raise TrialCrashed(result.reason)
+        extra: dict[str, Any] = {
+            k: result.resolved[k] for k in ("tokens_per_batch", "resumed_from_step") if k in result.resolved
+        }
+        if extra:
+            self.tracker.log_params(run_id, extra)
         if result.final:
             self.tracker.log_final(run_id, result.steps, result.final)
         self.tracker.end(run_id, RUN_STATUS[result.status], tags={STATUS: result.status, REASON: result.reason})
-        return result, run_id
+        return result
 
 
-def _close_quietly(sink: MlflowSink) -> None:
-    # The trial already failed; a second error from the writer would hide the first.
-    with contextlib.suppress(Exception):
-        sink.close(timeout=30)
+def slot_device(device: str, slot: int) -> str:
+    """With several GPUs, parallel trial slots take one GPU each (cuda:0, cuda:1, ...)."""
+    if device not in ("auto", "cuda"):
+        return device
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n <= 1:
+        return device
+    return f"cuda:{slot % n}"
 
 
 def make_spec(cfg: SweepConfig, batch_size: int, lr: float, seed: int, num_train: int | None = None) -> TrainSpec:

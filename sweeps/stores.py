@@ -121,3 +121,9 @@ def quiet_libraries() -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def safe_name(name: str) -> str:
+    """A study name made safe as one path component (no separators, no `..`)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return cleaned[:100] or "study"

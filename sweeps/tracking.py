@@ -11,12 +11,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.view_type import ViewType
+
+from sweeps.stores import safe_name
 
 ROLE = "batchscope.role"
 STATUS = "batchscope.status"
@@ -46,7 +47,7 @@ class Tracker:
             return str(exp.experiment_id)
         location = None
         if self.artifact_root is not None:
-            location = f"{self.artifact_root.rstrip('/')}/{_safe(study)}"
+            location = f"{self.artifact_root.rstrip('/')}/{safe_name(study)}"
         try:
             return str(self.client.create_experiment(study, artifact_location=location, tags={STUDY: study}))
         except Exception:
@@ -217,13 +218,3 @@ def _params(params: Mapping[str, Any]) -> list[Param]:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _safe(name: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "study"
-
-
-def artifact_dir(root: Path) -> Path:
-    return root / "artifacts"

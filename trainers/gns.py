@@ -41,10 +41,15 @@ def two_batch_estimates(
 class NoiseScaleEMA:
     """Bias-corrected exponential moving averages of |G|² and tr(Σ), kept on the device."""
 
-    def __init__(self, device: torch.device, beta: float = 0.95) -> None:
+    def __init__(self, device: torch.device, beta: float = 0.95, population: int | None = None) -> None:
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta=}.")
+        if population is not None and population < 2:
+            raise ValueError(f"population must be at least 2, got {population=}.")
         self.beta = beta
+        # Batches drawn without replacement from N examples: E|G_B|² = |G|² + tr(Σ)/B · (N−B)/(N−1).
+        # The two-batch |G|² estimate is then low by tr(Σ)/(N−1) and tr(Σ) high by N/(N−1): corrected below.
+        self.population = population
         self._grad_sq = torch.zeros((), device=device)
         self._trace = torch.zeros((), device=device)
         # Weight of the EMA so far (1 − β^t), counted on device so skipped updates don't count.
@@ -54,6 +59,10 @@ class NoiseScaleEMA:
     def update(self, g_small_sq: torch.Tensor, g_big_sq: torch.Tensor, b_small: float, b_big: float) -> None:
         grad_sq, trace = two_batch_estimates(g_small_sq, g_big_sq, b_small, b_big)
         assert isinstance(grad_sq, torch.Tensor) and isinstance(trace, torch.Tensor)
+        n = self.population
+        if n is not None and b_big < n:
+            grad_sq = grad_sq + trace / n
+            trace = trace * ((n - 1) / n)
         # fp16 steps with overflowing gradients are skipped rather than poisoning the average.
         ok = torch.isfinite(grad_sq) & torch.isfinite(trace)
         b = self.beta

@@ -162,7 +162,7 @@ def train(
         )
         params = [p for p in model.parameters() if p.requires_grad]
         batcher = DeviceBatcher(task.num_train, B, device, seed=spec.seed)
-        noise = NoiseScaleEMA(device, beta=spec.gns_ema)
+        noise = NoiseScaleEMA(device, beta=spec.gns_ema, population=task.num_train)
         scaler = precision.scaler
         autocast = precision.autocast
         loss_fn = task.loss_fn
@@ -298,6 +298,8 @@ def train(
         return TrainResult("oom", f"out of memory at batch size {B}: {exc}".splitlines()[0], steps=0, resolved=resolved)
     if status == "failed":
         return TrainResult("failed", reason, steps=state.step, resolved=resolved, best=state.best)
+    if saver is not None:
+        saver.save(stateful, state)  # the final state: kept checkpoints hold the trained weights
 
     # ---- end-of-run measurements ----------------------------------------
     final = _final_metrics(spec, task, autocast, state.best, device)

@@ -1,0 +1,242 @@
+"""Trials run in a reusable child process, isolated from the sweep.
+
+The sweep process keeps Optuna and the run bookkeeping; the worker trains and
+writes the trial's metrics to MLflow itself. A crash, a hard exit or a kill of
+the worker fails only its trial: the sweep sees the process gone, ends the run
+and starts a fresh worker (CUDA errors cannot poison the next trial). Start-up
+(importing torch, mlflow) is paid once per worker, not per trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from typing import Any
+
+from trainers.checkpoint import CheckpointPolicy
+from trainers.spec import TrainResult, TrainSpec
+
+_PROGRESS_EVERY_S = 0.25
+
+
+@dataclass(frozen=True)
+class Job:
+    spec: TrainSpec
+    run_id: str
+    tracking_uri: str
+    trial_number: int
+    checkpoint: CheckpointPolicy | None = None
+
+
+class WorkerDied(Exception):
+    """The worker process ended in the middle of a trial."""
+
+
+class TrialError(Exception):
+    """The trial raised inside the worker; carries the worker's traceback."""
+
+    def __init__(self, message: str, tb: str) -> None:
+        super().__init__(message)
+        self.worker_traceback = tb
+
+
+class TrialWorker:
+    """One child process that runs trials one after another."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self._ctx = mp.get_context("spawn")
+        self._env = dict(env or {})
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self._stop = self._ctx.Event()
+        self.start()
+
+    def start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        old = {k: os.environ.get(k) for k in self._env}
+        os.environ.update(self._env)  # spawn copies the environment at start
+        try:
+            self._proc = self._ctx.Process(
+                target=_worker_main, args=(child, self._stop, os.getpid()), daemon=True, name="batchscope-trial"
+            )
+            self._proc.start()
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        child.close()
+        self._conn = parent
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def run(
+        self,
+        job: Job,
+        on_step: Callable[[int, float], None] | None = None,
+        on_eval: Callable[[int, Mapping[str, float]], bool] | None = None,
+    ) -> TrainResult:
+        """Run one job; raises WorkerDied or TrialError. The worker is restarted after either."""
+        if not self.alive():
+            self.start()
+        assert self._conn is not None
+        self._stop.clear()
+        try:
+            self._conn.send(("train", job))
+            while True:
+                if not self._conn.poll(0.2):
+                    if not self.alive():
+                        raise WorkerDied(_death_reason(self._proc.exitcode))
+                    continue
+                try:
+                    msg = self._conn.recv()
+                except (EOFError, OSError):
+                    self._proc.join(2)
+                    raise WorkerDied(_death_reason(self._proc.exitcode)) from None
+                kind = msg[0]
+                if kind == "step":
+                    if on_step is not None:
+                        on_step(msg[1], msg[2])
+                elif kind == "eval":
+                    keep = on_eval(msg[1], msg[2]) if on_eval is not None else True
+                    self._conn.send(("continue", bool(keep)))
+                elif kind == "done":
+                    result: TrainResult = msg[1]
+                    return result
+                elif kind == "error":
+                    self.restart()
+                    raise TrialError(msg[1], msg[2])
+        except WorkerDied:
+            self.restart()
+            raise
+
+    def request_stop(self) -> None:
+        """Ask the running trial to stop at its next logging point (it ends as failed, metrics flushed)."""
+        self._stop.set()
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        if self._conn is not None and self.alive():
+            with contextlib.suppress(OSError, BrokenPipeError):
+                self._conn.send(("exit",))
+            self._proc.join(5)
+        self.kill()
+
+
+def _death_reason(code: int | None) -> str:
+    if code is None:
+        return "the worker process stopped answering"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (killed: out of memory?)" if name == "SIGKILL" else ""
+        return f"the worker process died from {name}{hint}"
+    return f"the worker process exited with code {code}"
+
+
+# ---- the child side -------------------------------------------------------------
+
+
+class _ProgressSender:
+    """Sends the latest training loss to the sweep process, at most a few times a second."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._last = 0.0
+
+    def __call__(self, step: int, values: Mapping[str, float]) -> None:
+        loss = values.get("train/loss")
+        now = time.monotonic()
+        if loss is not None and now - self._last >= _PROGRESS_EVERY_S:
+            self._last = now
+            self._conn.send(("step", step, loss))
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when the sweep process dies (even by SIGKILL)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
+    # Ctrl-C is handled by the sweep process, which then asks this worker to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    if os.getppid() != parent_pid:
+        return
+    from mlflow import MlflowClient
+
+    from sweeps import faults
+    from sweeps.stores import quiet_libraries
+    from sweeps.tracking import MlflowSink
+    from trainers.loop import train
+
+    quiet_libraries()
+    clients: dict[str, MlflowClient] = {}
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg[0] == "exit":
+            return
+        job: Job = msg[1]
+        client = clients.get(job.tracking_uri) or clients.setdefault(job.tracking_uri, MlflowClient(job.tracking_uri))
+
+        def on_eval(step: int, values: Mapping[str, float]) -> bool:
+            conn.send(("eval", step, dict(values)))
+            reply = conn.recv()
+            return bool(reply[1])
+
+        sink = MlflowSink(client, job.run_id, on_eval=on_eval, on_metrics=_ProgressSender(conn))
+        spec = job.spec
+        fault = faults.for_trial(job.trial_number)
+        run_sink: Any = sink
+        if fault is not None:
+            if fault.kind == "nan":
+                spec = replace(spec, lr=1e12, optimizer="sgd")  # a real divergence
+            else:
+                run_sink = faults.FaultySink(sink, fault)
+        try:
+            result = train(
+                spec,
+                run_sink,
+                should_stop=lambda: stop.is_set() or os.getppid() != parent_pid,
+                checkpoint=job.checkpoint,
+            )
+            sink.close()
+            conn.send(("done", result))
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                sink.close(timeout=30)
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            conn.send(("error", f"{type(exc).__name__}: {text}", traceback.format_exc()))

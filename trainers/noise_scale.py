@@ -1,0 +1,173 @@
+"""Measure the gradient noise scale of a model at its current weights, without training.
+
+B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, "An Empirical Model of Large-Batch
+Training") is the batch size around which a larger batch stops buying proportionally
+fewer steps. Here G is the mean per-example gradient over the dataset and Σ the
+per-example gradient covariance, Σ = mean_i (g_i − G)(g_i − G)ᵀ.
+
+`measure_noise_scale` draws `n_batches` big batches of `b_big` examples, takes the
+first `b_small` of each as the small batch, and turns the two squared gradient norms
+into unbiased estimates of |G|² and tr(Σ) (`trainers.gns.two_batch_estimates`). As in
+appendix A of the paper, numerator and denominator are averaged over batches
+separately and divided once: the ratio of two means, not the mean of noisy ratios.
+
+Examples are drawn uniformly *with* replacement. Then a batch mean of B gradients has
+E|G_B|² = |G|² + tr(Σ)/B exactly, so both estimates are unbiased for the dataset's own
+G and Σ. Drawing without replacement (as training epochs do) would shrink the noise by
+the finite-population factor (N − B)/(N − 1) and bias |G|² low by tr(Σ)/(N − 1).
+
+The training loop measures the same quantity on the fly (`trainers.gns.NoiseScaleEMA`);
+this function is for a model someone hands you, e.g. a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainers.gns import grad_sq_norm, two_batch_estimates
+from trainers.task import LossFn
+
+
+@dataclass(frozen=True)
+class NoiseScaleEstimate:
+    """The measured noise scale and what went into it.
+
+    `b_simple` is NaN when the averaged |G|² estimate is not positive: the gradient is
+    then indistinguishable from noise at this sample size (typically near a minimum)
+    and the noise scale is undefined. Standard errors are over the `n_batches`
+    per-batch estimates; the one for `b_simple` uses the delta method for a ratio of
+    means, SE(t̄/ḡ) ≈ sqrt(Var(t − R·g)/n)/|ḡ| with R = t̄/ḡ, which accounts for the
+    correlation of the two estimates measured on the same batches.
+    """
+
+    b_simple: float
+    b_simple_stderr: float
+    grad_sq: float
+    grad_sq_stderr: float
+    trace_sigma: float
+    trace_sigma_stderr: float
+    n_batches: int
+    b_small: int
+    b_big: int
+
+
+def measure_noise_scale(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    b_small: int,
+    b_big: int,
+    n_batches: int = 32,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    micro_batch_size: int | None = None,
+) -> NoiseScaleEstimate:
+    """Estimate B_simple = tr(Σ)/|G|² of `model` at its current weights on (x, y).
+
+    Args:
+        model: evaluated as is; its weights, buffers and `.grad` are left unchanged and
+            its train/eval mode is restored. It runs in eval mode, so BatchNorm uses its
+            running statistics (per-example gradients must not depend on the rest of the
+            batch, and the running statistics must not move) and dropout is off.
+        loss_fn: `loss_fn(outputs, targets)` must return the *mean* over the batch of
+            a per-example loss; B_simple is defined for that per-example loss.
+        x, y: the dataset, on any device; batches are moved to `device`.
+        b_small, b_big: the two batch sizes, 1 ≤ b_small < b_big ≤ len(x). A wider
+            ratio gives a less noisy tr(Σ); a larger b_big a less noisy |G|².
+        n_batches: number of (big, small) batch pairs averaged; at least 2, so that a
+            standard error can be given.
+        seed: seeds the choice of examples (a CPU generator; global RNGs are untouched).
+        device: where the batches are evaluated; defaults to the model's device.
+        micro_batch_size: evaluate the big batch in pieces of at most this many
+            examples to bound memory; the result does not depend on it.
+    """
+    if len(x) != len(y):
+        raise ValueError(f"x and y must have the same length, got {len(x)=} and {len(y)=}.")
+    if b_small < 1:
+        raise ValueError(f"b_small must be at least 1, got {b_small=}.")
+    if b_small >= b_big:
+        raise ValueError(f"b_small must be smaller than b_big, got {b_small=} and {b_big=}.")
+    if b_big > len(x):
+        raise ValueError(f"b_big must not exceed the {len(x)} examples given, got {b_big=}.")
+    if n_batches < 2:
+        raise ValueError(f"n_batches must be at least 2, got {n_batches=}.")
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size=}.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no parameter that requires a gradient.")
+    device = torch.device(device) if device is not None else params[0].device
+    chunk = micro_batch_size or b_big
+    # The rest of the big batch after its first b_small examples, in pieces.
+    rest = [(lo, min(lo + chunk, b_big)) for lo in range(b_small, b_big, chunk)]
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    saved_grads = [p.grad for p in params]
+    was_training = model.training
+    model.eval()
+    small_sqs: list[torch.Tensor] = []
+    big_sqs: list[torch.Tensor] = []
+    try:
+        with torch.enable_grad():
+            for _ in range(n_batches):
+                idx = torch.randint(len(x), (b_big,), generator=gen).to(x.device)
+                xb, yb = x[idx].to(device), y[idx].to(device)
+                for p in params:
+                    p.grad = None
+                _mean_loss(model, loss_fn, xb[:b_small], yb[:b_small]).backward()
+                small_sqs.append(grad_sq_norm(params))
+                # Re-weight the small-batch mean so that, with the rest added, .grad is
+                # the mean over the whole big batch: the small batch is nested in the big one.
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(b_small / b_big)
+                for lo, hi in rest:
+                    loss = _mean_loss(model, loss_fn, xb[lo:hi], yb[lo:hi])
+                    (loss * ((hi - lo) / b_big)).backward()
+                big_sqs.append(grad_sq_norm(params))
+    finally:
+        for p, g in zip(params, saved_grads, strict=True):
+            p.grad = g
+        model.train(was_training)
+
+    # Host sync: one read-back of all per-batch norms, in fp64 for the statistics.
+    g_small_sq = torch.stack(small_sqs).double().cpu()
+    g_big_sq = torch.stack(big_sqs).double().cpu()
+    grad_sq, trace = two_batch_estimates(g_small_sq, g_big_sq, b_small, b_big)
+    assert isinstance(grad_sq, torch.Tensor) and isinstance(trace, torch.Tensor)
+    return _summarize(grad_sq, trace, b_small, b_big)
+
+
+def _mean_loss(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return loss_fn(model(x).float(), y)
+
+
+def _summarize(grad_sq: torch.Tensor, trace: torch.Tensor, b_small: int, b_big: int) -> NoiseScaleEstimate:
+    """Ratio of the means of the per-batch estimates, with delta-method standard errors."""
+    n = len(grad_sq)
+    g_mean, t_mean = float(grad_sq.mean()), float(trace.mean())
+    g_se = float(grad_sq.std(correction=1)) / math.sqrt(n)
+    t_se = float(trace.std(correction=1)) / math.sqrt(n)
+    if g_mean > 0:
+        ratio = t_mean / g_mean
+        # Linearizing t̄/ḡ around the means: its error is (t̄ − R·ḡ)/ḡ.
+        ratio_se = float((trace - ratio * grad_sq).std(correction=1)) / math.sqrt(n) / g_mean
+    else:
+        ratio, ratio_se = math.nan, math.nan
+    return NoiseScaleEstimate(
+        b_simple=ratio,
+        b_simple_stderr=ratio_se,
+        grad_sq=g_mean,
+        grad_sq_stderr=g_se,
+        trace_sigma=t_mean,
+        trace_sigma_stderr=t_se,
+        n_batches=n,
+        b_small=b_small,
+        b_big=b_big,
+    )
