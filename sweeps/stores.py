@@ -76,11 +76,9 @@ def open_storage(stores: Stores, *, heartbeat: bool = True) -> optuna.storages.B
                 f"storage {redact(url)!r}: unsupported scheme {scheme!r}; use a file path, "
                 "postgresql://, mysql://, sqlite:/// or redis://"
             )
-        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+        return journal_storage(path)
     except UserError:
         raise
     except Exception as exc:  # any driver error: report it without the password
@@ -88,6 +86,13 @@ def open_storage(stores: Stores, *, heartbeat: bool = True) -> optuna.storages.B
             f"storage {redact(url)!r} cannot be reached: {redact(_first_line(exc))}; "
             "check that the database is running and the URL is right"
         ) from None
+
+
+def journal_storage(path: Path | str) -> optuna.storages.JournalStorage:
+    """The local journal file; every process must use this same lock type to be safe."""
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 
 
 def check_tracking(stores: Stores) -> None:

@@ -10,6 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from sweeps.cli import main
+from sweeps.stores import journal_storage
 from tests.conftest import small_config, write_config
 
 CHILD_PARAMS = {
@@ -51,9 +52,7 @@ FINALS = {
 
 
 def _journal(workdir: Path) -> optuna.storages.JournalStorage:
-    from optuna.storages.journal import JournalFileBackend
-
-    return optuna.storages.JournalStorage(JournalFileBackend(str(workdir / "mlruns" / "optuna.journal")))
+    return journal_storage(workdir / "mlruns" / "optuna.journal")
 
 
 @pytest.fixture

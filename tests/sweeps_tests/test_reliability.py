@@ -1,0 +1,182 @@
+"""Faults a sweep survives: crashes, hard exits, NaN, SIGKILL of the sweep, Ctrl-C; parallel trials."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from sweeps.stores import journal_storage
+from tests.conftest import small_config, write_config
+
+
+def _journal(root: Path) -> optuna.storages.JournalStorage:
+    return journal_storage(root / "optuna.journal")
+
+
+def _sweep_cmd(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "sweeps.cli", "sweep", str(config), "--no-report", *extra]
+
+
+def _env(workdir: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["BATCHSCOPE_ROOT"] = str(workdir / "mlruns")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def _finished(root: Path, study: str) -> int:
+    if not (root / "optuna.journal").exists():
+        return 0
+    try:
+        s = optuna.load_study(study_name=study, storage=_journal(root))
+    except KeyError:
+        return 0
+    return len(s.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def _children(workdir: Path, study: str) -> list:
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(study)
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return runs
+
+
+def _fast(study: str, n_trials: int, **kw: object) -> dict:
+    cfg = small_config(study, **kw)
+    cfg["train"].update({"max_steps": 30, "eval_every": 10, "sharpness": {"enabled": False}})
+    cfg["search"]["n_trials"] = n_trials
+    return cfg
+
+
+def test_chaos_sweep_accounts_for_every_trial(workdir: Path) -> None:
+    """20 trials; some raise, some exit hard or segfault, some diverge; the sweep itself is SIGKILLed once."""
+    study = "chaos"
+    config = write_config(workdir / "chaos.yaml", _fast(study, 20))
+    faults = "raise@1,exit@3:5,nan@5,segv@7:12,raise@9:15,nan@12"
+    env = _env(workdir, BATCHSCOPE_FAULTS=faults)
+    root = workdir / "mlruns"
+
+    proc = subprocess.Popen(_sweep_cmd(config), env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    # Kill the sweep with SIGKILL while a trial is running, after a few have finished.
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _finished(root, study) >= 6:
+            s = optuna.load_study(study_name=study, storage=_journal(root))
+            if s.get_trials(states=(TrialState.RUNNING,)):
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.3)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, "the sweep should have been killed mid-trial"
+
+    # The same command again continues the study to n_trials.
+    rerun = subprocess.run(_sweep_cmd(config), env=env, cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "Traceback" not in rerun.stdout + rerun.stderr
+
+    s = optuna.load_study(study_name=study, storage=_journal(root))
+    trials = s.get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 20
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    for t in trials:
+        # Every trial is accounted for: completed, failed with a reason, or diverged.
+        assert t.user_attrs.get("status") in ("ok", "failed", "diverged", "pruned", "oom"), t
+        if t.state == TrialState.FAIL:
+            assert t.user_attrs["status"] == "failed" and t.user_attrs["reason"], t
+    statuses = {t.number: t.user_attrs["status"] for t in trials}
+    assert statuses[1] == "failed" and "injected fault" in trials[1].user_attrs["reason"]
+    assert statuses[3] == "failed" and "exited" in trials[3].user_attrs["reason"]
+    assert statuses[5] == "diverged" and trials[5].state == TrialState.PRUNED
+    assert statuses[7] == "failed" and "SIGSEGV" in trials[7].user_attrs["reason"]
+    # The trial that was running when the sweep was killed failed and was re-run with the same params.
+    retries = [t for t in trials if "retry_of" in t.user_attrs]
+    assert retries, "the killed trial is re-run"
+    for r in retries:
+        original = trials[r.user_attrs["retry_of"]]
+        assert original.state == TrialState.FAIL
+        assert original.params == r.params
+
+    # MLflow: no run left RUNNING; child runs match Optuna trials one to one.
+    runs = _children(workdir, study)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    children = [r for r in runs if r.data.tags.get("batchscope.role") == "trial"]
+    by_trial = {int(r.data.tags["optuna.trial_number"]): r for r in children}
+    assert len(by_trial) == len(children) == len(trials)
+    for t in trials:
+        run = by_trial[t.number]
+        assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.data.tags["batchscope.status"] == t.user_attrs["status"]
+        expected = {"ok": "FINISHED", "pruned": "KILLED", "diverged": "FAILED", "failed": ("FAILED", "KILLED")}
+        assert run.info.status in expected[t.user_attrs["status"]]
+
+
+def test_ctrl_c_stops_consistently_and_the_rerun_resumes_from_the_checkpoint(workdir: Path) -> None:
+    study = "ctrlc"
+    cfg = _fast(study, 2)
+    cfg["train"].update({"max_steps": 300, "checkpoint": {"every_steps": 10}})
+    cfg["search"]["batch_size"] = {"values": [16]}
+    config = write_config(workdir / "c.yaml", cfg)
+    env = _env(workdir)
+    root = workdir / "mlruns"
+    proc = subprocess.Popen(_sweep_cmd(config), env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpt_dir = root / "checkpoints" / study
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(ckpt_dir.glob("trial-0-*.pt")):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert b"Traceback" not in out
+
+    s = optuna.load_study(study_name=study, storage=_journal(root))
+    t0 = s.trials[0]
+    assert t0.state == TrialState.FAIL and "interrupted" in t0.user_attrs["reason"], out.decode()
+    runs = _children(workdir, study)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    parent = next(r for r in runs if r.data.tags.get("batchscope.role") == "sweep")
+    assert parent.info.status == "KILLED"
+
+    rerun = subprocess.run(_sweep_cmd(config), env=env, cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    s = optuna.load_study(study_name=study, storage=_journal(root))
+    retry = [t for t in s.trials if t.user_attrs.get("retry_of") == 0]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run = client.get_run(retry[0].user_attrs["mlflow_run_id"])
+    assert int(run.data.params["resumed_from_step"]) >= 10  # resumed, not restarted from step 0
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(1, 301))  # complete history, no duplicates
+
+
+def test_parallel_workers_complete_every_trial(workdir: Path) -> None:
+    study = "parallel"
+    config = write_config(workdir / "p.yaml", _fast(study, 12))
+    proc = subprocess.run(
+        _sweep_cmd(config, "--workers", "2"),
+        env=_env(workdir),
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    for bad in ("Traceback", "database is locked", "Error", "error"):
+        assert bad not in log, log
+    s = optuna.load_study(study_name=study, storage=_journal(workdir / "mlruns"))
+    assert len(s.get_trials(states=(TrialState.COMPLETE,))) == 12
+    children = [r for r in _children(workdir, study) if r.data.tags.get("batchscope.role") == "trial"]
+    assert len(children) == 12
+    assert len({r.data.tags["optuna.trial_number"] for r in children}) == 12
