@@ -118,8 +118,10 @@ class Sweep:
         quiet_libraries()
         self.cfg = cfg
         self.stores = stores or resolve(cfg.storage, cfg.tracking_uri)
-        check_tracking(self.stores)
+        # Remote stores are checked before anything local is created.
+        check_tracking(self.stores, create=False)
         self.storage = open_storage(self.stores)
+        check_tracking(self.stores)
         self.study = self._create_or_load(force)
         self.tracker = Tracker(self.stores.tracking_uri, self.stores.artifact_root)
         self.experiment_id = self.tracker.experiment_id(cfg.study)

@@ -81,6 +81,11 @@ def open_storage(stores: Stores, *, heartbeat: bool = True) -> optuna.storages.B
         return journal_storage(path)
     except UserError:
         raise
+    except ImportError as exc:
+        raise UserError(
+            f"storage {redact(url)!r} needs a database driver that is not installed ({exc.name}): "
+            "pip install 'batchscope[postgres]'"
+        ) from None
     except Exception as exc:  # any driver error: report it without the password
         raise UserError(
             f"storage {redact(url)!r} cannot be reached: {redact(_first_line(exc))}; "
@@ -95,8 +100,11 @@ def journal_storage(path: Path | str) -> optuna.storages.JournalStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 
 
-def check_tracking(stores: Stores) -> None:
-    """Fail early, with one line, if the MLflow tracking store cannot be reached."""
+def check_tracking(stores: Stores, *, create: bool = True) -> None:
+    """Fail early, with one line, if the MLflow tracking store cannot be reached.
+
+    With `create`, make the local store's folder (nothing is created otherwise).
+    """
     uri = stores.tracking_uri
     if uri.startswith(("http://", "https://")):
         import urllib.error
@@ -111,8 +119,8 @@ def check_tracking(stores: Stores) -> None:
                 "start the server (batchscope server) or fix the URL"
             ) from None
         return
-    if uri.startswith("sqlite:///") and stores.local_root is not None:
-        stores.local_root.mkdir(parents=True, exist_ok=True)
+    if create and uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
 def quiet_libraries() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,29 @@ def write_config(path: Path, cfg: dict) -> Path:
 
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database on the local server (trust auth), dropped afterwards. Yields its name."""
+    psycopg = pytest.importorskip("psycopg")
+    name = f"bs_test_{uuid.uuid4().hex[:10]}"
+    try:
+        conn = psycopg.connect(PG_ADMIN, connect_timeout=5, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL is not running on 127.0.0.1:5432: {exc}")
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.close()
