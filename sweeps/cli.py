@@ -50,6 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", nargs="?", default=None, help="study name (default: list the studies)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: mlruns/optuna.journal)")
 
+    p = sub.add_parser("report", help="write the comparison report of one or more studies (HTML + Markdown)")
+    p.add_argument("studies", nargs="+", metavar="STUDY", help="study name(s); several are compared side by side")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: mlruns/optuna.journal)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--out", default="reports", help="output folder (default: reports/)")
+    p.add_argument("--svg", action="store_true", help="write the charts as SVG instead of PNG")
+    p.add_argument("--ui-url", default="http://127.0.0.1:5000", help="MLflow UI address used for run links")
+    p.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's MLflow run")
+
+    p = sub.add_parser("export", help="write a study's trials and metric histories as CSV or Parquet")
+    p.add_argument("study", help="study name")
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv", help="file format (default csv)")
+    p.add_argument("--out", default=".", help="output folder (default: the current one)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: mlruns/optuna.journal)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
+
     p = sub.add_parser("ui", help="open the MLflow UI (or optuna-dashboard) on the local stores")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=None, help="port (default 5000; 8080 for --optuna)")

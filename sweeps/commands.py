@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -46,24 +49,76 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_report(sweep: Any) -> Any:
+def _write_report(sweep: Any) -> Path | None:
+    """The report at the end of a sweep; a failure here never loses the sweep's results."""
+    from analysis.report import build_report, log_report_artifacts
+
     try:
-        from analysis import report as report_mod
-    except ImportError:
+        path = build_report(
+            [sweep.cfg.study],
+            storage=sweep.storage,
+            tracking_uri=sweep.stores.tracking_uri,
+            out_dir=Path(sweep.cfg.report.out_dir),
+        )
+        log_report_artifacts(path, [sweep.cfg.study], tracking_uri=sweep.stores.tracking_uri)
+    except Exception as exc:  # the sweep is done and stored; say why the report is missing
+        err.print(f"[yellow]The report could not be written[/]: {escape(_redacted(str(exc)))[:300]}")
+        err.print(f"Try again with: batchscope report {escape(_quote(sweep.cfg.study))}")
         return None
-    build = getattr(report_mod, "build_report", None)
-    if build is None:
-        return None
-    path = build(
-        [sweep.cfg.study],
-        storage=sweep.storage,
-        tracking_uri=sweep.stores.tracking_uri,
-        out_dir=sweep.cfg.report.out_dir,
-    )
-    log = getattr(report_mod, "log_report_artifacts", None)
-    if log is not None:
-        log(path, tracking_uri=sweep.stores.tracking_uri, parent_run_id=sweep.parent_run_id)
-    return path
+    return Path(path)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import build_report, log_report_artifacts
+
+    stores = _analysis_stores(args.storage, args.tracking_uri)
+    with _store_errors():
+        path = build_report(
+            args.studies,
+            storage=stores.storage_url,
+            tracking_uri=stores.tracking_uri,
+            out_dir=Path(args.out),
+            tracking_ui=args.ui_url,
+            image_format="svg" if args.svg else "png",
+        )
+    if not args.no_log:
+        log_report_artifacts(path, args.studies, tracking_uri=stores.tracking_uri)
+    out.print(f"Report: {path}")
+    out.print(f"Summary: {Path(path).parent / 'summary.md'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from analysis.load import export_sweep, load_sweep
+
+    stores = _analysis_stores(args.storage, args.tracking_uri)
+    with _store_errors():
+        data = load_sweep(args.study, storage=stores.storage_url, tracking_uri=stores.tracking_uri)
+    for path in export_sweep(data, Path(args.out), file_format=args.format):
+        out.print(f"wrote {path}")
+    return 0
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """A study or store that is not there is the user's to fix: one line, no traceback."""
+    try:
+        yield
+    except (LookupError, FileNotFoundError) as exc:
+        raise UserError(_redacted(str(exc).strip("'\""))) from None
+
+
+def _analysis_stores(storage: str | None, tracking_uri: str | None) -> Any:
+    from sweeps.stores import quiet_libraries, resolve
+
+    quiet_libraries()
+    stores = resolve(storage, tracking_uri)
+    if storage is None and not os.path.exists(stores.storage_url):
+        raise UserError(
+            f"no sweep has run here yet ({stores.storage_url} does not exist); "
+            "run batchscope sweep CONFIG first, or give --storage"
+        )
+    return stores
 
 
 def _print_best(sweep: Any) -> None:

@@ -1,0 +1,240 @@
+"""The report's opening: findings in plain sentences, computed from the analysis.
+
+Sentences are plain text (the report escapes them); every branch says what is missing
+rather than leaving a gap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis import tables
+from analysis.analyze import SweepAnalysis
+from analysis.load import SweepData
+from analysis.text import interval, number
+
+# Scaling rules a measured learning-rate exponent is compared with.
+_RULES = ((1.0, "linear scaling (α = 1)"), (0.5, "square-root scaling (α = 0.5)"))
+
+
+@dataclass(frozen=True)
+class Findings:
+    sentences: list[str]
+    row: dict[str, str]  # one row of the multi-study comparison table
+
+
+def _overview(sweep: SweepData, result: SweepAnalysis) -> str:
+    trials = sweep.trials
+    runs = trials.dropna(subset=["run_id"])
+    n_trials = trials["trial"].nunique()
+    seeds = runs["seed"].nunique() if not runs.empty else 0
+    batch_sizes = sorted({int(b) for b in trials["batch_size"].dropna()})
+    lrs = trials["lr"].dropna()
+    parts = [f"{n_trials} trial{'s' * (n_trials != 1)}, {len(runs)} run{'s' * (len(runs) != 1)}"]
+    if seeds:
+        parts[0] += f" ({seeds} seed{'s' * (seeds != 1)})"
+    if batch_sizes:
+        parts.append(f"batch sizes {', '.join(map(str, batch_sizes))}")
+    if not lrs.empty and lrs.min() == lrs.max():
+        parts.append(f"learning rate {number(lrs.min())}")
+    elif not lrs.empty:
+        parts.append(f"learning rates {number(lrs.min())}–{number(lrs.max())}")
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(result.status_counts.items()))
+    sentence = "This sweep has " + "; ".join(parts) + "."
+    if counts:
+        sentence += f" Runs by status: {counts}."
+    return sentence
+
+
+def _critical_batch(result: SweepAnalysis) -> str:
+    fit, points = result.critical_batch, result.target_points
+    if fit is None:
+        if points.empty:
+            return (
+                "No trial reached the validation target in all its runs, so the critical batch size cannot be fitted."
+            )
+        n_b = points["batch_size"].nunique()
+        return (
+            f"Only {len(points)} run{'s' * (len(points) != 1)} over {n_b} batch "
+            f"size{'s' * (n_b != 1)} reached the target: too few to fit the critical batch "
+            "size (it needs 3 runs over 2 batch sizes)."
+        )
+    n_b = points["batch_size"].nunique()
+    sentence = (
+        f"The critical batch size is about {number(fit.b_crit)} examples "
+        f"({fit.confidence:.0%} bootstrap interval {interval(fit.b_crit_low, fit.b_crit_high)}), "
+        f"fitted to the steps to target of the fastest learning rate at {n_b} batch sizes "
+        f"(S_min ≈ {number(fit.s_min)} steps, E_min ≈ {number(fit.e_min)} examples): below it, "
+        "doubling the batch size nearly halves the steps; above it, the returns diminish."
+    )
+    low, high = fit.batch_size_range
+    if fit.at_search_edge:
+        sentence += (
+            " The fit did not settle: steps to target "
+            + ("keep halving" if fit.b_crit > high else "barely change")
+            + " across the measured batch sizes, so B_crit is not identified; add "
+            + ("larger" if fit.b_crit > high else "smaller")
+            + " batch sizes."
+        )
+    elif not fit.within_measured_range:
+        sentence += f" It lies outside the measured batch sizes ({number(low)}–{number(high)}): an extrapolation."
+    return sentence
+
+
+def _quickest(result: SweepAnalysis) -> str:
+    shown = result.fastest.dropna(subset=[tables.TIME])
+    if shown.empty:
+        return "No run reached the target, so there is no time to target to compare."
+    best = shown.loc[shown[tables.TIME].idxmin()]
+    sentence = (
+        f"Batch size {int(best['batch_size'])} reached the target in the least wall-clock time: "
+        f"{number(best[tables.TIME])} s at lr {number(best['lr'])} (mean over "
+        f"{int(best['n_runs'])} run{'s' * (int(best['n_runs']) != 1)})"
+    )
+    if len(shown) > 1:
+        worst = shown.loc[shown[tables.TIME].idxmax()]
+        ratio = worst[tables.TIME] / best[tables.TIME]
+        sentence += (
+            f"; the slowest, batch size {int(worst['batch_size'])}, took {number(worst[tables.TIME])} s ({ratio:.1f}×)"
+        )
+    return sentence + "."
+
+
+def _lr_exponent(result: SweepAnalysis) -> str:
+    fit = result.lr_scaling
+    if fit is None:
+        n_b = len(result.best_lr)
+        return f"The learning-rate exponent needs completed trials at 2 or more batch sizes; this sweep has {n_b}."
+    sentence = f"The best learning rate grows as B^{fit.exponent:.2f}"
+    if not math.isfinite(fit.exponent_low):
+        return sentence + " (from 2 batch sizes only: no interval)."
+    sentence += (
+        f" ({fit.confidence:.0%} interval {fit.exponent_low:.2f} to {fit.exponent_high:.2f}, "
+        f"{fit.n_points} batch sizes)"
+    )
+    inside = [name for alpha, name in _RULES if fit.exponent_low <= alpha <= fit.exponent_high]
+    if len(inside) == 2:
+        return (
+            sentence + ": consistent with both linear and square-root scaling; more batch sizes would tell them apart."
+        )
+    if inside:
+        other = next(name for _, name in _RULES if name != inside[0])
+        return sentence + f": consistent with {inside[0]}, not with {other}."
+    nearest = min(_RULES, key=lambda rule: abs(rule[0] - fit.exponent))[1]
+    return sentence + f": neither rule fits; the nearest is {nearest}."
+
+
+def _noise_scale(result: SweepAnalysis) -> str:
+    noise = result.noise_scale
+    if noise is None:
+        return "No gradient noise scale (gns/b_simple) was logged at the best learning rates."
+    spread = f"range over {noise.n_runs} runs {interval(noise.low, noise.high)}" if noise.n_runs > 1 else "1 run"
+    sentence = (
+        f"The gradient noise scale B_simple {'grew' if noise.late >= noise.early else 'fell'} from about "
+        f"{number(noise.early)} examples at the "
+        f"start of training to {number(noise.late)} late in training ({spread})"
+    )
+    fit = result.critical_batch
+    if fit is None:
+        return sentence + "."
+    overlaps = noise.low <= fit.b_crit_high and noise.high >= fit.b_crit_low
+    if overlaps:
+        return sentence + (
+            f", which brackets the fitted B_crit of {number(fit.b_crit)}, as McCandlish et al. "
+            "predict (B_crit ≈ B_simple)."
+        )
+    return sentence + f"; the fitted B_crit of {number(fit.b_crit)} lies outside that range."
+
+
+def _best_trial(result: SweepAnalysis) -> str:
+    best = result.best_trial
+    if best is None:
+        return "No trial completed with an objective value."
+    n_runs = int(best.get("n_runs", 0))
+    return (
+        f"Best trial: #{int(best['trial'])}, batch size {int(best['batch_size'])} and lr "
+        f"{number(best['lr'])}, with {result.score_label} = {number(best[result.score])}"
+        f" (over {n_runs} run{'s' * (n_runs != 1)})."
+    )
+
+
+def _generalization(sweep: SweepData, result: SweepAnalysis) -> str | None:
+    runs = sweep.trials
+    best_ids = {r for ids in result.best_runs.values() for r in ids}
+    if "final/gen_gap" not in runs or not best_ids:
+        return None
+    at_best = runs[runs["run_id"].isin(best_ids)].dropna(subset=["final/gen_gap"])
+    gaps = at_best.groupby("batch_size")["final/gen_gap"].mean()
+    if len(gaps) < 2:
+        return None
+    small, large = gaps.index.min(), gaps.index.max()
+    return (
+        f"At the best learning rates the generalization gap goes from {number(gaps[small])} at "
+        f"batch size {int(small)} to {number(gaps[large])} at {int(large)}."
+    )
+
+
+def _row(sweep: SweepData, result: SweepAnalysis) -> dict[str, str]:
+    fit, lr_fit, noise = result.critical_batch, result.lr_scaling, result.noise_scale
+    quick = result.fastest.dropna(subset=[tables.TIME])
+    best = result.best_trial
+    quickest = "n/a"
+    if not quick.empty:
+        row = quick.loc[quick[tables.TIME].idxmin()]
+        quickest = f"{int(row['batch_size'])} ({number(row[tables.TIME])} s)"
+    alpha = "n/a"
+    if lr_fit is not None:
+        alpha = f"{lr_fit.exponent:.2f}"
+        if np.isfinite(lr_fit.exponent_low):
+            alpha += f" [{lr_fit.exponent_low:.2f}, {lr_fit.exponent_high:.2f}]"
+    return {
+        "study": sweep.study_name,
+        "trials / runs": f"{sweep.trials['trial'].nunique()} / {int(sweep.trials['run_id'].notna().sum())}",
+        "B_crit [95%]": (f"{number(fit.b_crit)} [{interval(fit.b_crit_low, fit.b_crit_high)}]" if fit else "n/a"),
+        "quickest B (time to target)": quickest,
+        "lr exponent α [95%]": alpha,
+        "B_simple late": f"{number(noise.late)} ({interval(noise.low, noise.high)})" if noise else "n/a",
+        "best objective": (
+            f"{number(best[result.score])} (#{int(best['trial'])}, B={int(best['batch_size'])})"
+            if best is not None
+            else "n/a"
+        ),
+    }
+
+
+def findings(sweep: SweepData, result: SweepAnalysis) -> Findings:
+    sentences = [
+        _overview(sweep, result),
+        _critical_batch(result),
+        _quickest(result),
+        _lr_exponent(result),
+        _noise_scale(result),
+        _best_trial(result),
+    ]
+    generalization = _generalization(sweep, result)
+    if generalization:
+        sentences.append(generalization)
+    return Findings(sentences=sentences, row=_row(sweep, result))
+
+
+def per_batch_table(result: SweepAnalysis) -> pd.DataFrame:
+    """One row per batch size: best lr and objective, fastest lr and its cost to the target."""
+    best = result.best_lr.rename(columns={"lr": "best lr", "score": "objective"})[
+        ["batch_size", "best lr", "objective"]
+    ]
+    fastest = result.fastest.rename(
+        columns={
+            "lr": "fastest lr",
+            tables.STEPS: "steps to target",
+            tables.TIME: "time to target [s]",
+        }
+    )[["batch_size", "fastest lr", "steps to target", "time to target [s]"]]
+    costs = result.run_costs.groupby("batch_size", observed=True)["samples_per_s"].median()
+    table = best.merge(fastest, on="batch_size", how="outer")
+    table["throughput [examples/s]"] = table["batch_size"].map(costs)
+    table = table.sort_values("batch_size").reset_index(drop=True)
+    return table.rename(columns={"batch_size": "batch size"})

@@ -1,0 +1,45 @@
+"""Where a sweep lives: the Optuna storage and the MLflow tracking URI, resolved the same way
+everywhere in analysis/ (and the same defaults as the sweep runner's embedded store)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import optuna
+from optuna.storages.journal import JournalFileBackend
+
+DEFAULT_JOURNAL = Path("mlruns") / "optuna.journal"
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_TRACKING_UI = "http://127.0.0.1:5000"
+
+StorageLike = str | Path | optuna.storages.BaseStorage
+
+
+def open_optuna_storage(storage: StorageLike = DEFAULT_JOURNAL) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a storage object, a database URL, or a journal file path.
+
+    A URL (anything with ``://``) goes to Optuna's RDB storage; anything else is read as the
+    path of a journal file, like the local default ``mlruns/optuna.journal``.
+    """
+    if isinstance(storage, optuna.storages.BaseStorage):
+        return storage
+    text = str(storage)
+    if "://" in text:
+        return optuna.storages.RDBStorage(text)
+    path = Path(text)
+    # JournalFileBackend creates a missing file; a reader must not leave one behind.
+    if not path.is_file():
+        raise FileNotFoundError(f"Optuna journal file not found: {storage=}")
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def is_sql_tracking_uri(tracking_uri: str) -> bool:
+    """True for the database URIs whose tables analysis/ reads directly (fast path)."""
+    scheme = tracking_uri.split(":", 1)[0].split("+", 1)[0].lower()
+    return scheme in {"sqlite", "postgresql", "mysql", "mssql"}
+
+
+def redact_url(url: str) -> str:
+    """A store URL fit for messages and reports: postgresql://user:secret@host → user:***@host."""
+    return re.sub(r"(//[^/:@]+):[^/@]*@", r"\1:***@", url)
