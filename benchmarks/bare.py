@@ -1,0 +1,60 @@
+"""The reference: a bare PyTorch training loop with nothing on top.
+
+Same model, same device-resident data, same batch order mechanism, same optimizer
+as batchscope's loop, but no logging, no evaluation, no noise scale, and the loss
+is never read back. Timed with a synchronize at the end only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from trainers.device import make_precision, resolve_device, resolve_precision, seed_everything
+from trainers.loop import make_optimizer
+from trainers.recipes import build_task
+from trainers.spec import TrainSpec
+from trainers.task import Task
+
+
+def build(spec: TrainSpec) -> Task:
+    device = resolve_device(spec.device)
+    seed_everything(spec.seed)
+    return build_task(spec.recipe, spec.model, spec.recipe_options, device)
+
+
+def bare_loop(spec: TrainSpec, task: Task, steps: int) -> float:
+    """Seconds for `steps` optimizer steps (after a short warm-up)."""
+    device = task.train_x.device
+    precision = make_precision(resolve_precision(spec.precision, device), device)
+    model = task.model
+    optimizer = make_optimizer(spec, model, spec.lr)
+    scaler = precision.scaler
+    n, b = task.num_train, spec.batch_size
+    gen = torch.Generator(device=device).manual_seed(spec.seed)
+
+    def run(k: int) -> None:
+        perm = torch.randperm(n, generator=gen, device=device)
+        pos = 0
+        for _ in range(k):
+            if pos + b > n:
+                perm, pos = torch.randperm(n, generator=gen, device=device), 0
+            idx = perm[pos : pos + b] if b <= n else torch.randint(0, n, (b,), generator=gen, device=device)
+            pos += b
+            optimizer.zero_grad(set_to_none=True)
+            with precision.autocast():
+                loss = task.loss_fn(model(task.train_x[idx]).float(), task.train_y[idx])
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    model.train()
+    run(min(20, steps))  # warm-up: allocator, kernels, autograd graph caches
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run(steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
