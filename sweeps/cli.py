@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", nargs="?", default=None, help="study name (default: list the studies)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: mlruns/optuna.journal)")
 
+    p = sub.add_parser("noise-scale", help="measure the gradient noise scale B_simple of the config's model")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", default=None, help="weights to load (a state_dict .pt or a batchscope checkpoint)")
+    p.add_argument("--b-small", type=int, default=None, help="small batch size (default: b_big / 8)")
+    p.add_argument("--b-big", type=int, default=None, help="big batch size (default: 512, at most the training set)")
+    p.add_argument("--batches", type=int, default=64, help="number of batch pairs to average over (default 64)")
+    p.add_argument("--seed", type=int, default=None, help="seed for the model's initialization and the batches")
+
     p = sub.add_parser("report", help="write the comparison report of one or more studies (HTML + Markdown)")
     p.add_argument("studies", nargs="+", metavar="STUDY", help="study name(s); several are compared side by side")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: mlruns/optuna.journal)")

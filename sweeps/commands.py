@@ -168,6 +168,81 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if result.status in ("ok", "pruned") else 1
 
 
+def cmd_noise_scale(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    import torch
+
+    from trainers.device import resolve_device, seed_everything
+    from trainers.noise_scale import measure_noise_scale
+    from trainers.recipes import build_task
+
+    seed = cfg.train.seeds[0] if args.seed is None else args.seed
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as exc:
+        raise UserError(f"device: {exc}") from None
+    seed_everything(seed)
+    task = build_task(cfg.trainer.recipe, cfg.trainer.model, cfg.trainer.options, device)
+    where = "initialization"
+    if args.checkpoint is not None:
+        _load_weights(task.model, Path(args.checkpoint), device)
+        where = f"checkpoint {args.checkpoint}"
+    n = task.num_train
+    b_big = args.b_big if args.b_big is not None else min(512, n)
+    b_small = args.b_small if args.b_small is not None else max(1, b_big // 8)
+    if not 1 <= b_small < b_big <= n:
+        raise UserError(
+            f"need 1 ≤ --b-small < --b-big ≤ {n} (the training set), got --b-small {b_small} and --b-big {b_big}"
+        )
+    if args.batches < 2:
+        raise UserError(f"--batches must be at least 2 to give an uncertainty, got {args.batches}")
+    est = measure_noise_scale(
+        task.model,
+        task.loss_fn,
+        task.train_x,
+        task.train_y,
+        b_small=b_small,
+        b_big=b_big,
+        n_batches=args.batches,
+        seed=seed,
+    )
+    out.print(f"Gradient noise scale of {cfg.trainer.recipe}/{cfg.trainer.model} at {escape(where)}")
+    table = Table()
+    table.add_column("quantity")
+    table.add_column("estimate", justify="right")
+    table.add_column("± std. error", justify="right")
+    table.add_row("B_simple = tr(Σ)/|G|²", f"{est.b_simple:.4g}", f"{est.b_simple_stderr:.2g}")
+    table.add_row("|G|²", f"{est.grad_sq:.4g}", f"{est.grad_sq_stderr:.2g}")
+    table.add_row("tr(Σ)", f"{est.trace_sigma:.4g}", f"{est.trace_sigma_stderr:.2g}")
+    out.print(table)
+    out.print(
+        f"from {est.n_batches} pairs of batches of {est.b_small} and {est.b_big} examples on {device} "
+        f"(McCandlish et al. 2018); torch {torch.__version__}"
+    )
+    if est.b_simple != est.b_simple:  # NaN
+        out.print("[yellow]|G|² is not distinguishable from zero here; B_simple is undefined (try more --batches).[/]")
+    return 0
+
+
+def _load_weights(model: Any, path: Path, device: Any) -> None:
+    import torch
+
+    if not path.is_file():
+        raise UserError(f"--checkpoint {str(path)!r} is not a file")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise UserError(f"--checkpoint {str(path)!r} cannot be read as weights: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and "objects" in state and "model" in state.get("objects", {}):
+        state = state["objects"]["model"]  # a batchscope checkpoint
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise UserError(
+            f"--checkpoint {str(path)!r} does not fit this config's model: {str(exc).splitlines()[0]}"
+        ) from None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import optuna
 

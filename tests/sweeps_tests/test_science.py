@@ -1,0 +1,116 @@
+"""Sweep-level science: seeds as repeats, objectives, lr scaling, the noise-scale command."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from sweeps.cli import main
+from sweeps.stores import journal_storage
+from tests.conftest import small_config, write_config
+from trainers.schedule import lr_multiplier, scaled_lr
+
+
+def _study(workdir: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=journal_storage(workdir / "mlruns" / "optuna.journal"))
+
+
+def _runs(workdir: Path, name: str) -> list:
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    assert exp is not None
+    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("batchscope.role") == "trial"]
+
+
+def test_seeds_are_separate_runs_and_the_objective_is_their_mean(workdir: Path) -> None:
+    cfg = small_config("seeds")
+    cfg["train"].update({"max_steps": 20, "eval_every": 10, "seeds": [0, 1], "sharpness": {"enabled": False}})
+    cfg["search"]["n_trials"] = 2
+    assert main(["sweep", str(write_config(workdir / "s.yaml", cfg)), "--no-report"]) == 0
+    study = _study(workdir, "seeds")
+    runs = _runs(workdir, "seeds")
+    assert len(runs) == 4  # 2 trials × 2 seeds
+    for t in study.trials:
+        mine = [r for r in runs if r.data.tags["optuna.trial_number"] == str(t.number)]
+        assert sorted(r.data.tags["batchscope.seed"] for r in mine) == ["0", "1"]
+        assert sorted(t.user_attrs["mlflow_run_ids"]) == sorted(r.info.run_id for r in mine)
+        mean = sum(r.data.metrics["final/val_loss"] for r in mine) / 2
+        assert t.value == pytest.approx(mean)
+
+
+def test_two_objectives_give_a_pareto_front(workdir: Path) -> None:
+    cfg = small_config("pareto")
+    cfg["train"].update({"max_steps": 30, "eval_every": 10, "sharpness": {"enabled": False}})
+    cfg["train"]["target"] = {"metric": "val/acc", "value": 0.12}
+    cfg["search"].update({"n_trials": 3, "objective": ["val_loss", "time_to_target"]})
+    assert main(["sweep", str(write_config(workdir / "p.yaml", cfg)), "--no-report"]) == 0
+    study = _study(workdir, "pareto")
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
+    assert study.best_trials  # a Pareto front
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert len(t.values) == 2
+
+
+def test_best_accuracy_objective_is_maximized(workdir: Path) -> None:
+    cfg = small_config("acc")
+    cfg["train"].update({"max_steps": 20, "eval_every": 10, "sharpness": {"enabled": False}})
+    cfg["search"].update({"n_trials": 2, "objective": "val_acc"})
+    assert main(["sweep", str(write_config(workdir / "a.yaml", cfg)), "--no-report"]) == 0
+    study = _study(workdir, "acc")
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    runs = {r.info.run_id: r for r in _runs(workdir, "acc")}
+    for t in study.trials:
+        assert t.value == pytest.approx(runs[t.user_attrs["mlflow_run_id"]].data.metrics["final/best_val_acc"])
+
+
+@pytest.mark.parametrize(
+    ("rule", "batch", "expected"),
+    [("none", 512, 0.1), ("linear", 512, 0.4), ("linear", 64, 0.05), ("sqrt", 512, 0.2), ("sqrt", 32, 0.05)],
+)
+def test_lr_scaling_rules(rule: str, batch: int, expected: float) -> None:
+    # lr 0.1 is written for the reference batch 128.
+    assert scaled_lr(0.1, batch, rule, 128) == pytest.approx(expected)
+
+
+def test_warmup_then_constant() -> None:
+    f = lr_multiplier("constant", warmup_steps=4, max_steps=100)
+    assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = lr_multiplier("cosine", warmup_steps=0, max_steps=100)
+    assert cos(0) == 1.0 and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_logged_lr_follows_scaling_and_warmup(workdir: Path) -> None:
+    cfg = small_config("lrs")
+    cfg["train"].update(
+        {
+            "max_steps": 40,
+            "eval_every": 20,
+            "sharpness": {"enabled": False},
+            "lr_scaling": {"rule": "linear", "reference_batch": 32, "warmup_steps": 20},
+        }
+    )
+    cfg["search"].update({"n_trials": 1, "batch_size": {"values": [64]}, "lr": {"values": [0.05]}})
+    assert main(["sweep", str(write_config(workdir / "l.yaml", cfg)), "--no-report"]) == 0
+    (run,) = _runs(workdir, "lrs")
+    assert float(run.data.params["lr"]) == 0.05
+    assert float(run.data.params["effective_lr"]) == pytest.approx(0.1)  # 0.05 × 64/32
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
+    assert lrs[10] == pytest.approx(0.1 * 11 / 20)  # warming up
+    assert lrs[40] == pytest.approx(0.1)  # after warmup
+
+
+def test_noise_scale_command(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(workdir / "n.yaml", small_config("ns"))
+    assert main(["noise-scale", str(path), "--b-big", "256", "--b-small", "32", "--batches", "16"]) == 0
+    text = capsys.readouterr().out
+    assert "B_simple" in text and "initialization" in text
+    value = float(next(line for line in text.splitlines() if "B_simple" in line).split("│")[2])
+    assert math.isfinite(value) and value > 0
+    assert main(["noise-scale", str(path), "--b-big", "8", "--b-small", "32"]) == 2
+    assert main(["noise-scale", str(path), "--checkpoint", "missing.pt"]) == 2
