@@ -50,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", nargs="?", default=None, help="study name (default: list the studies)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: mlruns/optuna.journal)")
 
+    p = sub.add_parser("autobatch", help="find the largest batch size that fits in memory, and show how")
+    _add_config_args(p)
+    p.add_argument("--fraction", type=float, default=0.9, help="share of free memory to use (default 0.9)")
+    p.add_argument("--budget-mb", type=float, default=None, help="a peak-memory budget in MB instead of --fraction")
+    p.add_argument("--max-batch", type=int, default=65536, help="largest batch size to consider (default 65536)")
+
+    p = sub.add_parser("throughput", help="inference throughput and latency across batch sizes, logged to MLflow")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", default=None, help="an MLflow run id with weights/model.pt, or a weights file")
+    p.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256,512,1024", help="comma-separated batch sizes")
+    p.add_argument("--iters", type=int, default=50, help="timed forward passes per batch size (default 50)")
+
     p = sub.add_parser("noise-scale", help="measure the gradient noise scale B_simple of the config's model")
     _add_config_args(p)
     p.add_argument("--checkpoint", default=None, help="weights to load (a state_dict .pt or a batchscope checkpoint)")

@@ -140,7 +140,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     import math as _m
 
-    bs = args.batch_size
+    bs = args.batch_size if args.batch_size is not None else cfg.train.batch_size
+    max_micro = None
+    if bs == "auto" or cfg.train.micro_batch_size == "auto":
+        from sweeps import memory
+
+        fits = memory.measure(cfg, fraction=0.9)
+        err.print(f"AutoBatch: {escape(fits.method)}")
+        max_micro = int(fits.batch_size)
+        if bs == "auto":
+            bs = max_micro
     if bs is None:
         choices = cfg.search.batch_choices()
         bs = choices[len(choices) // 2]
@@ -155,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     seed = cfg.train.seeds[0] if args.seed is None else args.seed
     from sweeps.single import train_once
 
-    result, run_id = train_once(cfg, bs, lr, seed)
+    result, run_id = train_once(cfg, int(bs), lr, seed, max_micro=max_micro)
     table = Table(title=f"{cfg.study}: batch_size={bs} lr={lr:.4g} seed={seed} → {result.status}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -166,6 +175,52 @@ def cmd_train(args: argparse.Namespace) -> int:
         out.print(f"note: {escape(result.reason)}")
     out.print(f"MLflow run {run_id}: batchscope ui, then open http://127.0.0.1:5000")
     return 0 if result.status in ("ok", "pruned") else 1
+
+
+def cmd_autobatch(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if not 0 < args.fraction <= 1:
+        raise UserError(f"--fraction must be in (0, 1], got {args.fraction}")
+    if args.budget_mb is not None and args.budget_mb <= 0:
+        raise UserError(f"--budget-mb must be positive, got {args.budget_mb}")
+    from sweeps.memory import probe_lr
+    from sweeps.runner import make_spec
+    from trainers.autobatch import AutoBatchError, find_batch_size
+
+    spec = make_spec(cfg, 1, probe_lr(cfg), cfg.train.seeds[0])
+    err.print("Probing real training steps at growing batch sizes…")
+    try:
+        result = find_batch_size(spec, fraction=args.fraction, budget_mb=args.budget_mb, max_batch=args.max_batch)
+    except (AutoBatchError, ValueError) as exc:
+        raise UserError(f"AutoBatch: {exc}") from None
+    out.print(result.table())
+    out.print()
+    out.print(f"[bold]largest batch size that fits: {result.batch_size}[/]")
+    out.print(escape(result.method))
+    return 0
+
+
+def cmd_throughput(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    try:
+        sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
+    if args.iters < 2:
+        raise UserError(f"--iters must be at least 2, got {args.iters}")
+    from sweeps.runner import make_spec
+    from sweeps.single import log_throughput, resolve_weights
+    from trainers.throughput import inference_table, measure_inference
+
+    weights, source_run = resolve_weights(cfg, args.checkpoint)
+    spec = make_spec(cfg, max(sizes), 1e-3, cfg.train.seeds[0])
+    results = measure_inference(spec, sizes, iters=args.iters, weights=weights)
+    out.print(inference_table(results))
+    run_id = log_throughput(cfg, results, source_run)
+    out.print(f"logged to MLflow run {run_id} (experiment {escape(cfg.study)})")
+    return 0
 
 
 def cmd_noise_scale(args: argparse.Namespace) -> int:
