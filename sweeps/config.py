@@ -114,6 +114,12 @@ class CheckpointConfig(_Strict):
     keep: Literal["best", "all", "none"] = "best"
 
 
+class DistributedConfig(_Strict):
+    # Processes per trial, started by torchrun (data parallel: NCCL on CUDA, gloo on CPU);
+    # batch sizes must be divisible by it. DDP trials are not pruned.
+    nproc: PositiveInt = 1
+
+
 class TrainConfig(_Strict):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.9
@@ -128,11 +134,16 @@ class TrainConfig(_Strict):
     target: Target | None = None
     lr_scaling: LrScaling = LrScaling()
     seeds: Annotated[list[int], Field(min_length=1)] = [0]
-    micro_batch_size: PositiveInt | None = None
+    # Split batches into micro-batches of this size (gradient accumulation, same effective batch);
+    # `auto`: only batches that do not fit memory are split, at the size AutoBatch measures.
+    micro_batch_size: PositiveInt | Literal["auto"] | None = None
+    # For `batchscope train`: the batch size, or `auto` for the largest that fits (AutoBatch).
+    batch_size: PositiveInt | Literal["auto"] | None = None
     gns: NoiseScaleConfig = NoiseScaleConfig()
     sharpness: SharpnessConfig = SharpnessConfig()
     compile: bool = False
     checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
@@ -175,14 +186,16 @@ class BatchValues(_Strict):
 
 
 class BatchRange(_Strict):
-    """Powers of two from `low` to `high`."""
+    """Powers of two from `low` to `high`; `high: auto` is the largest batch that fits (AutoBatch)."""
 
     low: PositiveInt
-    high: PositiveInt
+    high: PositiveInt | Literal["auto"]
     log: Literal[True] = True
 
     @model_validator(mode="after")
     def _order(self) -> BatchRange:
+        if self.high == "auto":
+            return self
         if self.low > self.high:
             raise ValueError(f"low must be ≤ high, got low={self.low} and high={self.high}")
         if not self.choices():
@@ -190,6 +203,8 @@ class BatchRange(_Strict):
         return self
 
     def choices(self) -> list[int]:
+        if self.high == "auto":
+            raise ValueError("search.batch_size.high is 'auto': resolve it with AutoBatch first")
         out, b = [], 1
         while b <= self.high:
             if b >= self.low:

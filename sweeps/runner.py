@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 import trainers
-from sweeps import space
+from sweeps import memory, space
 from sweeps.config import SweepConfig, config_to_dict
 from sweeps.errors import UserError
 from sweeps.stores import Stores, check_tracking, open_storage, quiet_libraries, redact, resolve, root_dir, safe_name
@@ -159,6 +159,10 @@ class Sweep:
                         f"study {cfg.study!r} optimizes {old_dirs}, not {dirs}; --force cannot change "
                         "the objective of an existing study: use a new study name"
                     )
+        # `auto` batch sizes: measured once per study, then remembered with it.
+        remembered = existing.user_attrs.get(memory.ATTR) if existing is not None else None
+        cfg, self.max_micro, record = memory.resolve(cfg, remembered)
+        self.cfg = cfg
         study = optuna.create_study(
             study_name=cfg.study,
             storage=self.storage,
@@ -167,6 +171,8 @@ class Sweep:
             directions=dirs,  # type: ignore[arg-type]
             load_if_exists=True,
         )
+        if record is not None and remembered is None:
+            study.set_user_attr(memory.ATTR, record)
         if study.user_attrs.get(FINGERPRINT_ATTR) != fp:
             study.set_user_attr(FINGERPRINT_ATTR, fp)
             study.set_user_attr("batchscope.config", config_to_dict(cfg) | {"storage": None, "tracking_uri": None})
@@ -461,7 +467,7 @@ class Sweep:
 
     # ---- one seed of one trial ------------------------------------------------------
     def spec_for(self, params: Mapping[str, Any], seed: int, slot: int = 0) -> TrainSpec:
-        spec = make_spec(self.cfg, int(params["batch_size"]), float(params["lr"]), seed)
+        spec = make_spec(self.cfg, int(params["batch_size"]), float(params["lr"]), seed, max_micro=self.max_micro)
         device = slot_device(self.cfg.device, slot)
         return replace(spec, device=device) if device != spec.device else spec
 
@@ -507,7 +513,13 @@ class Sweep:
             return not trial.should_prune()
 
         reporter.trial_started(trial.number, params, seed, spec.max_steps)
-        job = Job(spec, run_id, self.stores.tracking_uri, trial.number, self._checkpoint_policy(trial, seed))
+        job = Job(
+            spec,
+            run_id,
+            self.stores.tracking_uri,
+            trial.number,
+            self._checkpoint_policy(trial, seed),
+        )
         try:
             result = self._slots[slot].run(
                 job, on_step=lambda step, loss: reporter.trial_step(trial.number, step, loss), on_eval=on_eval
@@ -545,11 +557,21 @@ def slot_device(device: str, slot: int) -> str:
     return f"cuda:{slot % n}"
 
 
-def make_spec(cfg: SweepConfig, batch_size: int, lr: float, seed: int, num_train: int | None = None) -> TrainSpec:
+def make_spec(
+    cfg: SweepConfig,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    num_train: int | None = None,
+    max_micro: int | None = None,
+) -> TrainSpec:
     t = cfg.train
     if t.max_steps is None and (t.max_samples is not None or t.max_epochs is not None) and num_train is None:
         num_train = _num_train(cfg)
-    micro = t.micro_batch_size if t.micro_batch_size is not None and t.micro_batch_size < batch_size else None
+    fixed = t.micro_batch_size if isinstance(t.micro_batch_size, int) else None
+    # `auto`: split only the batches larger than what fits (max_micro, measured by AutoBatch).
+    limit = fixed if fixed is not None else max_micro
+    micro = limit if limit is not None and limit < batch_size else None
     return TrainSpec(
         recipe=cfg.trainer.recipe,
         model=cfg.trainer.model,
