@@ -40,6 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--workers", type=int, default=1, help="trials run at a time on this machine (default 1)")
 
+    p = sub.add_parser("worker", help="join a shared study (PostgreSQL + MLflow server) and run its trials")
+    _add_config_args(p)
+    p.add_argument("--storage", default=None, help="Optuna storage URL shared by all workers, e.g. postgresql://...")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking server, e.g. http://mlflow:5000")
+    p.add_argument("--workers", type=int, default=1, help="trials at a time in this process (default 1)")
+    p.add_argument("--n-trials", type=int, default=None, help="total trials for the study across all workers")
+
+    p = sub.add_parser("server", help="start an MLflow tracking server (PostgreSQL backend), or check one")
+    p.add_argument("--backend-store-uri", default=None, help="e.g. postgresql://user@host/mlflow")
+    p.add_argument("--artifacts-destination", default="./mlartifacts", help="where the server keeps artifacts")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.add_argument("--check", metavar="URL", default=None, help="only check that the server at URL answers")
+
     p = sub.add_parser("train", help="one tracked training run, without Optuna")
     _add_config_args(p)
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the search space's middle value)")

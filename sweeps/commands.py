@@ -49,6 +49,85 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.storage is not None:
+        overrides.append(f"storage={args.storage}")
+    if args.tracking_uri is not None:
+        overrides.append(f"tracking_uri={args.tracking_uri}")
+    cfg = load_config(args.config, overrides)
+    if cfg.storage is None:
+        raise UserError(
+            "a worker needs a shared study: give --storage postgresql://... (or set storage: in the config); "
+            "on one machine use batchscope sweep --workers N"
+        )
+    if args.n_trials is not None and args.n_trials < 1:
+        raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
+    from sweeps.progress import RichReporter
+    from sweeps.runner import Sweep
+
+    sweep = Sweep(cfg)
+    with RichReporter(err) as reporter:
+        summary = sweep.run(args.n_trials, reporter, workers=args.workers, shared=True)
+    ran = sum(1 for o in summary.outcomes if o.status != "failed")
+    out.print(f"worker done: ran {ran} trial(s); the study has {summary.completed}/{summary.total} finished.")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from sweeps.stores import Stores, check_tracking, redact
+
+    if args.check is not None:
+        check_tracking(Stores("", args.check, None, None), create=False)
+        out.print(f"MLflow tracking server at {escape(redact(args.check))} answers.")
+        return 0
+    if args.backend_store_uri is None:
+        raise UserError("give --backend-store-uri (e.g. postgresql://mlflow@db/mlflow), or --check URL")
+    _check_database(args.backend_store_uri)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        args.backend_store_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        args.artifacts_destination,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    if args.host not in ("127.0.0.1", "localhost"):
+        cmd += ["--allowed-hosts", "*"]
+    uri = f"http://{args.host}:{args.port}"
+    err.print(f"MLflow tracking server on {uri} (backend {escape(redact(args.backend_store_uri))}); Ctrl-C to stop")
+    err.print(f"Use it with: --set tracking_uri={uri}   (or tracking_uri: {uri} in the config)")
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _check_database(url: str) -> None:
+    """Connect once, so a wrong URL is one clear line rather than a server that dies later."""
+    if not url.startswith(("postgresql", "mysql", "sqlite")):
+        raise UserError(f"--backend-store-uri {url!r}: use a postgresql://, mysql:// or sqlite:/// URL")
+    import sqlalchemy
+
+    from sweeps.stores import redact
+
+    try:
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--backend-store-uri {redact(url)!r} cannot be reached: {redact(first)}") from None
+
+
 def _write_report(sweep: Any) -> Path | None:
     """The report at the end of a sweep; a failure here never loses the sweep's results."""
     from analysis.report import build_report, log_report_artifacts

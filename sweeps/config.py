@@ -298,6 +298,21 @@ class ReportConfig(_Strict):
     out_dir: str = "reports"
 
 
+class HeartbeatConfig(_Strict):
+    """Dead-worker detection with a database storage: a trial silent for `grace_s` is re-run."""
+
+    interval_s: PositiveInt = 30
+    grace_s: PositiveInt = 120
+
+    @model_validator(mode="after")
+    def _grace(self) -> HeartbeatConfig:
+        if self.grace_s <= self.interval_s:
+            raise ValueError(
+                f"grace_s must exceed interval_s, got grace_s={self.grace_s}, interval_s={self.interval_s}"
+            )
+        return self
+
+
 class SweepConfig(_Strict):
     study: str
     trainer: TrainerConfig = TrainerConfig()
@@ -308,6 +323,7 @@ class SweepConfig(_Strict):
     storage: str | None = None
     tracking_uri: str | None = None
     report: ReportConfig = ReportConfig()
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
 
     @field_validator("study")
     @classmethod

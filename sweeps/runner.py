@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import optuna
+from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
 import trainers
@@ -120,8 +121,13 @@ class Sweep:
         self.stores = stores or resolve(cfg.storage, cfg.tracking_uri)
         # Remote stores are checked before anything local is created.
         check_tracking(self.stores, create=False)
-        self.storage = open_storage(self.stores)
+        self.storage = open_storage(self.stores, heartbeat=cfg.heartbeat.model_dump())
         check_tracking(self.stores)
+        storage = self.storage
+        self._heartbeat = False
+        if isinstance(storage, optuna.storages.RDBStorage) and storage.heartbeat_interval is not None:
+            self._heartbeat = True
+            storage.failed_trial_callback = self._on_stale
         self.study = self._create_or_load(force)
         self.tracker = Tracker(self.stores.tracking_uri, self.stores.artifact_root)
         self.experiment_id = self.tracker.experiment_id(cfg.study)
@@ -211,31 +217,64 @@ class Sweep:
 
     # ---- recovery --------------------------------------------------------------
     def recover(self) -> int:
-        """Fail trials whose worker died (their runs end KILLED) and queue them to re-run as they were."""
+        """Fail trials whose worker died and queue them to re-run with the same parameters.
+
+        Local workers are checked by process id; with a database storage, workers on
+        other machines are checked by Optuna's heartbeat. Their MLflow runs end KILLED.
+        """
         recovered = 0
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if _worker_alive(t.user_attrs.get("worker")):
-                continue
-            self.storage.set_trial_user_attr(t._trial_id, "status", "failed")
-            self.storage.set_trial_user_attr(t._trial_id, "reason", "the sweep stopped while this trial was running")
-            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            self.study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number}, skip_if_exists=False)
-            recovered += 1
-        running = {
-            rid
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            for rid in t.user_attrs.get("mlflow_run_ids", [])
-        }
-        self.tracker.close_stale_runs(self.experiment_id, lambda run_id: run_id in running)
+            if not _worker_alive(t.user_attrs.get("worker")) and self._fail_and_requeue(t):
+                recovered += 1
+        if self._heartbeat:
+            # Optuna fails trials whose heartbeat stopped and calls _on_stale for each.
+            recovered += len(optuna.storages.fail_stale_trials(self.study) or ())
+        if recovered:
+            running = {
+                rid
+                for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                for rid in t.user_attrs.get("mlflow_run_ids", [])
+            }
+            self.tracker.close_stale_runs(self.experiment_id, lambda run_id: run_id in running)
         return recovered
 
+    def _fail_and_requeue(self, t: optuna.trial.FrozenTrial) -> bool:
+        """Mark a dead worker's trial failed; False if another process got there first."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        reason = "its worker stopped while this trial was running; re-run with the same parameters"
+        try:
+            self.storage.set_trial_user_attr(t._trial_id, "status", "failed")
+            self.storage.set_trial_user_attr(t._trial_id, "reason", reason)
+            if not self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                return False
+        except (UpdateFinishedTrialError, RuntimeError):
+            return False
+        self.study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        return True
+
+    def _on_stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        # Called by Optuna after it failed a trial whose heartbeat stopped (a dead remote worker).
+        self.storage.set_trial_user_attr(trial._trial_id, "status", "failed")
+        self.storage.set_trial_user_attr(trial._trial_id, "reason", "its worker stopped sending heartbeats; re-run")
+        study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+
     # ---- the loop ----------------------------------------------------------------
-    def run(self, n_trials: int | None = None, reporter: Reporter | None = None, workers: int = 1) -> SweepSummary:
+    def run(
+        self,
+        n_trials: int | None = None,
+        reporter: Reporter | None = None,
+        workers: int = 1,
+        *,
+        shared: bool = False,
+    ) -> SweepSummary:
         """Run trials until the study has `n_trials` finished ones; `workers` trials at a time.
 
         Ctrl-C: the running trials are asked to stop at their next logging point and
         are marked failed (and queued to re-run on the next sweep); a second Ctrl-C
-        kills them at once. Either way both stores are left consistent.
+        kills them at once. Either way both stores are left consistent. `shared`: other
+        processes (`batchscope worker`) work on the same study, so the sweep's parent run
+        is closed only once the study is complete.
         """
         if workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}")
@@ -278,7 +317,8 @@ class Sweep:
                 w.close()
             if self._errors and status == "FINISHED":
                 status = "FAILED"
-            self.tracker.client.set_terminated(self.parent_run_id, status=status)
+            if not shared or (status == "FINISHED" and self.finished_count() >= total):
+                self.tracker.client.set_terminated(self.parent_run_id, status=status)
         if self._errors:
             raise self._errors[0]
         return SweepSummary(
@@ -307,11 +347,14 @@ class Sweep:
         try:
             while not self._stopping.is_set():
                 with self._lock:
+                    self.recover()  # a peer that died mid-trial: its trial is re-run here
                     running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
                     if self.finished_count() + running >= total:
                         return
                     trial = self.study.ask()
                     trial.set_user_attr("worker", worker_id())
+                    if self._surplus(trial, total):
+                        return
                 outcome = self._run_trial(trial, slot, reporter)
                 with self._lock:
                     self._outcomes.append(outcome)
@@ -325,6 +368,19 @@ class Sweep:
             self._errors.append(exc)
             self._stopping.set()
 
+    def _surplus(self, trial: optuna.Trial, total: int) -> bool:
+        """Workers on other machines may ask at the same moment: the later trial gives way."""
+        trials = self.study.get_trials(deepcopy=False, states=(*FINISHED_STATES, TrialState.RUNNING))
+        ahead = sum(1 for t in trials if t.state != TrialState.RUNNING or t.number < trial.number)
+        if ahead < total:
+            return False
+        trial.set_user_attr("status", "failed")
+        trial.set_user_attr("reason", "not run: other workers had already started the study's last trials")
+        if "retry_of" in trial.user_attrs:  # keep a retry queued for whoever needs it next
+            self.study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.user_attrs["retry_of"]})
+        self.study.tell(trial, state=TrialState.FAIL)
+        return True
+
     def _run_trial(self, trial: optuna.Trial, slot: int, reporter: Reporter) -> TrialOutcome:
         """Train one sampled configuration once per seed, then tell Optuna how it went."""
         params = space.suggest(trial, self.cfg.search)
@@ -332,14 +388,17 @@ class Sweep:
         run_ids: list[str] = []
         status, reason = "ok", ""
         try:
-            for i, seed in enumerate(self.cfg.train.seeds):
-                result = self._train_seed(trial, params, seed, slot, prune=(i == 0), reporter=reporter, run_ids=run_ids)
-                if result.status != "ok":
-                    status, reason = result.status, result.reason
-                    break
-                finals.append(result.final)
-                if result.reason and not reason:
-                    reason = result.reason
+            # With a database storage, the heartbeat lets other workers see if this one dies.
+            with get_heartbeat_thread(trial._trial_id, self.storage):
+                for i, seed in enumerate(self.cfg.train.seeds):
+                    result = self._train_seed(
+                        trial, params, seed, slot, prune=(i == 0), reporter=reporter, run_ids=run_ids
+                    )
+                    if result.status != "ok":
+                        status, reason = result.status, result.reason
+                        break
+                    finals.append(result.final)
+                    reason = reason or result.reason
         except TrialCrashed as exc:
             status, reason = "failed", str(exc)
         except BaseException:
@@ -347,8 +406,7 @@ class Sweep:
             raise
         values: list[float] | None = None
         if status == "failed":
-            interrupted = self._stopping.is_set()
-            if interrupted:
+            if self._stopping.is_set():
                 reason = "interrupted by the user (Ctrl-C); it re-runs when the sweep continues"
                 self.study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
             self._tell(trial, TrialState.FAIL, None, status, reason)

@@ -56,7 +56,7 @@ def resolve(storage: str | None, tracking_uri: str | None) -> Stores:
     return Stores(storage_url, tracking_uri, None, root if storage is None else None)
 
 
-def open_storage(stores: Stores, *, heartbeat: bool = True) -> optuna.storages.BaseStorage:
+def open_storage(stores: Stores, *, heartbeat: dict[str, Any] | bool = True) -> optuna.storages.BaseStorage:
     """The Optuna storage object; raises UserError when it cannot be reached."""
     url = stores.storage_url
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
@@ -65,8 +65,11 @@ def open_storage(stores: Stores, *, heartbeat: bool = True) -> optuna.storages.B
             kwargs: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True}}
             if heartbeat and not scheme.startswith("sqlite"):
                 # Dead-worker detection: a trial whose worker stops beating is failed and re-run.
-                kwargs.update(heartbeat_interval=30, grace_period=120)
-            return optuna.storages.RDBStorage(url, **kwargs)
+                beat = heartbeat if isinstance(heartbeat, dict) else {}
+                kwargs.update(
+                    heartbeat_interval=int(beat.get("interval_s", 30)), grace_period=int(beat.get("grace_s", 120))
+                )
+            return _rdb_with_retry(url, kwargs)
         if scheme == "redis":
             from optuna.storages.journal import JournalRedisBackend
 
@@ -91,6 +94,22 @@ def open_storage(stores: Stores, *, heartbeat: bool = True) -> optuna.storages.B
             f"storage {redact(url)!r} cannot be reached: {redact(_first_line(exc))}; "
             "check that the database is running and the URL is right"
         ) from None
+
+
+def _rdb_with_retry(url: str, kwargs: dict[str, Any], attempts: int = 4) -> optuna.storages.RDBStorage:
+    # Workers that start together race to create Optuna's tables; the loser retries once they exist.
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except ImportError:
+            raise
+        except Exception as exc:
+            if attempt == attempts - 1 or ("connect" in str(exc).lower() and "refused" in str(exc).lower()):
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def journal_storage(path: Path | str) -> optuna.storages.JournalStorage:
@@ -120,7 +139,20 @@ def check_tracking(stores: Stores, *, create: bool = True) -> None:
             ) from None
         return
     if create and uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        _init_sqlite_store(uri, db)
+
+
+def _init_sqlite_store(uri: str, db: Path) -> None:
+    """Create MLflow's SQLite schema under a file lock: workers starting together would race its migrations."""
+    import fcntl
+
+    with open(db.parent / ".mlflow-init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        from mlflow import MlflowClient
+
+        MlflowClient(uri).search_experiments(max_results=1)
 
 
 def quiet_libraries() -> None:

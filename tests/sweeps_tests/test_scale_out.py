@@ -1,0 +1,182 @@
+"""Scale out against real services on this machine: PostgreSQL studies, several workers, an MLflow server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from sweeps.cli import main
+from tests.conftest import small_config, write_config
+
+
+def _cfg(study: str, n_trials: int) -> dict:
+    cfg = small_config(study)
+    cfg["train"].update({"max_steps": 30, "eval_every": 10, "sharpness": {"enabled": False}})
+    cfg["search"]["n_trials"] = n_trials
+    cfg["heartbeat"] = {"interval_s": 1, "grace_s": 4}
+    return cfg
+
+
+def _env(workdir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(BATCHSCOPE_ROOT=str(workdir / "mlruns"), PYTHONUNBUFFERED="1")
+    return env
+
+
+def _worker(config: Path, url: str, workdir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sweeps.cli", "worker", str(config), "--storage", url],
+        env=_env(workdir),
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _trial_runs(tracking_uri: str, study: str) -> list:
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(study)
+    assert exp is not None
+    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("batchscope.role") == "trial"]
+
+
+def test_three_workers_share_one_postgres_study(workdir: Path, pg_database: str) -> None:
+    url = f"postgresql://postgres@127.0.0.1:5432/{pg_database}"
+    config = write_config(workdir / "w.yaml", _cfg("shared", 12))
+    procs = [_worker(config, url, workdir) for _ in range(3)]
+    logs = [p.communicate(timeout=480)[0].decode() for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log
+        assert "Traceback" not in log
+    study = optuna.load_study(study_name="shared", storage=url)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 12  # the study's total across workers, not per worker
+    runs = _trial_runs(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}", "shared")
+    assert len(runs) == 12
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == sorted(t.number for t in complete)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    workers = {t.user_attrs["worker"] for t in complete}
+    assert len(workers) >= 2  # the work was shared
+
+
+def test_a_killed_worker_trial_is_rerun_by_another(workdir: Path, pg_database: str) -> None:
+    url = f"postgresql://postgres@127.0.0.1:5432/{pg_database}"
+    cfg = _cfg("killed", 6)
+    cfg["train"]["max_steps"] = 200  # long enough to be killed mid-trial
+    config = write_config(workdir / "k.yaml", cfg)
+    victim = _worker(config, url, workdir)
+    deadline = time.monotonic() + 180
+    victim_trial = None
+    while time.monotonic() < deadline and victim_trial is None:
+        time.sleep(0.3)
+        try:
+            study = optuna.load_study(study_name="killed", storage=url)
+        except KeyError:
+            continue
+        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
+        if running:
+            victim_trial = running[0]
+    assert victim_trial is not None, "the first worker never started a trial"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(30)
+    survivor = _worker(config, url, workdir)
+    log = survivor.communicate(timeout=480)[0].decode()
+    assert survivor.returncode == 0, log
+
+    study = optuna.load_study(study_name="killed", storage=url)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
+    dead = study.trials[victim_trial.number]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["status"] == "failed"
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == victim_trial.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == dead.params
+    runs = _trial_runs(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}", "killed")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    killed_run = next(r for r in runs if r.info.run_id == dead.user_attrs["mlflow_run_id"])
+    assert killed_run.info.status in ("KILLED", "FAILED")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def mlflow_server(workdir: Path, pg_database: str) -> str:
+    port = _free_port()
+    backend = f"postgresql://postgres@127.0.0.1:5432/{pg_database}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sweeps.cli",
+            "server",
+            "--backend-store-uri",
+            backend,
+            "--artifacts-destination",
+            str(workdir / "server-artifacts"),
+            "--port",
+            str(port),
+        ],
+        env=_env(workdir),
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(proc.stdout.read().decode() if proc.stdout else "server exited") from None
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        raise AssertionError("the MLflow server did not come up in 120 s")
+    try:
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_sweep_logs_through_an_mlflow_server_and_the_report_reads_it(
+    workdir: Path, mlflow_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _cfg("served", 2)
+    cfg["tracking_uri"] = mlflow_server
+    config = write_config(workdir / "s.yaml", cfg)
+    assert main(["sweep", str(config), "--no-report"]) == 0
+    runs = _trial_runs(mlflow_server, "served")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert main(["server", "--check", mlflow_server]) == 0
+    assert main(["report", "served", "--tracking-uri", mlflow_server, "--out", str(workdir / "reports")]) == 0
+    html = (workdir / "reports" / "served" / "index.html").read_text()
+    assert "served" in html and "<img" in html
+    # The report was logged to the sweep's parent run on the server.
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("served")
+    parent = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("batchscope.role") == "sweep")  # type: ignore[union-attr]
+    assert any("index.html" in a.path for a in client.list_artifacts(parent.info.run_id, "report"))
+
+
+def test_worker_without_a_shared_storage_is_refused(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(workdir / "w.yaml", _cfg("solo", 2))
+    assert main(["worker", str(config)]) == 2
+    assert "--storage" in capsys.readouterr().err
