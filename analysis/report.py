@@ -56,6 +56,13 @@ _TRIAL_COLUMNS: tuple[tuple[str, str, bool], ...] = (
 )
 
 _SORT_SCRIPT = """
+// Report health, readable by automated checks: how many charts decoded.
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute("data-images-total", String(imgs.length));
+  document.body.setAttribute("data-images-loaded", String(ok));
+});
 document.querySelectorAll("table.sortable th").forEach(function (th) {
   th.addEventListener("click", function () {
     var table = th.closest("table"), body = table.tBodies[0];
