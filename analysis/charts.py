@@ -46,6 +46,8 @@ class _Spec:
     title: str
     caption: str
     draw: Callable[[SweepData, SweepAnalysis, BatchColors], Figure]
+    # Drawn only when this holds (charts of optional data, e.g. inference throughput).
+    when: Callable[[SweepData], bool] | None = None
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -612,6 +614,31 @@ def comparison(studies: Sequence[tuple[str, SweepAnalysis]]) -> Figure:
     return fig
 
 
+def throughput_latency(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) -> Figure:
+    """Inference: samples/s against latency per call, one point per batch size (a Pareto view)."""
+    data = sweep.throughput.dropna(subset=["samples_per_s", "latency_p50_ms"]).sort_values("batch_size")
+    fig, axes = style.figure(1)
+    ax = axes[0]
+    ax.plot(data["latency_p50_ms"], data["samples_per_s"], color="0.6", lw=1, zorder=1)
+    for _, row in data.iterrows():
+        b = int(row["batch_size"])
+        ax.errorbar(
+            row["latency_p50_ms"],
+            row["samples_per_s"],
+            xerr=[[0.0], [max(0.0, row["latency_p95_ms"] - row["latency_p50_ms"])]],
+            fmt="o",
+            color=colors(b),
+            zorder=2,
+        )
+        ax.annotate(f"B={b}", (row["latency_p50_ms"], row["samples_per_s"]), xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("latency per call, p50 (bar to p95) [ms]")
+    ax.set_ylabel("inference throughput [examples/s]")
+    ax.set_title("Inference: throughput against latency")
+    return fig
+
+
 # --- registry ----------------------------------------------------------------------------------
 
 CHARTS: tuple[_Spec, ...] = (
@@ -669,6 +696,14 @@ CHARTS: tuple[_Spec, ...] = (
         "and fANOVA parameter importances.",
         optuna_view,
     ),
+    _Spec(
+        "inference",
+        "Inference throughput",
+        "From `batchscope throughput`: examples per second against latency per forward pass at each "
+        "batch size (point: median, bar: to the 95th percentile). Larger batches buy throughput with latency.",
+        throughput_latency,
+        when=lambda sweep: not sweep.throughput.dropna(subset=["samples_per_s"]).empty,
+    ),
 )
 
 
@@ -692,6 +727,8 @@ def render_charts(
     # Every chart colours by batch size; one legend per figure, in its header.
     legend = colors.legend_handles(sweep.trials["batch_size"].dropna())
     for spec in CHARTS:
+        if spec.when is not None and not spec.when(sweep):
+            continue
         try:
             fig = spec.draw(sweep, result, colors)
         except Exception as error:

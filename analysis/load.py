@@ -12,7 +12,7 @@ the run's first logged value).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -59,6 +59,9 @@ HISTORY_COLUMNS = [
 ]
 
 
+THROUGHPUT_COLUMNS = ["run_id", "batch_size", "samples_per_s", "latency_p50_ms", "latency_p95_ms"]
+
+
 @dataclass(frozen=True)
 class SweepData:
     """One study read back from Optuna and MLflow."""
@@ -72,6 +75,8 @@ class SweepData:
     trials: pd.DataFrame
     history: pd.DataFrame
     study: optuna.Study
+    # Inference throughput runs (`batchscope throughput`): batch_size, samples_per_s, latency_p50_ms, latency_p95_ms
+    throughput: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=THROUGHPUT_COLUMNS))
 
     @property
     def minimize(self) -> bool:
@@ -113,6 +118,7 @@ def load_sweep(
     children = run_info[run_info["role"] == "trial"] if "role" in run_info else run_info.iloc[:0]
     trials = _trials_table(children, raw, optuna_trials)
     history = _history_table(raw.metrics, trials)
+    throughput = _throughput_table(run_info, raw.metrics)
     return SweepData(
         study_name=study_name,
         directions=tuple(d.name.lower() for d in study.directions),
@@ -123,6 +129,7 @@ def load_sweep(
         trials=trials,
         history=history,
         study=study,
+        throughput=throughput,
     )
 
 
@@ -217,6 +224,24 @@ def _run_table(raw: _mlflow_raw.RawExperiment) -> pd.DataFrame:
     tags = tags.rename(columns=_TAG_COLUMNS)
     runs = raw.runs.set_index("run_id").join(tags, how="left")
     return runs.reset_index()
+
+
+def _throughput_table(run_info: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
+    """The latest inference-throughput run: one row per batch size (the metric step)."""
+    if "role" not in run_info:
+        return pd.DataFrame(columns=THROUGHPUT_COLUMNS)
+    runs = run_info[run_info["role"] == "throughput"]
+    if runs.empty:
+        return pd.DataFrame(columns=THROUGHPUT_COLUMNS)
+    latest = str(runs.sort_values("start_time")["run_id"].iloc[-1])
+    rows = metrics[(metrics["run_id"] == latest) & metrics["key"].astype(str).str.startswith("infer/")]
+    if rows.empty:
+        return pd.DataFrame(columns=THROUGHPUT_COLUMNS)
+    wide = rows.pivot_table(index="step", columns="key", values="value", aggfunc="last")
+    wide.columns = [str(c).removeprefix("infer/") for c in wide.columns]
+    wide = wide.reset_index().rename(columns={"step": "batch_size"})
+    wide.insert(0, "run_id", latest)
+    return wide.reindex(columns=THROUGHPUT_COLUMNS)
 
 
 def _parent_run_id(run_info: pd.DataFrame, study_name: str) -> str | None:

@@ -11,11 +11,13 @@ import pytest
 from mlflow import MlflowClient
 
 from analysis.analyze import analyze
-from analysis.charts import CHARTS
+from analysis.charts import CHARTS as ALL_CHARTS
 from analysis.load import load_sweep
 from analysis.report import build_report, log_report_artifacts, render_report
 from tests.analysis_tests.conftest import SCRIPT_NAME, TRAVERSAL_NAME, Stores, make_optuna_only_study
 
+# Charts of optional data (inference throughput) appear only when that data exists.
+CHARTS = [c for c in ALL_CHARTS if c.when is None]
 IMG = re.compile(r'<img src="data:(image/[a-z+]+);base64,([^"]*)" alt="([^"]*)">')
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -192,3 +194,29 @@ def test_bad_arguments(stores: Stores, tmp_path: Path):
         build_report("main", storage=stores.storage, tracking_uri=stores.tracking_uri, out_dir=tmp_path)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="tracking_ui"):
         render_report([_load(stores, "single")], out_dir=tmp_path, tracking_ui="javascript:alert(1)")
+
+
+def test_inference_chart_appears_with_a_throughput_run(tmp_path: Path) -> None:
+    from mlflow.entities import Metric
+
+    from tests.analysis_tests.conftest import SweepSpec, make_synthetic_sweep
+
+    sweep = make_synthetic_sweep(
+        tmp_path / "store", SweepSpec(study_name="infer", batch_sizes=(16, 64), lrs=(0.01, 0.02))
+    )
+    client = MlflowClient(sweep.tracking_uri)
+    run = client.create_run(sweep.experiment_id, tags={"batchscope.role": "throughput"})
+    metrics = []
+    for i, b in enumerate((1, 16, 256)):
+        metrics += [
+            Metric("infer/samples_per_s", 1000.0 * b / (1 + i), 0, b),
+            Metric("infer/latency_p50_ms", 1.0 + i, 0, b),
+            Metric("infer/latency_p95_ms", 1.5 + i, 0, b),
+        ]
+    client.log_batch(run.info.run_id, metrics=metrics)
+    client.set_terminated(run.info.run_id)
+    data = load_sweep("infer", storage=sweep.storage, tracking_uri=sweep.tracking_uri)
+    assert list(data.throughput["batch_size"]) == [1, 16, 256]
+    page = render_report([data], out_dir=tmp_path / "r", strict=True).read_text()
+    assert "Inference throughput" in page
+    assert len(IMG.findall(page)) == len(CHARTS) + 1
