@@ -577,6 +577,7 @@ class Sweep:
             self.stores.tracking_uri,
             trial.number,
             self._checkpoint_policy(trial, seed),
+            nproc=self.cfg.train.distributed.nproc,
         )
         try:
             result = self._slots[slot].run(

@@ -5,6 +5,10 @@ writes the trial's metrics to MLflow itself. A crash, a hard exit or a kill of
 the worker fails only its trial: the sweep sees the process gone, ends the run
 and starts a fresh worker (CUDA errors cannot poison the next trial). Start-up
 (importing torch, mlflow) is paid once per worker, not per trial.
+
+A job with `nproc > 1` runs data parallel: the worker starts torchrun with that
+many processes (sweeps/ddp_entry.py), waits for it and sends its outcome the same
+way. Such trials are not pruned, and their progress is relayed through a file.
 """
 
 from __future__ import annotations
@@ -12,18 +16,25 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import pickle
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from trainers.checkpoint import CheckpointPolicy
 from trainers.spec import TrainResult, TrainSpec
 
 _PROGRESS_EVERY_S = 0.25
+# After a stop request, how long a torchrun trial gets to stop at its next logging point.
+_STOP_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,8 @@ class Job:
     tracking_uri: str
     trial_number: int
     checkpoint: CheckpointPolicy | None = None
+    # Processes training this trial together (torchrun, data parallel); 1 trains in the worker itself.
+    nproc: int = 1
 
 
 class WorkerDied(Exception):
@@ -178,19 +191,28 @@ class _ProgressSender:
             self._conn.send(("step", step, loss))
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this process when the sweep process dies (even by SIGKILL)."""
+def die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent dies (even by SIGKILL)."""
     with contextlib.suppress(Exception):
-        import ctypes
+        _set_parent_death_signal()()
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+def _set_parent_death_signal() -> Callable[[], None]:
+    """A function that sets PR_SET_PDEATHSIG; libc is looked up here, not in a forked child."""
+    import ctypes
+
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+
+    def set_it() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    return set_it
 
 
 def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
     # Ctrl-C is handled by the sweep process, which then asks this worker to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != parent_pid:
         return
     from mlflow import MlflowClient
@@ -210,6 +232,9 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
         if msg[0] == "exit":
             return
         job: Job = msg[1]
+        if job.nproc > 1:
+            conn.send(_run_distributed(job, conn, stop, parent_pid))
+            continue
         client = clients.get(job.tracking_uri) or clients.setdefault(job.tracking_uri, MlflowClient(job.tracking_uri))
 
         def on_eval(step: int, values: Mapping[str, float]) -> bool:
@@ -240,3 +265,94 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
                 sink.close(timeout=30)
             text = str(exc).splitlines()[0] if str(exc) else ""
             conn.send(("error", f"{type(exc).__name__}: {text}", traceback.format_exc()))
+
+
+def _run_distributed(job: Job, conn: Connection, stop: Any, parent_pid: int) -> tuple[Any, ...]:
+    """Run `job` under torchrun in `job.nproc` processes; the ("done", ...) or ("error", ...) message."""
+    from sweeps import ddp_entry
+
+    with tempfile.TemporaryDirectory(prefix="batchscope-ddp-") as tmp:
+        job_file, result_file, log_file = Path(tmp, "job.pkl"), Path(tmp, "result.pkl"), Path(tmp, "torchrun.log")
+        with open(job_file, "wb") as f:
+            pickle.dump(job, f)
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",  # rendezvous on a free local port
+            "--nproc_per_node",
+            str(job.nproc),
+            "-m",
+            "sweeps.ddp_entry",
+            str(job_file),
+            str(result_file),
+        ]
+        with open(log_file, "wb") as log:
+            # Its own process group, to end torchrun with all it started; and it dies with this worker.
+            proc = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_set_parent_death_signal(),
+            )
+        progress = _ProgressRelay(ddp_entry.progress_file(result_file), conn)
+        stop_asked: float | None = None
+        try:
+            while proc.poll() is None:
+                time.sleep(0.2)
+                if os.getppid() != parent_pid:
+                    return ("error", "the sweep process is gone", "")
+                if stop.is_set() and stop_asked is None:
+                    ddp_entry.stop_file(result_file).touch()  # rank 0 stops every rank at the next logging point
+                    stop_asked = time.monotonic()
+                if stop_asked is not None and time.monotonic() - stop_asked > _STOP_GRACE_S:
+                    _end_process_group(proc)
+                progress.relay()
+        finally:
+            _end_process_group(proc)
+        # Rank 0's outcome; else the first error another rank recorded (torchrun may have ended rank 0 first).
+        records = [result_file, *(ddp_entry.rank_error_file(result_file, r) for r in range(1, job.nproc))]
+        for record in records:
+            try:
+                with open(record, "rb") as f:
+                    outcome: tuple[Any, ...] = pickle.load(f)
+                return outcome
+            except (OSError, EOFError, pickle.UnpicklingError):
+                continue
+        log_tail = log_file.read_text(errors="replace")[-8000:]
+        return ("error", f"torchrun exited with code {proc.returncode} before any rank wrote a result", log_tail)
+
+
+class _ProgressRelay:
+    """Sends rank 0's latest training loss (kept in a file) to the sweep process when it changes."""
+
+    def __init__(self, path: Path, conn: Connection) -> None:
+        self._path = path
+        self._conn = conn
+        self._step = -1
+
+    def relay(self) -> None:
+        try:
+            with open(self._path, "rb") as f:
+                step, loss = pickle.load(f)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            return
+        if step != self._step:
+            self._step = step
+            self._conn.send(("step", step, loss))
+
+
+def _end_process_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop torchrun (it stops its ranks on SIGTERM; they die with it in any case)."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

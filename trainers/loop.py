@@ -4,6 +4,12 @@ Read top to bottom: set-up (device, precision, data, model, optimizer), the loop
 then the end-of-run measurements. Device, precision and compilation are decided
 before the loop; inside it nothing reads a value back to the host except at
 logging and evaluation points, which are marked.
+
+Under torchrun (a process group of W processes, see trainers/distributed.py) the
+same loop trains data parallel: every process draws the same global batch and
+trains on its own 1/W slice; the gradients are averaged by one all-reduce after
+the local backward; losses are averaged at logging points; rank 0 alone reports
+to the sink and writes checkpoints, and its decisions to stop reach every process.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainers import distributed
 from trainers.checkpoint import Checkpointer, CheckpointPolicy, RunState
 from trainers.checkpoint import load as checkpoint_load
 from trainers.data import DeviceBatcher
@@ -128,7 +135,8 @@ def train(
     and data. With `checkpoint`, the run saves its state at evaluation points when
     due, and resumes from `checkpoint.resume_from` if that file exists.
     """
-    sink = sink or NullSink()
+    # Data parallel: only rank 0 reports; the others train the same model in step with it.
+    sink = sink if sink is not None and distributed.is_main() else NullSink()
     wall_start = time.perf_counter()
 
     # ---- set-up: everything decided once ---------------------------------
@@ -137,12 +145,25 @@ def train(
     seed_everything(spec.seed)
     reset_peak_memory(device)
     B = spec.batch_size
-    micro = spec.micro_batch_size or B
-    accum_plan = micro_batches(B, micro)
-    # Without accumulation the noise scale needs a smaller batch: split the batch in
-    # two halves on measuring steps, so such a step costs about the same as a plain one.
+    # Data parallel: every process draws the same global batch of B and trains on its slice.
+    W = distributed.world()
+    if B % W:
+        raise ValueError(f"batch_size must be divisible by the number of processes, got {B=} with {W} processes.")
+    local_B = B // W
+    shard = slice(distributed.rank() * local_B, (distributed.rank() + 1) * local_B)
+    micro = min(spec.micro_batch_size or B, local_B)
+    accum_plan = micro_batches(local_B, micro)
+    # The noise scale needs gradients at two batch sizes: the mean gradient of the first
+    # plan[small_at][1] examples (small) and of the whole batch B (big). Data parallel, the
+    # small batch is each process's own slice, measured before the gradients are averaged:
+    # no extra cost. Alone, without accumulation, the batch is split in two halves on
+    # measuring steps, so such a step costs about the same as a plain one.
     gns_on = spec.gns and B >= 2
-    gns_plan = accum_plan if len(accum_plan) >= 2 else micro_batches(B, (B + 1) // 2)
+    gns_plan, small_at = accum_plan, 0
+    if W > 1:
+        small_at = len(accum_plan) - 1
+    elif len(accum_plan) < 2:
+        gns_plan = micro_batches(B, (B + 1) // 2)
     lr = scaled_lr(spec.lr, B, spec.lr_scaling, spec.reference_batch)
     resolved: dict[str, Any] = {
         "device": str(device),
@@ -151,11 +172,15 @@ def train(
         "accum_steps": len(accum_plan),
         "effective_lr": lr,
     }
+    if W > 1:
+        resolved["world_size"] = W
     state = RunState()
     try:
         if task is None:
             task = build_task(spec.recipe, spec.model, spec.recipe_options, device)
         model: nn.Module = task.model
+        if W > 1:
+            distributed.broadcast_module(model)  # every process starts from rank 0's weights
         if task.tokens_per_example is not None:
             resolved["tokens_per_batch"] = B * task.tokens_per_example
         step_model = torch.compile(model) if spec.compile else model
@@ -174,7 +199,7 @@ def train(
         target = (
             (spec.target_metric, spec.target_value) if spec.target_metric and spec.target_value is not None else None
         )
-        saver = Checkpointer(checkpoint) if checkpoint is not None else None
+        saver = Checkpointer(checkpoint) if checkpoint is not None and distributed.is_main() else None
         stateful = {
             "model": model,
             "optimizer": optimizer,
@@ -183,7 +208,7 @@ def train(
             "batcher": batcher,
             "noise": noise,
         }
-        record = checkpoint is not None  # keep the history only when it has to go into checkpoints
+        record = saver is not None  # keep the history only when it has to go into checkpoints
 
         def emit(step: int, values: dict[str, float]) -> None:
             sink.metrics(step, values)
@@ -196,20 +221,37 @@ def train(
             # Replay the history so the new run's metrics are complete, without duplicates.
             for s, values in state.history:
                 sink.metrics(s, values)
-            assert saver is not None
-            saver.mark(state.step)
+            if saver is not None:
+                saver.mark(state.step)
 
         n_buffered, first_buffered = 0, state.step + 1
         time_since = 0.0
         status, reason = "ok", ""
         model.train()
 
+        def average_gradients(small_sq: torch.Tensor | None) -> None:
+            """Data parallel: the global batch's mean gradient on every process, in place.
+
+            The processes' small-batch norms ride in the same collective, so `small_sq`
+            becomes their mean: one all-reduce per step, measuring or not.
+            """
+            grads = [p.grad for p in params if p.grad is not None]
+            distributed.all_reduce_mean(grads if small_sq is None else [*grads, small_sq])
+
+        def agree(flag: bool) -> bool:
+            """Rank 0's decision on every process, so that all stop together (alone: the flag)."""
+            return distributed.broadcast_bool(flag, device) if W > 1 else flag
+
         def flush(upto: int) -> None:
             """Hand the buffered per-step losses to the sink; detect divergence."""
             nonlocal n_buffered, first_buffered
             if n_buffered == 0:
                 return
-            values = losses[:n_buffered].tolist()  # host sync: logging point
+            pending = losses[:n_buffered]
+            if W > 1:
+                # One collective per flush: every process sees the global losses and diverges together.
+                distributed.all_reduce_mean([pending])
+            values = pending.tolist()  # host sync: logging point
             for i, v in enumerate(values):
                 if not math.isfinite(v):
                     n_buffered = 0
@@ -221,7 +263,7 @@ def train(
         t_mark = clock.now()
         # ---- the loop ----------------------------------------------------
         for step in range(state.step + 1, spec.max_steps + 1):
-            idx = batcher.next()
+            idx = batcher.next()[shard]
             xb, yb = task.train_x[idx], task.train_y[idx]
             measure = gns_on and step % spec.gns_every == 0
             plan = gns_plan if measure else accum_plan
@@ -231,18 +273,21 @@ def train(
             for j, (lo, hi) in enumerate(plan):
                 with autocast():
                     out = step_model(xb[lo:hi])
-                    # Mean over the micro-batch, weighted so the sum is the full-batch mean.
-                    loss = loss_fn(out.float(), yb[lo:hi]) * ((hi - lo) / B)
+                    # Mean over the micro-batch, weighted so the sum is this process's batch mean.
+                    loss = loss_fn(out.float(), yb[lo:hi]) * ((hi - lo) / local_B)
                 scaler.scale(loss).backward()
                 step_loss += loss.detach()
-                if measure and j == 0:
-                    small_sq = grad_sq_norm(params) * (B / (hi - lo)) ** 2
+                if measure and j == small_at:
+                    # The gradient so far is the first `hi` examples' mean times hi/local_B.
+                    small_sq = grad_sq_norm(params) * (local_B / hi) ** 2
+            if W > 1:
+                average_gradients(small_sq)
             if measure and small_sq is not None:
                 big_sq = grad_sq_norm(params)
                 if scaler.is_enabled():
                     inv = 1.0 / scaler._scale.float() ** 2  # type: ignore[union-attr]  # device tensor: no sync
                     small_sq, big_sq = small_sq * inv, big_sq * inv
-                noise.update(small_sq, big_sq, plan[0][1] - plan[0][0], B)
+                noise.update(small_sq, big_sq, plan[small_at][1], B)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -253,7 +298,7 @@ def train(
             at_eval = step % spec.eval_every == 0 or step == spec.max_steps
             if n_buffered == spec.log_every or at_eval:
                 flush(step)
-                if should_stop is not None and should_stop():
+                if agree(should_stop is not None and should_stop()):
                     status, reason = "failed", f"stopped on request at step {step}"
                     break
             if not at_eval:
@@ -282,14 +327,16 @@ def train(
                     state.target_step, state.target_time_s = step, state.train_time
             if record:
                 state.history.append((step, measured))
-            keep_going = sink.evaluated(step, measured)
+            keep_going = agree(sink.evaluated(step, measured))
+            # Agreed too: with BatchNorm each process validates with its own running statistics.
+            at_target = agree(spec.stop_at_target and state.target_step is not None)
             if saver is not None and saver.due(step):
                 saver.save(stateful, state)
             t_mark = clock.now()
             if not keep_going:
                 status, reason = "pruned", f"stopped by the sweep's pruner at step {step}"
                 break
-            if spec.stop_at_target and state.target_step is not None:
+            if at_target:
                 reason = f"stopped at the target {spec.target_metric}={spec.target_value} at step {step}"
                 break
     except Diverged as exc:

@@ -1,0 +1,56 @@
+"""A sweep whose trials train in two processes each (torchrun, gloo on the CPU), end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from sweeps.cli import main
+from sweeps.stores import journal_storage
+from tests.conftest import small_config, write_config
+from tests.sweeps_tests.test_sweep_e2e import CHILD_PARAMS, FINALS, HISTORIES
+
+STEPS = 30
+
+
+def test_sweep_with_two_processes_per_trial_fills_the_stores_as_the_contract_says(workdir: Path) -> None:
+    cfg = small_config(
+        "ddp",
+        train={
+            "max_steps": STEPS,
+            "eval_every": 10,
+            "sharpness": {"iters": 5},
+            "distributed": {"nproc": 2},
+        },
+        search={"batch_size": {"values": [16, 64]}, "lr": {"values": [0.05]}, "n_trials": 2, "sampler": "random"},
+    )
+    path = write_config(workdir / "sweep.yaml", cfg)
+    assert main(["sweep", str(path), "--no-report"]) == 0
+
+    study = optuna.load_study(study_name="ddp", storage=journal_storage(workdir / "mlruns" / "optuna.journal"))
+    trials = study.get_trials()
+    assert len(trials) == 2
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), [t.user_attrs for t in trials]
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ddp")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    assert all(r.info.status != "RUNNING" for r in runs)
+    children = {r.info.run_id: r for r in runs if r.data.tags.get("batchscope.role") == "trial"}
+    assert len(children) == len(trials)  # exactly one child run per trial
+    for t in trials:
+        run = children[t.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["batchscope.status"] == "ok"
+        assert set(run.data.params) >= CHILD_PARAMS
+        assert run.data.params["world_size"] == "2"
+        assert set(run.data.metrics) >= FINALS
+        assert run.data.metrics["final/val_loss"] == pytest.approx(t.value)
+        for key in HISTORIES | {"gns/b_simple"}:
+            assert client.get_metric_history(run.info.run_id, key), key
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert steps == list(range(1, STEPS + 1))  # every step once, from rank 0 only
