@@ -348,6 +348,15 @@ class SweepConfig(_Strict):
                 f"train.target.metric {target.metric!r} is not produced by recipe {self.trainer.recipe!r}; "
                 f"choose one of: {', '.join(recipe.metrics)}"
             )
+        nproc = self.train.distributed.nproc
+        bs = self.search.batch_size
+        sizes = bs.values if isinstance(bs, BatchValues) else ([bs.low] if bs.high == "auto" else bs.choices())
+        odd = [b for b in sizes if b % nproc]
+        if nproc > 1 and odd:
+            raise ValueError(
+                f"search.batch_size: with train.distributed.nproc={nproc} every batch size must be divisible "
+                f"by {nproc}; these are not: {odd}"
+            )
         needs_target = {"steps_to_target", "time_to_target"} & set(self.search.objectives)
         if needs_target and target is None:
             raise ValueError(f"objective {sorted(needs_target)[0]} needs train.target to be set")

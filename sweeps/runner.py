@@ -437,7 +437,13 @@ class Sweep:
         if values is not None and any(math.isnan(v) for v in values):
             state, values = TrialState.FAIL, None
         with self._lock:
-            self.study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
+            try:
+                self.study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
+            except RuntimeError as exc:
+                # GridSampler calls study.stop() once the grid is used up, which Optuna allows only inside
+                # optimize(); the trial's state is stored before that, and n_trials is capped at the grid.
+                if "stop" not in str(exc).lower():
+                    raise
 
     def _best_text(self) -> str | None:
         if len(self.study.directions) != 1:

@@ -75,7 +75,10 @@ def fingerprint(cfg: SweepConfig) -> str:
     keep = {
         "search": {k: d["search"][k] for k in ("batch_size", "lr", "objective")},
         "trainer": d["trainer"],
-        "train": {k: v for k, v in d["train"].items() if k not in ("log_every",)},
+        # Operational settings (logging, checkpoints, processes per trial) do not change the question.
+        "train": {
+            k: v for k, v in d["train"].items() if k not in ("log_every", "checkpoint", "distributed", "compile")
+        },
     }
     return json.dumps(keep, sort_keys=True)
 

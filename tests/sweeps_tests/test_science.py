@@ -114,3 +114,15 @@ def test_noise_scale_command(workdir: Path, capsys: pytest.CaptureFixture[str]) 
     assert math.isfinite(value) and value > 0
     assert main(["noise-scale", str(path), "--b-big", "8", "--b-small", "32"]) == 2
     assert main(["noise-scale", str(path), "--checkpoint", "missing.pt"]) == 2
+
+
+def test_grid_sampler_runs_the_whole_grid_once(workdir: Path) -> None:
+    cfg = small_config("grid")
+    cfg["train"].update({"max_steps": 10, "eval_every": 10, "sharpness": {"enabled": False}})
+    cfg["search"].update(
+        {"sampler": "grid", "n_trials": 10, "batch_size": {"values": [16, 64]}, "lr": {"values": [0.01, 0.1]}}
+    )
+    assert main(["sweep", str(write_config(workdir / "g.yaml", cfg)), "--no-report"]) == 0
+    study = _study(workdir, "grid")
+    cells = sorted((t.params["batch_size"], t.params["lr"]) for t in study.trials)
+    assert cells == [(16, 0.01), (16, 0.1), (64, 0.01), (64, 0.1)]  # capped at the grid's 4 cells
