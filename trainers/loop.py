@@ -194,7 +194,10 @@ def train(
         scaler = precision.scaler
         autocast = precision.autocast
         loss_fn = task.loss_fn
-        losses = torch.zeros(spec.log_every, device=device)  # per-step losses, read at flush
+        # A constant lr without warmup needs no scheduler call per step.
+        advance_lr = scheduler.step if spec.schedule != "constant" or spec.warmup_steps > 0 else _no_op
+        # Per-step losses stay on the device until a logging point; one stack + one copy per flush.
+        step_losses: list[torch.Tensor] = []
         clock = Clock(device)
         target = (
             (spec.target_metric, spec.target_value) if spec.target_metric and spec.target_value is not None else None
@@ -247,7 +250,8 @@ def train(
             nonlocal n_buffered, first_buffered
             if n_buffered == 0:
                 return
-            pending = losses[:n_buffered]
+            pending = torch.stack(step_losses)
+            step_losses.clear()
             if W > 1:
                 # One collective per flush: every process sees the global losses and diverges together.
                 distributed.all_reduce_mean([pending])
@@ -268,15 +272,17 @@ def train(
             measure = gns_on and step % spec.gns_every == 0
             plan = gns_plan if measure else accum_plan
             optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), device=device)
+            parts: list[torch.Tensor] = []
             small_sq = None
             for j, (lo, hi) in enumerate(plan):
                 with autocast():
                     out = step_model(xb[lo:hi])
-                    # Mean over the micro-batch, weighted so the sum is this process's batch mean.
-                    loss = loss_fn(out.float(), yb[lo:hi]) * ((hi - lo) / local_B)
+                    loss = loss_fn(out.float(), yb[lo:hi])
+                    if hi - lo != local_B:
+                        # Mean over the micro-batch, weighted so the sum is this process's batch mean.
+                        loss = loss * ((hi - lo) / local_B)
                 scaler.scale(loss).backward()
-                step_loss += loss.detach()
+                parts.append(loss.detach())
                 if measure and j == small_at:
                     # The gradient so far is the first `hi` examples' mean times hi/local_B.
                     small_sq = grad_sq_norm(params) * (local_B / hi) ** 2
@@ -290,8 +296,8 @@ def train(
                 noise.update(small_sq, big_sq, plan[small_at][1], B)
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
-            losses[n_buffered].copy_(step_loss)
+            advance_lr()
+            step_losses.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum())
             n_buffered += 1
             state.step = step
 
@@ -362,6 +368,10 @@ def train(
     elif target is not None and not reason:
         reason = f"target {target[0]}={target[1]} not reached in {state.step} steps"
     return TrainResult(status, reason, steps=state.step, final=final, best=state.best, resolved=resolved)  # type: ignore[arg-type]
+
+
+def _no_op() -> None:
+    return None
 
 
 def _final_metrics(

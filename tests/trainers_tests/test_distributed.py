@@ -38,6 +38,7 @@ def spec(**kw: Any) -> TrainSpec:
         log_every=10,
         device="cpu",
         sharpness=False,
+        gns_every=1,  # measure every step in both runs, so the estimates are comparable
     )
     base.update(kw)
     return TrainSpec(**base)
