@@ -178,6 +178,34 @@ def _generalization(sweep: SweepData, result: SweepAnalysis) -> str | None:
     )
 
 
+def _batchnorm(sweep: SweepData) -> str | None:
+    """BatchNorm statistics come from the micro-batch: say where that was not the whole batch."""
+    runs = sweep.trials
+    if "batchnorm" not in runs or "micro_batch_size" not in runs:
+        return None
+    bn = runs[runs["batchnorm"].astype(str).str.lower() == "true"]
+    if bn.empty:
+        return None
+    micro = pd.to_numeric(bn["micro_batch_size"], errors="coerce")
+    split = bn[micro < pd.to_numeric(bn["batch_size"], errors="coerce")]
+    notes = []
+    if not split.empty:
+        sizes = ", ".join(str(int(b)) for b in sorted(split["batch_size"].dropna().unique()))
+        micros = ", ".join(str(int(m)) for m in sorted(micro[split.index].dropna().unique()))
+        notes.append(
+            f"BatchNorm normalized over micro-batches of {micros} examples instead of the whole batch in "
+            f"{len(split)} run(s) (batch sizes {sizes}): their statistics are those of the smaller batch."
+        )
+    if "gns" in bn:
+        halves = bn[(bn["gns"].astype(str).str.lower() == "true") & ~bn.index.isin(split.index)]
+        if not halves.empty:
+            notes.append(
+                "On noise-scale measuring steps (every `gns_every` steps) BatchNorm saw half batches in "
+                f"{len(halves)} run(s)."
+            )
+    return " ".join(notes) or None
+
+
 def _row(sweep: SweepData, result: SweepAnalysis) -> dict[str, str]:
     fit, lr_fit, noise = result.critical_batch, result.lr_scaling, result.noise_scale
     quick = result.fastest.dropna(subset=[tables.TIME])
@@ -215,9 +243,9 @@ def findings(sweep: SweepData, result: SweepAnalysis) -> Findings:
         _noise_scale(result),
         _best_trial(result),
     ]
-    generalization = _generalization(sweep, result)
-    if generalization:
-        sentences.append(generalization)
+    for extra in (_generalization(sweep, result), _batchnorm(sweep)):
+        if extra:
+            sentences.append(extra)
     return Findings(sentences=sentences, row=_row(sweep, result))
 
 

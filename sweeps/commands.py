@@ -25,13 +25,38 @@ err = Console(stderr=True)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    if args.n_trials is not None and args.n_trials < 1:
-        raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
-    from sweeps.progress import RichReporter
-    from sweeps.runner import Sweep
+    with _early_workers(args.workers) as early:
+        cfg = load_config(args.config, args.overrides)
+        if args.n_trials is not None and args.n_trials < 1:
+            raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
+        from sweeps.runner import Sweep
 
-    sweep = Sweep(cfg, force=args.force)
+        sweep = Sweep(cfg, force=args.force, prestarted=early)
+    return _run_sweep(args, cfg, sweep)
+
+
+@contextlib.contextmanager
+def _early_workers(n: int) -> Iterator[list[Any]]:
+    """Start the trial workers first, so their imports (torch, mlflow) overlap with ours.
+
+    On a user error before the sweep starts they are stopped again; nothing is written.
+    """
+    from sweeps.worker import TrialWorker
+
+    if n < 1:
+        raise UserError(f"--workers must be at least 1, got {n}")
+    workers = [TrialWorker() for _ in range(n)]
+    try:
+        yield workers
+    except BaseException:
+        for w in workers:
+            w.close()
+        raise
+
+
+def _run_sweep(args: argparse.Namespace, cfg: Any, sweep: Any) -> int:
+    from sweeps.progress import RichReporter
+
     with RichReporter(err) as reporter:
         summary = sweep.run(args.n_trials, reporter, workers=args.workers)
     _print_best(sweep)

@@ -115,7 +115,15 @@ def _worker_alive(worker: str | None) -> bool:
 class Sweep:
     """One study: its stores, its Optuna study, its MLflow experiment and parent run."""
 
-    def __init__(self, cfg: SweepConfig, *, force: bool = False, stores: Stores | None = None) -> None:
+    def __init__(
+        self,
+        cfg: SweepConfig,
+        *,
+        force: bool = False,
+        stores: Stores | None = None,
+        prestarted: list[TrialWorker] | None = None,
+    ) -> None:
+        self._prestarted = list(prestarted or [])
         quiet_libraries()
         self.cfg = cfg
         self.stores = stores or resolve(cfg.storage, cfg.tracking_uri)
@@ -288,7 +296,12 @@ class Sweep:
         self._lock = threading.Lock()
         self._outcomes: list[TrialOutcome] = []
         self._errors: list[BaseException] = []
-        slots = [TrialWorker(env=self._worker_env()) for _ in range(workers)]
+        # A worker started early (see `prestart`) already has its imports done.
+        slots = [*self._prestarted[:workers]]
+        slots += [TrialWorker(env=self._worker_env()) for _ in range(workers - len(slots))]
+        for extra in self._prestarted[workers:]:
+            extra.close()
+        self._prestarted = []
         self._slots = slots
         threads = [
             threading.Thread(target=self._slot_loop, args=(i, total, reporter), name=f"slot-{i}", daemon=True)
@@ -600,7 +613,9 @@ class Sweep:
             self.tracker.end(run_id, "KILLED", tags={STATUS: "failed", REASON: "interrupted by the user (Ctrl-C)"})
             raise TrialCrashed(result.reason)
         extra: dict[str, Any] = {
-            k: result.resolved[k] for k in ("tokens_per_batch", "resumed_from_step") if k in result.resolved
+            k: result.resolved[k]
+            for k in ("tokens_per_batch", "resumed_from_step", "batchnorm")
+            if k in result.resolved
         }
         if extra:
             self.tracker.log_params(run_id, extra)
@@ -706,4 +721,5 @@ def run_params(spec: TrainSpec, cfg: SweepConfig) -> dict[str, Any]:
         "schedule": spec.schedule,
         "target": f"{spec.target_metric}={spec.target_value}" if spec.target_metric else None,
         "gns": spec.gns,
+        "gns_every": spec.gns_every if spec.gns else None,
     }

@@ -27,10 +27,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trainers.checkpoint import CheckpointPolicy
 from trainers.spec import TrainResult, TrainSpec
+
+if TYPE_CHECKING:  # importing torch here would delay spawning the worker, which imports it anyway
+    from trainers.checkpoint import CheckpointPolicy
 
 _PROGRESS_EVERY_S = 0.25
 # After a stop request, how long a torchrun trial gets to stop at its next logging point.

@@ -183,6 +183,8 @@ def train(
             distributed.broadcast_module(model)  # every process starts from rank 0's weights
         if task.tokens_per_example is not None:
             resolved["tokens_per_batch"] = B * task.tokens_per_example
+        # BatchNorm statistics depend on the micro-batch: reports flag runs where it was not the batch.
+        resolved["batchnorm"] = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         step_model = torch.compile(model) if spec.compile else model
         optimizer = make_optimizer(spec, model, lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
