@@ -1,16 +1,27 @@
-"""The registry of built-in training recipes: name -> models, options, builder."""
+"""The registry of training recipes: name -> models, options, builder.
+
+Built-in recipes are looked up by name (`mnist1d`, `digits`, `cifar10`, `charlm`).
+A user's own recipe is named by import path, `package.module:attribute`, where the
+attribute is either a `Recipe` or a function `build(model, options, device) -> Task`
+(see docs/recipes.md).
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
+from torch import nn
 
-from trainers.recipes import mnist1d
+from trainers.recipes import charlm, cifar10, digits, mnist1d
 from trainers.task import Task
+
+DEFAULT_METRICS = ("val/loss", "val/acc", "train/loss")
 
 
 @dataclass(frozen=True)
@@ -20,26 +31,147 @@ class Recipe:
     options: type[BaseModel]
     build: Callable[[str, Any, torch.device], Task]
     # Metrics a target may name, besides the loss ones every recipe has.
-    metrics: tuple[str, ...] = ("val/loss", "val/acc", "train/loss")
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    # The training-set size from validated options, without building the model (for epoch
+    # budgets); None where unknown.
+    num_train: Callable[[Any], int] | None = None
+
+
+class AnyModel(tuple[str, ...]):
+    """The models of a recipe given as a bare build function: any name, the function checks it."""
+
+    def __contains__(self, item: object) -> bool:
+        return isinstance(item, str)
+
+
+class UserOptions(BaseModel):
+    """Options of a recipe given as a bare build function: any keys, passed on as a plain dict."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 RECIPES: dict[str, Recipe] = {
     "mnist1d": Recipe("mnist1d", mnist1d.MODELS, mnist1d.Mnist1dOptions, mnist1d.build),
+    "digits": Recipe("digits", digits.MODELS, digits.DigitsOptions, digits.build, num_train=digits.num_train),
+    "cifar10": Recipe("cifar10", cifar10.MODELS, cifar10.Cifar10Options, cifar10.build, num_train=cifar10.num_train),
+    "charlm": Recipe(
+        "charlm", charlm.MODELS, charlm.CharLMOptions, charlm.build, metrics=charlm.METRICS, num_train=charlm.num_train
+    ),
 }
 
 
 def get_recipe(name: str) -> Recipe:
+    """A built-in recipe by name, or a user's recipe by import path `package.module:attribute`."""
+    if ":" in name:
+        return _import_recipe(name)
     try:
         return RECIPES[name]
     except KeyError:
-        raise ValueError(f"unknown recipe {name!r}; choose one of: {', '.join(sorted(RECIPES))}") from None
+        raise ValueError(
+            f"unknown recipe {name!r}; choose one of: {', '.join(sorted(RECIPES))}, "
+            "or name your own as 'package.module:build'"
+        ) from None
+
+
+def _import_recipe(path: str) -> Recipe:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr or ":" in attr:
+        raise ValueError(f"recipe {path!r}: write a user recipe as 'package.module:build' (one ':').")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import failure (missing module, syntax error, its own imports) is the user's to fix
+        raise ValueError(
+            f"recipe {path!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}); "
+            "install it or run from the folder that holds it with PYTHONPATH=."
+        ) from None
+    if not hasattr(module, attr):
+        raise ValueError(f"recipe {path!r}: module {module_name!r} has no attribute {attr!r}.")
+    obj = getattr(module, attr)
+    if isinstance(obj, Recipe):
+        return obj
+    if not callable(obj):
+        raise ValueError(
+            f"recipe {path!r}: {attr!r} is not callable (its type is {type(obj).__name__}); "
+            "point at a function build(model, options, device) -> Task or at a Recipe."
+        )
+    try:
+        inspect.signature(obj).bind("model", {}, torch.device("cpu"))
+    except TypeError:
+        raise ValueError(
+            f"recipe {path!r}: {attr!r} must accept (model, options, device), but its signature is "
+            f"{attr}{inspect.signature(obj)}."
+        ) from None
+    except ValueError:
+        pass  # no signature to inspect (some builtins): find out when it is called
+
+    def build(model: str, options: UserOptions, device: torch.device) -> Task:
+        return obj(model, dict(options.model_extra or {}), device)
+
+    return Recipe(path, AnyModel(), UserOptions, build)
 
 
 def build_task(name: str, model: str, options: Mapping[str, Any], device: torch.device) -> Task:
+    """Validate the options, build the recipe's task on `device`, and check what came back."""
     recipe = get_recipe(name)
     if model not in recipe.models:
         raise ValueError(f"recipe {name!r} has no model {model!r}; choose one of {', '.join(recipe.models)}.")
-    return recipe.build(model, recipe.options.model_validate(dict(options)), device)
+    task = recipe.build(model, recipe.options.model_validate(dict(options)), device)
+    check_task(task, device, name)
+    return task
 
 
-__all__ = ["RECIPES", "Recipe", "build_task", "get_recipe"]
+def check_task(task: object, device: torch.device, name: str) -> None:
+    """Refuse a task the loop cannot train, saying which field is wrong.
+
+    Runs the model once on two training examples in eval mode, before any timing.
+    """
+    if not isinstance(task, Task):
+        raise ValueError(f"recipe {name!r} returned a {type(task).__name__}, not a trainers.task.Task.")
+    if not isinstance(task.model, nn.Module):
+        raise ValueError(f"recipe {name!r}: Task.model must be a torch.nn.Module, got {type(task.model).__name__}.")
+    tensors = {k: getattr(task, k) for k in ("train_x", "train_y", "val_x", "val_y")}
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"recipe {name!r}: Task.{key} must be a torch.Tensor, got {type(value).__name__}.")
+        if not _on(value.device, device):
+            raise ValueError(f"recipe {name!r}: Task.{key} is on {value.device}, not on the training device {device}.")
+    param = next(iter(task.model.parameters()), None)
+    if param is not None and not _on(param.device, device):
+        raise ValueError(f"recipe {name!r}: the model is on {param.device}, not on the training device {device}.")
+    for x, y in (("train_x", "val_x"), ("train_y", "val_y")):
+        if tensors[x].shape[1:] != tensors[y].shape[1:]:
+            raise ValueError(
+                f"recipe {name!r}: Task.{x} has examples of shape {tuple(tensors[x].shape[1:])} "
+                f"but Task.{y} has {tuple(tensors[y].shape[1:])}."
+            )
+    model = task.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(task.train_x[:2])
+            loss = task.loss_fn(out.float(), task.train_y[:2])
+    finally:
+        model.train(was_training)
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(
+            f"recipe {name!r}: Task.loss_fn must return the mean loss as a 0-dim tensor, got {shape}; "
+            "average over the batch (reduction='mean')."
+        )
+    if task.classification and out.shape[:-1] != task.train_y[:2].shape:
+        raise ValueError(
+            f"recipe {name!r}: classification=True takes the argmax over the outputs' last dimension, so the "
+            f"outputs {tuple(out.shape)} must be the targets' shape {tuple(task.train_y[:2].shape)} plus classes; "
+            "set classification=False for other outputs."
+        )
+
+
+def _on(actual: torch.device, wanted: torch.device) -> bool:
+    # torch.device("cuda") means the current CUDA device, whose tensors say cuda:0.
+    if actual.type != wanted.type:
+        return False
+    return wanted.index is None or actual.index is None or actual.index == wanted.index
+
+
+__all__ = ["RECIPES", "AnyModel", "Recipe", "UserOptions", "build_task", "check_task", "get_recipe"]

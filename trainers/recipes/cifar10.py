@@ -1,0 +1,217 @@
+"""CIFAR-10 from the user's local copy, trained by a ResNet-9 in the speed-run style.
+
+The data are the standard python pickle batches (`data_batch_1` … `data_batch_5`,
+`test_batch` in the extracted `cifar-10-batches-py` folder), read once and put on
+the device whole as uint8. Normalization and augmentation (random crop with
+padding, horizontal flip) run inside the model's forward on the whole batch on
+the device, so the training loop is the same as for any other recipe: no
+per-example Python, no host sync. The network is David Page's ResNet-9, the
+ancestor of KellerJordan/cifar10-airbench, with its widths scaled by `width`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from trainers.task import Task
+
+MODELS = ("resnet9",)
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+# Per-channel mean and standard deviation of the CIFAR-10 training images, in [0, 1] units.
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+
+class Cifar10Options(BaseModel):
+    """Recipe options, given in a config's `trainer:` section."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    # The extracted `cifar-10-batches-py` folder (the "CIFAR-10 python version" archive).
+    data_dir: str
+    # Use data_batch_1 … data_batch_N only.
+    train_batches: int = Field(default=5, ge=1, le=5)
+    # At most this many training and this many validation examples (quick runs).
+    limit: int | None = Field(default=None, ge=1)
+    # Channels of the first convolution; the stages have 2×, 4× and 8× as many (64 is the original).
+    width: int = Field(default=64, ge=1, le=1024)
+    augment: bool = True
+    # Random crops of the image padded by this many pixels on each side.
+    crop_padding: int = Field(default=4, ge=0, le=16)
+    flip: bool = True
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    # The batches are pickles written by Python 2: keys and strings come back as bytes.
+    # Unpickling runs code from the file, so only point data_dir at files you trust.
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ValueError(f"cifar10: {path} is not a CIFAR-10 python batch (a dict with b'data' and b'labels').")
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise ValueError(
+            f"cifar10: {path} has data of shape {data.shape} and {len(labels)} labels; "
+            "expected (N, 3072) uint8 rows and N labels."
+        )
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(data_dir: str | Path, train_batches: int = 5, limit: int | None = None) -> dict[str, np.ndarray]:
+    """x (N, 3, 32, 32) uint8 and y int64 for training (the first `train_batches` files) and validation."""
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise ValueError(
+            f"cifar10: data_dir={str(data_dir)!r} is not a folder; set data_dir to the extracted "
+            "'cifar-10-batches-py' folder of the CIFAR-10 python version."
+        )
+    names = (*TRAIN_FILES[:train_batches], TEST_FILE)
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise ValueError(
+            f"cifar10: data_dir={str(data_dir)!r} has no file {missing[0]!r}; it must hold "
+            f"{', '.join(names)} (the CIFAR-10 python version), or lower train_batches."
+        )
+    parts = [_read_batch(folder / n) for n in TRAIN_FILES[:train_batches]]
+    x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    x_val, y_val = _read_batch(folder / TEST_FILE)
+    return {"x": x[:limit], "y": y[:limit], "x_val": x_val[:limit], "y_val": y_val[:limit]}
+
+
+def num_train(options: Cifar10Options) -> int:
+    """Training-set size (reads the label lists of the training files)."""
+    arrays = load_cifar10(options.data_dir, options.train_batches, options.limit)
+    return len(arrays["y"])
+
+
+# ---- augmentation on whole batches on the device ---------------------------------
+
+
+def random_crop(x: torch.Tensor, padding: int) -> torch.Tensor:
+    """Each image of the batch cropped at its own random offset from the image padded with zeros."""
+    if padding == 0:
+        return x
+    n, c, h, w = x.shape
+    padded = nn.functional.pad(x, (padding, padding, padding, padding))
+    top = torch.randint(0, 2 * padding + 1, (n,), device=x.device)
+    left = torch.randint(0, 2 * padding + 1, (n,), device=x.device)
+    rows = (top[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (left[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    out = padded.gather(2, rows.expand(n, c, h, w + 2 * padding))
+    return out.gather(3, cols.expand(n, c, h, w))
+
+
+def random_flip(x: torch.Tensor) -> torch.Tensor:
+    """Each image of the batch mirrored left-right with probability 1/2."""
+    flip = torch.rand(len(x), device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+# ---- the network ---------------------------------------------------------------------
+
+
+def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.BatchNorm2d(c_out), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(channels, channels), conv_bn(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResNet9(nn.Module):
+    """ResNet-9 (Page 2018): prep, three pooled stages, two of them residual, max-pool, linear.
+
+    Takes uint8 images (N, 3, 32, 32); in training mode it augments them first.
+    """
+
+    mean: torch.Tensor
+    inv_std: torch.Tensor
+
+    def __init__(
+        self,
+        width: int = 64,
+        classes: int = 10,
+        *,
+        augment: bool = True,
+        crop_padding: int = 4,
+        flip: bool = True,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.augment = augment
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.channels_last = channels_last
+        # Scaled to uint8 units so normalization is one multiply-add.
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("inv_std", 1 / (torch.tensor(STD).view(1, 3, 1, 1) * 255))
+        w = width
+        self.net = nn.Sequential(
+            conv_bn(3, w),
+            conv_bn(w, 2 * w, pool=True),
+            Residual(2 * w),
+            conv_bn(2 * w, 4 * w, pool=True),
+            conv_bn(4 * w, 8 * w, pool=True),
+            Residual(8 * w),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8 * w, classes, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() - self.mean) * self.inv_std
+        if self.training and self.augment:
+            x = random_crop(x, self.crop_padding)
+            if self.flip:
+                x = random_flip(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # The small output scale from the original keeps the initial logits, and loss, tame.
+        return self.net(x) * 0.125
+
+
+def build(model: str, options: Cifar10Options, device: torch.device) -> Task:
+    if model != "resnet9":
+        raise ValueError(f"cifar10 has no model {model!r}; choose one of {MODELS}.")
+    arrays = load_cifar10(options.data_dir, options.train_batches, options.limit)
+    # channels_last lets cuDNN pick its fastest convolutions; on CPU the default layout is as good.
+    channels_last = device.type == "cuda"
+    net = ResNet9(
+        options.width,
+        augment=options.augment,
+        crop_padding=options.crop_padding,
+        flip=options.flip,
+        channels_last=channels_last,
+    ).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # supported, not in the stubs
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    return Task(
+        model=net,
+        train_x=tensor(arrays["x"]),  # uint8: a quarter of float32's memory; the model converts per batch
+        train_y=tensor(arrays["y"]),
+        val_x=tensor(arrays["x_val"]),
+        val_y=tensor(arrays["y_val"]),
+        loss_fn=nn.functional.cross_entropy,
+        classification=True,
+    )
