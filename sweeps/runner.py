@@ -687,10 +687,18 @@ def make_spec(
 
 def _num_train(cfg: SweepConfig) -> int:
     # Sample and epoch budgets need the training-set size; recipes know it without building the model.
-    opts = get_recipe(cfg.trainer.recipe).options.model_validate(cfg.trainer.options)
+    recipe = get_recipe(cfg.trainer.recipe)
+    opts = recipe.options.model_validate(cfg.trainer.options)
+    if recipe.num_train is not None:
+        return int(recipe.num_train(opts))
     n = getattr(opts, "num_samples", None)
     split = getattr(opts, "train_split", 1.0)
-    return int(n * split) if n else 1
+    if not n:
+        raise UserError(
+            f"train.max_epochs/max_samples need the training-set size, which recipe {cfg.trainer.recipe!r} "
+            "does not give (Recipe.num_train); use train.max_steps"
+        )
+    return int(n * split)
 
 
 def run_params(spec: TrainSpec, cfg: SweepConfig) -> dict[str, Any]:
@@ -705,7 +713,7 @@ def run_params(spec: TrainSpec, cfg: SweepConfig) -> dict[str, Any]:
         "lr": spec.lr,
         "effective_lr": trainers.schedule.scaled_lr(spec.lr, spec.batch_size, spec.lr_scaling, spec.reference_batch),
         "optimizer": spec.optimizer,
-        "momentum": spec.momentum if spec.optimizer == "sgd" else None,
+        "momentum": spec.momentum,
         "weight_decay": spec.weight_decay,
         "seed": spec.seed,
         "trainer": spec.recipe,

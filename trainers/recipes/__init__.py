@@ -51,7 +51,7 @@ class UserOptions(BaseModel):
 
 
 RECIPES: dict[str, Recipe] = {
-    "mnist1d": Recipe("mnist1d", mnist1d.MODELS, mnist1d.Mnist1dOptions, mnist1d.build),
+    "mnist1d": Recipe("mnist1d", mnist1d.MODELS, mnist1d.Mnist1dOptions, mnist1d.build, num_train=mnist1d.num_train),
     "digits": Recipe("digits", digits.MODELS, digits.DigitsOptions, digits.build, num_train=digits.num_train),
     "cifar10": Recipe("cifar10", cifar10.MODELS, cifar10.Cifar10Options, cifar10.build, num_train=cifar10.num_train),
     "charlm": Recipe(

@@ -126,3 +126,8 @@ def build(model: Literal["mlp", "cnn"] | str, options: Mnist1dOptions, device: t
         loss_fn=nn.functional.cross_entropy,
         classification=True,
     )
+
+
+def num_train(options: Mnist1dOptions) -> int:
+    """Training examples, without generating the data (mnist1d splits by int(n * split))."""
+    return int(options.num_samples * options.train_split)
