@@ -145,6 +145,9 @@ class TrainConfig(_Strict):
     compile: bool = False
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
+    # CPU: cap each trial worker's memory (MB above its start-up size); a batch that does not fit
+    # then ends its trial as `oom` instead of swapping the machine. null: no cap.
+    memory_limit_mb: Annotated[Float, Field(gt=0.0)] | None = None
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:

@@ -27,7 +27,7 @@ from sweeps.config import SweepConfig, config_to_dict
 from sweeps.errors import UserError
 from sweeps.stores import Stores, check_tracking, open_storage, quiet_libraries, redact, resolve, root_dir, safe_name
 from sweeps.tracking import REASON, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker
-from sweeps.worker import Job, TrialError, TrialWorker, WorkerDied
+from sweeps.worker import MEMORY_ENV, Job, TrialError, TrialWorker, WorkerDied
 from trainers.checkpoint import CheckpointPolicy
 from trainers.device import resolve_device, resolve_precision
 from trainers.recipes import get_recipe
@@ -296,7 +296,12 @@ class Sweep:
         self._lock = threading.Lock()
         self._outcomes: list[TrialOutcome] = []
         self._errors: list[BaseException] = []
-        # A worker started early (see `prestart`) already has its imports done.
+        # A worker started early (before the config was read) already has its imports done;
+        # one that must run with settings from the config (a memory cap) is started afresh.
+        if self._worker_env():
+            for early in self._prestarted:
+                early.close()
+            self._prestarted = []
         slots = [*self._prestarted[:workers]]
         slots += [TrialWorker(env=self._worker_env()) for _ in range(workers - len(slots))]
         for extra in self._prestarted[workers:]:
@@ -353,7 +358,8 @@ class Sweep:
                 t.join(0.2)
 
     def _worker_env(self) -> dict[str, str]:
-        return {}
+        limit = self.cfg.train.memory_limit_mb
+        return {MEMORY_ENV: str(limit)} if limit is not None else {}
 
     def _slot_loop(self, slot: int, total: int, reporter: Reporter) -> None:
         consecutive_crashes = 0

@@ -211,6 +211,22 @@ def _set_parent_death_signal() -> Callable[[], None]:
     return set_it
 
 
+MEMORY_ENV = "BATCHSCOPE_TRIAL_MEMORY_MB"
+
+
+def _limit_memory(limit_mb: str | None) -> None:
+    """Cap this worker's address space (CPU trials): a batch too large then fails as `oom`
+    instead of swapping the machine or waking the kernel's OOM killer."""
+    if not limit_mb:
+        return
+    import resource
+
+    with open(f"/proc/{os.getpid()}/status") as f:
+        vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
+    limit = (vm + int(float(limit_mb) * 1024)) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
     # Ctrl-C is handled by the sweep process, which then asks this worker to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -224,6 +240,7 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
     from sweeps.tracking import MlflowSink
     from trainers.loop import train
 
+    _limit_memory(os.environ.get(MEMORY_ENV))
     quiet_libraries()
     clients: dict[str, MlflowClient] = {}
     while True:
