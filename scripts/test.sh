@@ -15,4 +15,4 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
 fi
 ruff check .
 mypy sweeps trainers analysis
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"
