@@ -55,11 +55,24 @@ def _journal(workdir: Path) -> optuna.storages.JournalStorage:
     return journal_storage(workdir / "mlruns" / "optuna.journal")
 
 
+@pytest.fixture(scope="module")
+def _swept_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real sweep for the whole module; each test gets its own copy of the stores."""
+    base = tmp_path_factory.mktemp("e2e")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)
+        mp.setenv("BATCHSCOPE_ROOT", str(base / "mlruns"))
+        path = write_config(base / "sweep.yaml", small_config("e2e"))
+        assert main(["sweep", str(path), "--no-report"]) == 0
+    return base
+
+
 @pytest.fixture
-def swept(workdir: Path) -> Path:
-    path = write_config(workdir / "sweep.yaml", small_config("e2e"))
-    assert main(["sweep", str(path), "--no-report"]) == 0
-    return path
+def swept(workdir: Path, _swept_once: Path) -> Path:
+    import shutil
+
+    shutil.copytree(_swept_once / "mlruns", workdir / "mlruns")
+    return Path(shutil.copy(_swept_once / "sweep.yaml", workdir / "sweep.yaml"))
 
 
 def test_sweep_fills_both_stores_as_the_contract_says(workdir: Path, swept: Path) -> None:
