@@ -23,9 +23,8 @@ import os
 import pickle
 import signal
 import sys
-import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,8 +32,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sweeps.tracking import MlflowSink
     from sweeps.worker import Job
-
-_PROGRESS_EVERY_S = 0.25
 
 
 def stop_file(result_file: Path) -> Path:
@@ -57,21 +54,6 @@ def write_atomically(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-class _ProgressFile:
-    """Keeps the latest (step, training loss) in a file, at most a few times a second."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._last = 0.0
-
-    def __call__(self, step: int, values: Mapping[str, float]) -> None:
-        loss = values.get("train/loss")
-        now = time.monotonic()
-        if loss is not None and now - self._last >= _PROGRESS_EVERY_S:
-            self._last = now
-            write_atomically(self._path, (step, float(loss)))
-
-
 def _open_sink(job: Job, result_file: Path, world: int) -> MlflowSink:
     """Rank 0's sink, writing to the trial's run (MLflow is imported here: the other ranks never load it)."""
     import logging
@@ -80,12 +62,17 @@ def _open_sink(job: Job, result_file: Path, world: int) -> MlflowSink:
     from mlflow.entities import Param
 
     from sweeps.tracking import MlflowSink
+    from sweeps.worker import ProgressThrottle
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     client = MlflowClient(job.tracking_uri)
     client.log_batch(job.run_id, params=[Param("world_size", str(world))])
-    return MlflowSink(client, job.run_id, on_metrics=_ProgressFile(progress_file(result_file)))
+    return MlflowSink(
+        client,
+        job.run_id,
+        on_metrics=ProgressThrottle(lambda step, loss: write_atomically(progress_file(result_file), (step, loss))),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -178,11 +178,15 @@ def _death_reason(code: int | None) -> str:
 # ---- the child side -------------------------------------------------------------
 
 
-class _ProgressSender:
-    """Sends the latest training loss to the sweep process, at most a few times a second."""
+def _sender(conn: Connection) -> Callable[[int, float], None]:
+    return lambda step, loss: conn.send(("step", step, loss))
 
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
+
+class ProgressThrottle:
+    """Hands the latest training loss to `send`, at most a few times a second."""
+
+    def __init__(self, send: Callable[[int, float], None]) -> None:
+        self._send = send
         self._last = 0.0
 
     def __call__(self, step: int, values: Mapping[str, float]) -> None:
@@ -190,7 +194,7 @@ class _ProgressSender:
         now = time.monotonic()
         if loss is not None and now - self._last >= _PROGRESS_EVERY_S:
             self._last = now
-            self._conn.send(("step", step, loss))
+            self._send(step, float(loss))
 
 
 def die_with_parent() -> None:
@@ -261,7 +265,12 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
             reply = conn.recv()
             return bool(reply[1])
 
-        sink = MlflowSink(client, job.run_id, on_eval=on_eval, on_metrics=_ProgressSender(conn))
+        sink = MlflowSink(
+            client,
+            job.run_id,
+            on_eval=on_eval,
+            on_metrics=ProgressThrottle(lambda step, loss: conn.send(("step", step, loss))),
+        )
         spec = job.spec
         fault = faults.for_trial(job.trial_number)
         run_sink: Any = sink

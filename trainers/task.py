@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,3 +45,24 @@ class Task:
     @property
     def num_train(self) -> int:
         return len(self.train_x)
+
+
+def classification_task(
+    model: nn.Module,
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    device: torch.device,
+) -> Task:
+    """A classifier and its (x, y, x_val, y_val) numpy arrays, moved to the device whole."""
+    x, y, x_val, y_val = (
+        torch.as_tensor(a, dtype=dtype).to(device)
+        for a, dtype in zip(arrays, (torch.float32, torch.long, torch.float32, torch.long), strict=True)
+    )
+    return Task(
+        model=model.to(device),
+        train_x=x,
+        train_y=y,
+        val_x=x_val,
+        val_y=y_val,
+        loss_fn=nn.functional.cross_entropy,
+        classification=True,
+    )

@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from trainers.task import Task
+from trainers.task import Task, classification_task
 
 MODELS = ("cnn",)
 NUM_EXAMPLES = 1797
@@ -114,15 +114,4 @@ def build(model: str, options: DigitsOptions, device: torch.device) -> Task:
     arrays = load_arrays(options)
     net = DigitsCNN(options.channels, options.norm, options.groups)
 
-    def tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.as_tensor(a, dtype=dtype).to(device)
-
-    return Task(
-        model=net.to(device),
-        train_x=tensor(arrays["x"], torch.float32),
-        train_y=tensor(arrays["y"], torch.long),
-        val_x=tensor(arrays["x_val"], torch.float32),
-        val_y=tensor(arrays["y_val"], torch.long),
-        loss_fn=nn.functional.cross_entropy,
-        classification=True,
-    )
+    return classification_task(net, (arrays["x"], arrays["y"], arrays["x_val"], arrays["y_val"]), device)

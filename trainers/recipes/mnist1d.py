@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from trainers.task import Task
+from trainers.task import Task, classification_task
 
 MODELS = ("mlp", "cnn")
 
@@ -114,18 +114,7 @@ def build(model: Literal["mlp", "cnn"] | str, options: Mnist1dOptions, device: t
     else:
         raise ValueError(f"mnist1d has no model {model!r}; choose one of {MODELS}.")
 
-    def tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.as_tensor(a, dtype=dtype).to(device)
-
-    return Task(
-        model=net.to(device),
-        train_x=tensor(arrays["x"], torch.float32),
-        train_y=tensor(arrays["y"], torch.long),
-        val_x=tensor(arrays["x_test"], torch.float32),
-        val_y=tensor(arrays["y_test"], torch.long),
-        loss_fn=nn.functional.cross_entropy,
-        classification=True,
-    )
+    return classification_task(net, (arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"]), device)
 
 
 def num_train(options: Mnist1dOptions) -> int:
