@@ -252,6 +252,12 @@ class Sweep:
 
         reason = "its worker stopped while this trial was running; re-run with the same parameters"
         try:
+            if "mlflow_run_id" not in t.user_attrs:
+                # Killed between creating its MLflow run and recording it: find the run by its tags.
+                run_ids = self.tracker.trial_run_ids(self.experiment_id, t.number)
+                if run_ids:
+                    self.storage.set_trial_user_attr(t._trial_id, "mlflow_run_ids", run_ids)
+                    self.storage.set_trial_user_attr(t._trial_id, "mlflow_run_id", run_ids[0])
             self.storage.set_trial_user_attr(t._trial_id, "status", "failed")
             self.storage.set_trial_user_attr(t._trial_id, "reason", reason)
             if not self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL):

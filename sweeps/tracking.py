@@ -107,6 +107,16 @@ class Tracker:
         for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=metrics[i : i + _MAX_METRICS_PER_BATCH])
 
+    def trial_run_ids(self, experiment_id: str, trial_number: int) -> list[str]:
+        """The child runs of one Optuna trial, oldest first (one per seed)."""
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{ROLE}` = 'trial' and tags.`{TRIAL}` = '{int(trial_number)}'",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            order_by=["attributes.start_time ASC"],
+        )
+        return [str(r.info.run_id) for r in runs]
+
     def close_stale_runs(self, experiment_id: str, is_alive: Callable[[str], bool]) -> int:
         """End child runs left RUNNING by a killed sweep (their trials are re-run)."""
         runs = self.client.search_runs(

@@ -181,3 +181,23 @@ def test_parallel_workers_complete_every_trial(workdir: Path) -> None:
     children = [r for r in _children(workdir, study) if r.data.tags.get("batchscope.role") == "trial"]
     assert len(children) == 12
     assert len({r.data.tags["optuna.trial_number"] for r in children}) == 12
+
+
+def test_a_trial_killed_before_recording_its_run_is_linked_to_it_on_recovery(workdir: Path) -> None:
+    """SIGKILL between creating the MLflow run and recording its id on the trial: recovery finds the run."""
+    import socket
+
+    from sweeps.config import validate
+    from sweeps.runner import Sweep
+    from sweeps.tracking import STUDY, TRIAL
+
+    sweep = Sweep(validate(_fast("orphan", 2), "test"))
+    trial = sweep.study.ask()
+    trial.set_user_attr("worker", f"{socket.gethostname()}:999999999")  # a process that does not exist
+    run_id = sweep.tracker.trial_run(
+        sweep.experiment_id, sweep.parent_run_id, "trial 0", {}, {STUDY: "orphan", TRIAL: str(trial.number)}
+    )
+    assert sweep.recover() == 1
+    dead = sweep.study.trials[trial.number]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["mlflow_run_id"] == run_id
+    assert _children(workdir, "orphan")[0].info.status != "RUNNING"
