@@ -3,19 +3,26 @@
 Same model, same device-resident data, same batch order mechanism, same optimizer
 as batchscope's loop, but no logging, no evaluation, no noise scale, and the loss
 is never read back. Timed with a synchronize at the end only.
+
+`on_step` turns it into the hand-written loops people write around it (read the
+loss, log it to MLflow): the bare loop passes None, and pays one `is None` test.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
+from benchmarks.common import Timing
 from trainers.device import make_precision, resolve_device, resolve_precision, seed_everything
 from trainers.loop import make_optimizer
 from trainers.recipes import build_task
 from trainers.spec import TrainSpec
 from trainers.task import Task
+
+OnStep = Callable[[int, torch.Tensor], None]
 
 
 def build(spec: TrainSpec) -> Task:
@@ -24,8 +31,8 @@ def build(spec: TrainSpec) -> Task:
     return build_task(spec.recipe, spec.model, spec.recipe_options, device)
 
 
-def bare_loop(spec: TrainSpec, task: Task, steps: int) -> float:
-    """Seconds for `steps` optimizer steps (after a short warm-up)."""
+def bare_loop(spec: TrainSpec, task: Task, steps: int, on_step: OnStep | None = None) -> Timing:
+    """Wall and CPU seconds for `steps` optimizer steps (after a short warm-up)."""
     device = task.train_x.device
     precision = make_precision(resolve_precision(spec.precision, device), device)
     model = task.model
@@ -33,8 +40,10 @@ def bare_loop(spec: TrainSpec, task: Task, steps: int) -> float:
     scaler = precision.scaler
     n, b = task.num_train, spec.batch_size
     gen = torch.Generator(device=device).manual_seed(spec.seed)
+    done = 0
 
     def run(k: int) -> None:
+        nonlocal done
         perm = torch.randperm(n, generator=gen, device=device)
         pos = 0
         for _ in range(k):
@@ -48,13 +57,16 @@ def bare_loop(spec: TrainSpec, task: Task, steps: int) -> float:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            done += 1
+            if on_step is not None:
+                on_step(done, loss)
 
     model.train()
     run(min(20, steps))  # warm-up: allocator, kernels, autograd graph caches
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     run(steps)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return Timing(time.perf_counter() - wall, time.process_time() - cpu)

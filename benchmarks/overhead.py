@@ -3,25 +3,35 @@
 batchscope runs with everything on (per-step train/loss, eval every 50 steps,
 noise scale, a real MLflow child run written by the buffered sink); the bare loop
 has nothing. Both train the same model on the same device-resident data for the
-same number of steps in the same process; each pair is repeated and the median
-ratio reported, so a noisy machine does not mislead.
+same number of steps in the same process; the variants alternate within each
+repeat (in a rotating order) and the median of the per-repeat ratios is reported,
+so a noisy machine does not mislead.
+
+batchscope's time is the whole `train()` call (set-up, evaluations, the end-of-run
+evaluation) plus closing the sink, i.e. until every metric is in the database; the
+bare loop's is its steps only, after a 20-step warm-up. Sharpness (a one-off
+end-of-run measurement) is off: it is part of the per-trial cost (section 3).
 """
 
 from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.bare import bare_loop, build
+from benchmarks.bare import OnStep, bare_loop, build
+from benchmarks.common import Ratio, Section, Timing, markdown_table, timed
+from benchmarks.reference import BATCH_EVERY, log_batch_every, log_metric_every_step
 from trainers.loop import train
 from trainers.spec import RecordingSink, TrainSpec
+
+BATCH_SIZES = (16, 128, 1024)
 
 
 @dataclass
@@ -29,51 +39,127 @@ class OverheadRow:
     batch_size: int
     bare_samples_per_s: float
     batchscope_samples_per_s: float
-    ratio: float
-    gns_ratio: float  # batchscope with noise scale / batchscope without
+    ratio: float  # median over repeats of bare time / batchscope time
+    gns_cost: float  # batchscope with noise scale / without, minus 1 (0.08 = 8% slower)
     syncs_per_step: float | None  # CUDA only: host syncs seen per training step
 
 
-def _mlflow_sink(store: Path) -> tuple[Any, Any, str]:
-    from mlflow import MlflowClient
+class MlflowStore:
+    """A SQLite MLflow store in a temporary folder; one run per measured training, like a sweep's child runs.
 
-    from sweeps.tracking import MlflowSink
+    The runs are left RUNNING: the folder is deleted with them.
+    """
 
-    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("bench") or None
-    exp_id = exp.experiment_id if exp else client.create_experiment("bench", artifact_location=(store / "a").as_uri())
-    run = client.create_run(exp_id)
-    return MlflowSink(client, run.info.run_id), client, run.info.run_id
+    def __init__(self, root: Path) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.client = MlflowClient(self.tracking_uri)  # creates the schema (seconds), outside any timing
+        self.experiment_id = self.client.create_experiment("bench", artifact_location=(root / "a").as_uri())
+
+    def sink(self) -> Any:
+        from sweeps.tracking import MlflowSink
+
+        run = self.client.create_run(self.experiment_id)
+        return MlflowSink(self.client, run.info.run_id)
 
 
-def _timed_train(spec: TrainSpec, tracking: str, store: Path, count_syncs: bool = False) -> tuple[float, int]:
+def timed_train(spec: TrainSpec, sink: Any, *, count_syncs: bool = False) -> tuple[Timing, int]:
+    """Time `train()` plus closing the sink; with `count_syncs` (CUDA), also count host syncs."""
     task = build(spec)
-    sink: Any
-    client = run_id = None
-    if tracking == "mlflow":
-        sink, client, run_id = _mlflow_sink(store)
-    else:
-        sink = RecordingSink()
-    syncs = 0
     cuda = task.train_x.is_cuda
     if count_syncs and cuda:
         torch.cuda.set_sync_debug_mode("warn")
-    start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train(spec, sink, task=task)
-    elapsed = time.perf_counter() - start
+
+        def run() -> None:
+            train(spec, sink, task=task)
+            if hasattr(sink, "close"):
+                sink.close()
+
+        timing = timed(run)
+    syncs = 0
     if count_syncs and cuda:
         torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchroniz" in str(w.message) for w in caught)
-    if client is not None:
-        sink.close()
-        client.set_terminated(run_id)
-    return elapsed, syncs
+    return timing, syncs
+
+
+def base_spec(steps: int, device: str = "cpu", precision: str = "auto") -> TrainSpec:
+    return TrainSpec(
+        recipe_options={"num_samples": 5000},
+        max_steps=steps,
+        eval_every=50,
+        log_every=10,
+        sharpness=False,
+        device=device,
+        precision=precision,
+        lr=0.05,
+    )
+
+
+def alternate(variants: dict[str, Callable[[], Timing]], repeats: int) -> dict[str, list[Timing]]:
+    """Run every variant once per repeat, in an order that rotates between repeats."""
+    keys = list(variants)
+    times: dict[str, list[Timing]] = {k: [] for k in keys}
+    for r in range(repeats):
+        shift = r % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            times[key].append(variants[key]())
+    return times
+
+
+def paired(times: dict[str, list[Timing]], num: str, den: str, cpu: bool = False) -> Ratio:
+    """Median over repeats of time[num] / time[den] (wall, or CPU)."""
+    pick = (lambda t: t.cpu_s) if cpu else (lambda t: t.wall_s)
+    return Ratio.of([pick(a) / pick(b) for a, b in zip(times[num], times[den], strict=True)])
+
+
+def bare_variant(spec: TrainSpec, on_step: OnStep | None = None) -> Callable[[], Timing]:
+    """The bare loop on a freshly built model, as one measured variant."""
+    return lambda: bare_loop(spec, build(spec), spec.max_steps, on_step)
+
+
+def train_variant(
+    spec: TrainSpec,
+    make_sink: Callable[[], Any],
+    *,
+    syncs: list[int] | None = None,
+    rows: list[int] | None = None,
+) -> Callable[[], Timing]:
+    """batchscope's `train()` with a new sink, as one measured variant.
+
+    `syncs` collects the host syncs counted on CUDA; `rows` the metric values a RecordingSink received.
+    """
+
+    def run() -> Timing:
+        sink = make_sink()
+        timing, n = timed_train(spec, sink, count_syncs=syncs is not None)
+        if syncs is not None:
+            syncs.append(n)
+        if rows is not None and isinstance(sink, RecordingSink):
+            rows.append(sum(len(v) for v in sink.history.values()))
+        return timing
+
+    return run
+
+
+def hand_written_variant(spec: TrainSpec, logger: Callable[..., Any], store: MlflowStore) -> Callable[[], Timing]:
+    """The bare loop with a hand-written MLflow logger (benchmarks/reference.py)."""
+
+    def run() -> Timing:
+        with logger(store.tracking_uri, store.experiment_id) as on_step:
+            return bare_loop(spec, build(spec), spec.max_steps, on_step)
+
+    return run
+
+
+# ---- the GPU table (benchmarks/gpu.py) ----------------------------------------------------
 
 
 def measure(
-    batch_sizes: tuple[int, ...] = (16, 128, 1024),
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
     steps: int = 500,
     device: str = "cpu",
     precision: str = "auto",
@@ -82,36 +168,32 @@ def measure(
 ) -> list[OverheadRow]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp)
-        base = TrainSpec(
-            recipe_options={"num_samples": 5000},
-            max_steps=steps,
-            eval_every=50,
-            log_every=10,
-            sharpness=False,
-            device=device,
-            precision=precision,
-            lr=0.05,
-        )
-        # Warm-up of everything process-wide (imports, allocator, MLflow store creation).
-        _timed_train(replace(base, max_steps=30), tracking, store)
+        store = MlflowStore(Path(tmp)) if tracking == "mlflow" else None
+
+        def sink() -> Any:
+            return store.sink() if store is not None else RecordingSink()
+
+        base = base_spec(steps, device, precision)
+        # Warm-up of everything process-wide (imports, allocator, the first optimizer's lazy imports).
+        timed_train(replace(base, max_steps=30), sink())
+        bare_loop(base, build(base), 30)
         for b in batch_sizes:
             spec = replace(base, batch_size=b)
-            bare, full, no_gns, syncs = [], [], [], []
-            for _ in range(repeats):
-                bare.append(bare_loop(spec, build(spec), steps))
-                t, s = _timed_train(spec, tracking, store, count_syncs=True)
-                full.append(t)
-                syncs.append(s)
-                no_gns.append(_timed_train(replace(spec, gns=False), tracking, store)[0])
-            t_bare, t_full, t_nogns = (statistics.median(x) for x in (bare, full, no_gns))
+            syncs: list[int] = []
+            variants = {
+                "bare": bare_variant(spec),
+                "full": train_variant(spec, sink, syncs=syncs),
+                "no_gns": train_variant(replace(spec, gns=False), sink),
+            }
+            times = alternate(variants, repeats)
+            wall = {k: statistics.median(t.wall_s for t in v) for k, v in times.items()}
             rows.append(
                 OverheadRow(
                     b,
-                    steps * b / t_bare,
-                    steps * b / t_full,
-                    t_bare / t_full,
-                    t_nogns / t_full,
+                    steps * b / wall["bare"],
+                    steps * b / wall["full"],
+                    paired(times, "bare", "full").median,
+                    paired(times, "full", "no_gns").median - 1,
                     statistics.median(syncs) / steps if device.startswith("cuda") else None,
                 )
             )
@@ -119,14 +201,151 @@ def measure(
 
 
 def table(rows: list[OverheadRow]) -> str:
-    lines = [
-        "| batch | bare samples/s | batchscope samples/s | ratio (target ≥ 0.95) | noise-scale cost | syncs/step |",
-        "|---:|---:|---:|---:|---:|---:|",
+    return markdown_table(
+        ["batch", "bare samples/s", "batchscope samples/s", "ratio (target ≥ 0.95)", "noise-scale cost", "syncs/step"],
+        [
+            (
+                r.batch_size,
+                f"{r.bare_samples_per_s:,.0f}",
+                f"{r.batchscope_samples_per_s:,.0f}",
+                f"{r.ratio:.3f}",
+                f"{100 * r.gns_cost:+.1f}%",
+                f"{r.syncs_per_step:.3f}" if r.syncs_per_step is not None else "–",
+            )
+            for r in rows
+        ],
+        "rrrrrr",
+    )
+
+
+# ---- section 1: tracking overhead ---------------------------------------------------------
+
+# Row key -> (label, what the issue quotes). The middle rows add batchscope's parts one at a
+# time (all with an in-memory sink), so the table shows where the gap to the bare loop goes.
+TRACKING_ROWS = {
+    "batchscope": ("**batchscope, everything on (MLflow sink)**", "≥ 0.95 (target)"),
+    "loop": ("  batchscope's loop only (no periodic eval, no noise scale, in-memory sink)", "–"),
+    "eval": ("  + evaluation every 50 steps", "–"),
+    "memory": ("  + noise scale at its default cadence (= everything but MLflow)", "–"),
+    "log_metric": ("hand-written: `mlflow.log_metric` every step", "0.12 / 0.21 / 0.54"),
+    "log_batch": (f"hand-written: `log_batch` every {BATCH_EVERY} steps", "0.73 / 0.85 / 1.0"),
+}
+
+
+def tracking_section(quick: bool) -> Section:
+    steps, repeats = (200, 3) if quick else (500, 7)
+    ratios: dict[str, dict[int, tuple[Ratio, Ratio]]] = {k: {} for k in TRACKING_ROWS}
+    bare_rate: dict[int, float] = {}
+    full_rate: dict[int, float] = {}
+    per_metric_ms: dict[int, float] = {}
+    rows_written: dict[int, int] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = MlflowStore(Path(tmp))
+        base = base_spec(steps)
+        timed_train(replace(base, max_steps=30), store.sink())  # process-wide warm-up
+        bare_loop(base, build(base), 30)
+        for b in BATCH_SIZES:
+            spec = replace(base, batch_size=b)
+            recorded: list[int] = []
+            variants = {
+                "bare": bare_variant(spec),
+                "batchscope": train_variant(spec, store.sink),
+                "loop": train_variant(replace(spec, gns=False, eval_every=steps), RecordingSink),
+                "eval": train_variant(replace(spec, gns=False), RecordingSink),
+                "memory": train_variant(spec, RecordingSink, rows=recorded),
+                "log_metric": hand_written_variant(spec, log_metric_every_step, store),
+                "log_batch": hand_written_variant(spec, log_batch_every, store),
+            }
+            times = alternate(variants, repeats)
+            for key in TRACKING_ROWS:
+                ratios[key][b] = (paired(times, "bare", key), paired(times, "bare", key, cpu=True))
+            bare_rate[b] = steps * b / statistics.median(t.wall_s for t in times["bare"])
+            full_rate[b] = steps * b / statistics.median(t.wall_s for t in times["batchscope"])
+            extra_cpu = [a.cpu_s - m.cpu_s for a, m in zip(times["batchscope"], times["memory"], strict=True)]
+            rows_written[b] = int(statistics.median(recorded))
+            per_metric_ms[b] = 1000 * statistics.median(extra_cpu) / rows_written[b]
+
+    header = ["loop", *(f"batch {b}" for b in BATCH_SIZES), "issue quotes / target"]
+    wall_rows = [
+        ("bare loop, samples/s", *(f"{bare_rate[b]:,.0f}" for b in BATCH_SIZES), "–"),
+        ("batchscope, samples/s", *(f"{full_rate[b]:,.0f}" for b in BATCH_SIZES), "–"),
     ]
-    for r in rows:
-        sync = f"{r.syncs_per_step:.3f}" if r.syncs_per_step is not None else "–"
-        lines.append(
-            f"| {r.batch_size} | {r.bare_samples_per_s:,.0f} | {r.batchscope_samples_per_s:,.0f} | "
-            f"{r.ratio:.3f} | {100 * (1 - r.gns_ratio):+.1f}% | {sync} |"
-        )
-    return "\n".join(lines)
+    wall_rows += [(label, *(ratios[k][b][0].text() for b in BATCH_SIZES), q) for k, (label, q) in TRACKING_ROWS.items()]
+    cpu_rows = [(label, *(ratios[k][b][1].text() for b in BATCH_SIZES)) for k, (label, _) in TRACKING_ROWS.items()]
+    worst = min(BATCH_SIZES, key=lambda b: ratios["batchscope"][b][0].median)
+    met = ratios["batchscope"][worst][0].median >= 0.95
+    misses = [f"{ratios['batchscope'][b][0].median:.2f} at batch {b}" for b in BATCH_SIZES]
+    gns_every = TrainSpec().gns_every
+    notes = [
+        f"Samples/s ratio to the bare loop (higher is better): median over {repeats} alternating repeats (range "
+        f"in brackets), {steps} steps each, MNIST-1D MLP (40-100-100-10) on the CPU, SGD with momentum. "
+        "batchscope: eval every 50 steps on 1,000 validation examples, per-step `train/loss` flushed every 10 "
+        f"steps, noise scale on at its default (every {gns_every} step{'s' if gns_every > 1 else ''}), sharpness "
+        "off; its time is the whole `train()` call plus closing the sink.",
+        "The indented rows add batchscope's parts one at a time, all with an in-memory sink: the step from one "
+        "row to the next is that part's cost; the step from the last of them to the bold row is MLflow's.",
+        "CPU-time ratios (process CPU of all threads, including the MLflow writer thread) move less with the "
+        "machine's load than wall time.",
+        f"MLflow's cost per metric row written ({rows_written[BATCH_SIZES[0]]:,} rows per run: every step's "
+        "`train/loss`, `lr` per flush, 9 values per evaluation, final values): "
+        + ", ".join(f"{per_metric_ms[b]:.2f} ms CPU at batch {b}" for b in BATCH_SIZES)
+        + f", against a bare step of {1000 * BATCH_SIZES[0] / bare_rate[BATCH_SIZES[0]]:.2f} ms at batch "
+        f"{BATCH_SIZES[0]}.",
+    ]
+    return Section(
+        name="tracking",
+        title="1. Tracking overhead: batchscope against a bare PyTorch loop",
+        target="samples/s ratio ≥ 0.95 at batch 16, 128 and 1024",
+        verdict="met" if met else "missed (" + ", ".join(misses) + ")",
+        tables=[
+            "Wall-clock samples/s ratio to the bare loop:\n\n" + markdown_table(header, wall_rows),
+            "CPU-time ratio to the bare loop:\n\n" + markdown_table(header[:-1], cpu_rows),
+        ],
+        notes=notes,
+    )
+
+
+# ---- section 2: the noise scale alone -----------------------------------------------------
+
+
+def noise_scale_section(quick: bool) -> Section:
+    steps, repeats = (200, 3) if quick else (500, 7)
+    default_every = TrainSpec().gns_every
+    settings = {"every step": 1}
+    if default_every == 1:
+        settings = {"every step (default)": 1, "every 10 steps": 10}
+    else:
+        settings[f"every {default_every} steps (default)"] = default_every
+    default_key = next(k for k in settings if "default" in k)
+    costs: dict[str, dict[int, tuple[Ratio, Ratio]]] = {k: {} for k in settings}
+    base = base_spec(steps)
+    timed_train(replace(base, max_steps=30), RecordingSink())
+    for b in BATCH_SIZES:
+        spec = replace(base, batch_size=b)
+        variants = {"off": train_variant(replace(spec, gns=False), RecordingSink)}
+        variants |= {
+            key: train_variant(replace(spec, gns_every=every), RecordingSink) for key, every in settings.items()
+        }
+        times = alternate(variants, repeats)
+        for key in settings:
+            costs[key][b] = (paired(times, key, "off"), paired(times, key, "off", cpu=True))
+    rows = []
+    for key in settings:
+        rows.append((f"noise scale {key}, wall", *(costs[key][b][0].percent() for b in BATCH_SIZES)))
+        rows.append((f"noise scale {key}, CPU", *(costs[key][b][1].percent() for b in BATCH_SIZES)))
+    worst = max(costs[default_key][b][0].median for b in BATCH_SIZES)
+    return Section(
+        name="gns",
+        title="2. Noise-scale overhead alone",
+        target="≤ 5% extra time with the noise scale on (at its default cadence) than off",
+        verdict="met" if worst <= 1.05 else f"missed (up to {100 * (worst - 1):+.0f}% at the default cadence)",
+        tables=[markdown_table(["setting", *(f"batch {b}" for b in BATCH_SIZES)], rows)],
+        notes=[
+            "Extra time of batchscope's loop with the noise scale on, against the same loop with it off "
+            f"(in-memory sink, eval every 50, {steps} steps, median over {repeats} alternating repeats, range "
+            "in brackets).",
+            "Without gradient accumulation a measuring step splits its batch into two halves (two forward and "
+            "backward passes) and takes two gradient norms; on a small CPU model each pass costs about as much "
+            "as a whole step, so measuring every step costs roughly a second step.",
+        ],
+    )

@@ -1,0 +1,136 @@
+"""The start-up of `batchscope sweep`, phase by phase (run as a subprocess by benchmarks/startup.py).
+
+    python -m benchmarks.startup_probe CONFIG LAUNCH_TIME
+
+Does what `batchscope sweep CONFIG` does before its first training step, in the same
+order, and notes when each phase starts and ends in each process: the sweep process
+(the CLI's imports, the config, the runner's imports, the stores: Optuna journal,
+MLflow schema, experiment, parent run; Optuna's first ask) and a worker process
+started the way TrialWorker starts one (spawn; as early as the CLI starts it), which
+imports what the worker imports, opens the tracking store, then, given the job, builds
+data and model, makes the optimizer and trains the first `log_every` steps.
+
+Prints one JSON list of [process, phase, start, end], in seconds after LAUNCH_TIME.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+T_START = time.time()  # before anything of batchscope is imported
+
+Phase = tuple[str, str, float, float]
+
+
+def _worker_side(conn: Connection, spawned_at: float, tracking_uri: str) -> None:
+    """What sweeps.worker._worker_main does from its start to a trial's first steps."""
+    phases: list[Phase] = [("worker", "spawn: a fresh interpreter", spawned_at, time.time())]
+    mark = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.time()
+        phases.append(("worker", name, mark, now))
+        mark = now
+
+    from mlflow import MlflowClient
+
+    from sweeps import faults  # noqa: F401
+    from sweeps.stores import quiet_libraries
+    from sweeps.tracking import MlflowSink  # noqa: F401
+    from trainers.loop import train
+
+    quiet_libraries()
+    lap("imports: mlflow, torch, trainers")
+    spec: Any = conn.recv()  # the first job
+    lap("waits for the first job")
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+    lap("imports: MLflow's SQL store (the first MlflowClient does this)")
+    MlflowClient(tracking_uri).search_experiments(max_results=1)
+    lap("opens the tracking store (MlflowClient)")
+    import mnist1d.data  # noqa: F401
+
+    lap("imports: mnist1d.data (scipy; make_arrays does this even on a cache hit)")
+    from trainers.device import resolve_device
+    from trainers.recipes import build_task
+
+    task = build_task(spec.recipe, spec.model, spec.recipe_options, resolve_device(spec.device))
+    lap("data (from the cache) + model")
+    import torch
+
+    torch.optim.SGD(task.model.parameters(), lr=0.1)
+    lap("first optimizer: torch imports torch._dynamo lazily")
+    train(spec, None, task=task)
+    lap(f"first {spec.max_steps} training steps")
+    conn.send(phases)
+
+
+def main(config: Path, launched_at: float) -> list[Phase]:
+    phases: list[Phase] = [("sweep", "interpreter start", launched_at, T_START)]
+    mark = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.time()
+        phases.append(("sweep", name, mark, now))
+        mark = now
+
+    import sweeps.cli
+    import sweeps.commands
+
+    lap("imports: sweeps.cli + sweeps.commands (rich, pydantic, torch via sweeps.config)")
+    from sweeps.stores import resolve
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    tracking_uri = resolve(None, None).tracking_uri
+    proc = ctx.Process(target=_worker_side, args=(child, time.time(), tracking_uri), daemon=True)
+    early = hasattr(sweeps.commands, "_early_workers")  # the CLI starts its workers before the stores
+    if early:
+        proc.start()
+        lap("starts the worker process")
+    from sweeps.config import load_config
+
+    cfg = load_config(config)
+    lap("reads + validates the config")
+    from dataclasses import replace
+
+    from sweeps.runner import Sweep, make_spec
+
+    lap("imports: sweeps.runner (optuna, mlflow)")
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+    lap("imports: MLflow's SQL store (sqlalchemy, alembic; Sweep() does this)")
+    from sweeps.stores import check_tracking
+
+    check_tracking(resolve(cfg.storage, cfg.tracking_uri))
+    lap("stores: MLflow schema on a fresh database (Sweep() does this)")
+    sweep = Sweep(cfg)
+    lap("stores: the rest of Sweep(): Optuna journal, study, experiment, parent run, git")
+    if not early:
+        proc.start()
+        lap("starts the worker process")
+    trial = sweep.study.ask()
+    lap("Optuna: ask for the first trial")
+    spec = make_spec(cfg, 128, 0.05, 0)
+    spec = replace(spec, max_steps=spec.log_every, eval_every=spec.log_every, sharpness=False)
+    parent.send(spec)
+    worker: list[Phase] = parent.recv()
+    lap("waits for the worker")
+    proc.join(30)
+    from optuna.trial import TrialState
+
+    sweep.study.tell(trial, state=TrialState.FAIL)
+    sweep.tracker.client.set_terminated(sweep.parent_run_id)
+    return [(p, name, a - launched_at, b - launched_at) for p, name, a, b in phases + worker]
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(Path(sys.argv[1]), float(sys.argv[2]))))
