@@ -7,8 +7,10 @@ order, and notes when each phase starts and ends in each process: the sweep proc
 (the CLI's imports, the config, the runner's imports, the stores: Optuna journal,
 MLflow schema, experiment, parent run; Optuna's first ask) and a worker process
 started the way TrialWorker starts one (spawn; as early as the CLI starts it), which
-imports what the worker imports, opens the tracking store, then, given the job, builds
-data and model, makes the optimizer and trains the first `log_every` steps.
+imports what the worker imports and runs its warm-up (where it has one), then, given the
+job, opens the tracking store, builds data and model, makes the optimizer and trains the
+first `log_every` steps. The probe repeats the work the code does; the end-to-end times of
+the real command are measured separately (benchmarks/startup.py).
 
 Prints one JSON list of [process, phase, start, end], in seconds after LAUNCH_TIME.
 """
@@ -48,6 +50,12 @@ def _worker_side(conn: Connection, spawned_at: float, tracking_uri: str) -> None
 
     quiet_libraries()
     lap("imports: mlflow, torch, trainers")
+    from sweeps import worker
+
+    prewarm = getattr(worker, "_prewarm", None)  # the worker's own warm-up, where it has one
+    if prewarm is not None:
+        prewarm()
+        lap("pre-warm before the first job (sweeps.worker._prewarm)")
     spec: Any = conn.recv()  # the first job
     lap("waits for the first job")
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
@@ -55,9 +63,6 @@ def _worker_side(conn: Connection, spawned_at: float, tracking_uri: str) -> None
     lap("imports: MLflow's SQL store (the first MlflowClient does this)")
     MlflowClient(tracking_uri).search_experiments(max_results=1)
     lap("opens the tracking store (MlflowClient)")
-    import mnist1d.data  # noqa: F401
-
-    lap("imports: mnist1d.data (scipy; make_arrays does this even on a cache hit)")
     from trainers.device import resolve_device
     from trainers.recipes import build_task
 
@@ -66,7 +71,7 @@ def _worker_side(conn: Connection, spawned_at: float, tracking_uri: str) -> None
     import torch
 
     torch.optim.SGD(task.model.parameters(), lr=0.1)
-    lap("first optimizer: torch imports torch._dynamo lazily")
+    lap("first optimizer (torch imports torch._dynamo on the first one)")
     train(spec, None, task=task)
     lap(f"first {spec.max_steps} training steps")
     conn.send(phases)
