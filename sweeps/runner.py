@@ -96,10 +96,18 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _worker_alive(worker: str | None) -> bool:
-    """A trial's worker on this machine is alive if its process is; other hosts are trusted (heartbeat)."""
+def _worker_alive(worker: str | None, started: Any = None) -> bool:
+    """A trial's worker on this machine is alive if its process is; other hosts are trusted (heartbeat).
+
+    A trial with no worker yet was asked for a moment ago by someone, or by a process killed right
+    after asking: give it a minute before calling it dead.
+    """
     if not worker or ":" not in worker:
-        return False
+        if started is None:
+            return False
+        import datetime
+
+        return bool(datetime.datetime.now() - started < datetime.timedelta(seconds=60))
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname():
         return True
@@ -232,7 +240,9 @@ class Sweep:
         """
         recovered = 0
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if not _worker_alive(t.user_attrs.get("worker")) and self._fail_and_requeue(t):
+            # With a shared database a peer may have just asked for a trial: grace for one without a worker.
+            started = t.datetime_start if self._heartbeat else None
+            if not _worker_alive(t.user_attrs.get("worker"), started) and self._fail_and_requeue(t):
                 recovered += 1
         if self._heartbeat:
             # Optuna fails trials whose heartbeat stopped and calls _on_stale for each.
@@ -253,11 +263,11 @@ class Sweep:
         reason = "its worker stopped while this trial was running; re-run with the same parameters"
         try:
             if "mlflow_run_id" not in t.user_attrs:
-                # Killed between creating its MLflow run and recording it: find the run by its tags.
-                run_ids = self.tracker.trial_run_ids(self.experiment_id, t.number)
-                if run_ids:
-                    self.storage.set_trial_user_attr(t._trial_id, "mlflow_run_ids", run_ids)
-                    self.storage.set_trial_user_attr(t._trial_id, "mlflow_run_id", run_ids[0])
+                # Killed between creating its MLflow run and recording it: find the run by its tags;
+                # killed before creating one: record a closed run, so runs and trials stay one to one.
+                run_ids = self.tracker.trial_run_ids(self.experiment_id, t.number) or [self._closed_run(t, reason)]
+                self.storage.set_trial_user_attr(t._trial_id, "mlflow_run_ids", run_ids)
+                self.storage.set_trial_user_attr(t._trial_id, "mlflow_run_id", run_ids[0])
             self.storage.set_trial_user_attr(t._trial_id, "status", "failed")
             self.storage.set_trial_user_attr(t._trial_id, "reason", reason)
             if not self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
@@ -266,6 +276,17 @@ class Sweep:
             return False
         self.study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number}, skip_if_exists=False)
         return True
+
+    def _closed_run(self, t: optuna.trial.FrozenTrial, reason: str) -> str:
+        run_id = self.tracker.trial_run(
+            self.experiment_id,
+            self.parent_run_id,
+            f"trial {t.number}",
+            dict(t.params),
+            {STUDY: self.cfg.study, TRIAL: str(t.number), STATUS: "failed"},
+        )
+        self.tracker.end(run_id, "KILLED", tags={STATUS: "failed", REASON: reason})
+        return run_id
 
     def _on_stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         # Called by Optuna after it failed a trial whose heartbeat stopped (a dead remote worker).

@@ -197,7 +197,12 @@ def test_a_trial_killed_before_recording_its_run_is_linked_to_it_on_recovery(wor
     run_id = sweep.tracker.trial_run(
         sweep.experiment_id, sweep.parent_run_id, "trial 0", {}, {STUDY: "orphan", TRIAL: str(trial.number)}
     )
-    assert sweep.recover() == 1
+    # A second one killed even before its run was created.
+    runless = sweep.study.ask()
+    runless.set_user_attr("worker", f"{socket.gethostname()}:999999999")
+    assert sweep.recover() == 2
     dead = sweep.study.trials[trial.number]
     assert dead.state == TrialState.FAIL and dead.user_attrs["mlflow_run_id"] == run_id
-    assert _children(workdir, "orphan")[0].info.status != "RUNNING"
+    children = [r for r in _children(workdir, "orphan") if r.data.tags.get("batchscope.role") == "trial"]
+    assert len(children) == 2 and all(r.info.status == "KILLED" for r in children)  # one run per trial
+    assert sweep.study.trials[runless.number].user_attrs["mlflow_run_id"] in {r.info.run_id for r in children}
