@@ -286,8 +286,8 @@ def tracking_section(quick: bool) -> Section:
         "row to the next is that part's cost; the step from the last of them to the bold row is MLflow's.",
         "CPU-time ratios (process CPU of all threads, including the MLflow writer thread) move less with the "
         "machine's load than wall time.",
-        f"MLflow's cost per metric row written ({rows_written[BATCH_SIZES[0]]:,} rows per run: every step's "
-        "`train/loss`, `lr` per flush, 9 values per evaluation, final values): "
+        f"MLflow's cost per metric row written ({rows_written[BATCH_SIZES[0]]:,} rows per run through the sink: "
+        "every step's `train/loss`, `lr` per flush, up to 8 values per evaluation): "
         + ", ".join(f"{per_metric_ms[b]:.2f} ms CPU at batch {b}" for b in BATCH_SIZES)
         + f", against a bare step of {1000 * BATCH_SIZES[0] / bare_rate[BATCH_SIZES[0]]:.2f} ms at batch "
         f"{BATCH_SIZES[0]}.",
