@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 ENV = "BATCHSCOPE_FAULTS"
@@ -65,6 +65,12 @@ class FaultySink:
             self._struck = True
             strike(self._fault)
         self._inner.metrics(step, values)  # type: ignore[attr-defined]
+
+    def series(self, key: str, first_step: int, values: Sequence[float]) -> None:
+        if not self._struck and first_step + len(values) - 1 >= self._fault.step and self._fault.kind != "nan":
+            self._struck = True
+            strike(self._fault)
+        self._inner.series(key, first_step, values)  # type: ignore[attr-defined]
 
     def evaluated(self, step: int, values: Mapping[str, float]) -> bool:
         return bool(self._inner.evaluated(step, values))  # type: ignore[attr-defined]

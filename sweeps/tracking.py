@@ -7,8 +7,6 @@ a fraction of bare-loop speed).
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,7 +15,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.view_type import ViewType
 
+from sweeps.sink import MetricTransport, MetricWriter, MlflowSink, Row
 from sweeps.stores import safe_name
+
+__all__ = ["MetricTransport", "MetricWriter", "MlflowSink", "Row", "Tracker"]
 
 ROLE = "batchscope.role"
 STATUS = "batchscope.status"
@@ -136,90 +137,6 @@ class Tracker:
             )
             closed += 1
         return closed
-
-
-class MlflowSink:
-    """A trainers.Sink that batches metrics and writes them from a background thread.
-
-    `on_eval` lets the sweep add pruning (return False to stop) and progress display.
-    """
-
-    def __init__(
-        self,
-        client: MlflowClient,
-        run_id: str,
-        *,
-        on_eval: Callable[[int, Mapping[str, float]], bool] | None = None,
-        on_metrics: Callable[[int, Mapping[str, float]], None] | None = None,
-        flush_every: int = 500,
-    ) -> None:
-        self._client = client
-        self._run_id = run_id
-        self._on_eval = on_eval
-        self._on_metrics = on_metrics
-        self._flush_every = flush_every
-        self._buffer: list[Metric] = []
-        self._queue: queue.Queue[list[Metric] | None] = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._write_loop, name=f"mlflow-writer-{run_id[:8]}", daemon=True)
-        self._thread.start()
-
-    # -- trainers.Sink ---------------------------------------------------------
-    def metrics(self, step: int, values: Mapping[str, float]) -> None:
-        ts = _now_ms()
-        self._buffer.extend(Metric(k, float(v), ts, step) for k, v in values.items())
-        if self._on_metrics is not None:
-            self._on_metrics(step, values)
-        if len(self._buffer) >= self._flush_every:
-            self.flush()
-
-    def evaluated(self, step: int, values: Mapping[str, float]) -> bool:
-        ts = _now_ms()
-        self._buffer.extend(Metric(k, float(v), ts, step) for k, v in values.items())
-        self.flush()
-        return self._on_eval(step, values) if self._on_eval is not None else True
-
-    # -- writing ---------------------------------------------------------------
-    def flush(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"writing metrics to MLflow failed: {self._error}") from self._error
-        if self._buffer:
-            self._queue.put(self._buffer)
-            self._buffer = []
-
-    def close(self, timeout: float = 120.0) -> None:
-        """Write everything still buffered and stop the writer thread."""
-        self.flush()
-        self._queue.put(None)
-        self._thread.join(timeout)
-        if self._error is not None:
-            raise RuntimeError(f"writing metrics to MLflow failed: {self._error}") from self._error
-
-    def _write_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            # Merge whatever else is already waiting into as few requests as possible.
-            batch = item
-            done = False
-            while True:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    done = True
-                    break
-                batch.extend(more)
-            try:
-                for i in range(0, len(batch), _MAX_METRICS_PER_BATCH):
-                    self._client.log_batch(self._run_id, metrics=batch[i : i + _MAX_METRICS_PER_BATCH])
-            except BaseException as exc:  # surfaced on the training thread at the next flush
-                self._error = exc
-                return
-            if done:
-                return
 
 
 def _params(params: Mapping[str, Any]) -> list[Param]:

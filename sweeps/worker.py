@@ -1,7 +1,8 @@
 """Trials run in a reusable child process, isolated from the sweep.
 
-The sweep process keeps Optuna and the run bookkeeping; the worker trains and
-writes the trial's metrics to MLflow itself. A crash, a hard exit or a kill of
+The sweep process keeps Optuna, the run bookkeeping and the writing of metrics to
+MLflow; the worker trains and sends its metric rows through the pipe (MLflow's
+per-row Python then never competes with training for the worker's GIL). A crash, a hard exit or a kill of
 the worker fails only its trial: the sweep sees the process gone, ends the run
 and starts a fresh worker (CUDA errors cannot poison the next trial). Start-up
 (importing torch, mlflow) is paid once per worker, not per trial.
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from trainers.spec import TrainResult, TrainSpec
 
 if TYPE_CHECKING:  # importing torch here would delay spawning the worker, which imports it anyway
+    from sweeps.sink import MetricWriter, Row
     from trainers.checkpoint import CheckpointPolicy
 
 _PROGRESS_EVERY_S = 0.25
@@ -71,6 +73,9 @@ class TrialWorker:
         self._proc: Any = None
         self._conn: Connection | None = None
         self._stop = self._ctx.Event()
+        # The trial's metrics are written from here (one writer thread per tracking store): the
+        # worker sends rows through the pipe, so MLflow's Python never runs in the training process.
+        self._writers: dict[str, MetricWriter] = {}
         self.start()
 
     def start(self) -> None:
@@ -122,7 +127,9 @@ class TrialWorker:
                     self._proc.join(2)
                     raise WorkerDied(_death_reason(self._proc.exitcode)) from None
                 kind = msg[0]
-                if kind == "step":
+                if kind == "metrics":
+                    self._writer(job.tracking_uri).submit(msg[1], msg[2])
+                elif kind == "step":
                     if on_step is not None:
                         on_step(msg[1], msg[2])
                 elif kind == "eval":
@@ -130,13 +137,38 @@ class TrialWorker:
                     self._conn.send(("continue", bool(keep)))
                 elif kind == "done":
                     result: TrainResult = msg[1]
+                    try:
+                        self._drain(job)
+                    except RuntimeError as exc:
+                        raise TrialError(str(exc), "") from exc
                     return result
                 elif kind == "error":
+                    self._drain(job, quiet=True)
                     self.restart()
                     raise TrialError(msg[1], msg[2])
         except WorkerDied:
+            self._drain(job, quiet=True)  # what the trial sent before it died is kept
             self.restart()
             raise
+
+    def _writer(self, tracking_uri: str) -> MetricWriter:
+        writer = self._writers.get(tracking_uri)
+        if writer is None:
+            from sweeps.sink import MetricWriter
+
+            writer = self._writers[tracking_uri] = MetricWriter(tracking_uri)
+        return writer
+
+    def _drain(self, job: Job, *, quiet: bool = False) -> None:
+        """Wait until the trial's metrics are in MLflow: the sweep ends the run after this."""
+        writer = self._writers.get(job.tracking_uri)
+        if writer is None:
+            return
+        try:
+            writer.drain(job.run_id)
+        except RuntimeError:
+            if not quiet:
+                raise
 
     def request_stop(self) -> None:
         """Ask the running trial to stop at its next logging point (it ends as failed, metrics flushed)."""
@@ -160,6 +192,9 @@ class TrialWorker:
                 self._conn.send(("exit",))
             self._proc.join(5)
         self.kill()
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
 
 
 def _death_reason(code: int | None) -> str:
@@ -176,6 +211,23 @@ def _death_reason(code: int | None) -> str:
 
 
 # ---- the child side -------------------------------------------------------------
+
+
+class PipeTransport:
+    """The trial's side of metric writing: rows go through the pipe to the sweep process,
+    whose MetricWriter writes them; it drains them before it ends the trial's run."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def submit(self, run_id: str, rows: list[Row]) -> None:
+        self._conn.send(("metrics", run_id, rows))
+
+    def check(self, run_id: str) -> None:
+        return None  # failures are reported by the sweep process when it drains
+
+    def drain(self, run_id: str) -> None:
+        return None
 
 
 def _sender(conn: Connection) -> Callable[[int, float], None]:
@@ -220,13 +272,10 @@ MEMORY_ENV = "BATCHSCOPE_TRIAL_MEMORY_MB"
 
 def _prewarm() -> None:
     """Pay lazy first-use costs while the sweep is still setting up its stores, not on the
-    first trial's clock: torch imports torch._dynamo on the first optimizer (about 1.5 s),
-    MLflow its SQL store on the first client (about 1 s)."""
+    first trial's clock: torch imports torch._dynamo on the first optimizer (about 1.5 s)."""
     import torch
 
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    with contextlib.suppress(ImportError):
-        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 
 def _limit_memory(limit_mb: str | None) -> None:
@@ -248,17 +297,15 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
     die_with_parent()
     if os.getppid() != parent_pid:
         return
-    from mlflow import MlflowClient
-
     from sweeps import faults
+    from sweeps.sink import MlflowSink
     from sweeps.stores import quiet_libraries
-    from sweeps.tracking import MlflowSink
     from trainers.loop import train
 
     _limit_memory(os.environ.get(MEMORY_ENV))
     _prewarm()
     quiet_libraries()
-    clients: dict[str, MlflowClient] = {}
+    transport = PipeTransport(conn)
     while True:
         try:
             msg = conn.recv()
@@ -270,7 +317,6 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
         if job.nproc > 1:
             conn.send(_run_distributed(job, conn, stop, parent_pid))
             continue
-        client = clients.get(job.tracking_uri) or clients.setdefault(job.tracking_uri, MlflowClient(job.tracking_uri))
 
         def on_eval(step: int, values: Mapping[str, float]) -> bool:
             conn.send(("eval", step, dict(values)))
@@ -278,7 +324,7 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
             return bool(reply[1])
 
         sink = MlflowSink(
-            client,
+            transport,
             job.run_id,
             on_eval=on_eval,
             on_metrics=ProgressThrottle(lambda step, loss: conn.send(("step", step, loss))),

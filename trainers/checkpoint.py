@@ -18,23 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+# A plain description, in trainers.spec: the sweep process builds one without importing torch.
+from trainers.spec import CheckpointPolicy
+
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class CheckpointPolicy:
-    """Where and how often to checkpoint, and what to resume from."""
-
-    path: Path
-    every_steps: int | None = None
-    every_seconds: float | None = None
-    resume_from: Path | None = None
-
-    def __post_init__(self) -> None:
-        if self.every_steps is not None and self.every_steps < 1:
-            raise ValueError(f"every_steps must be at least 1, got {self.every_steps=}.")
-        if self.every_seconds is not None and not self.every_seconds > 0:
-            raise ValueError(f"every_seconds must be positive, got {self.every_seconds=}.")
 
 
 @dataclass
@@ -50,6 +37,8 @@ class RunState:
     target_time_s: float | None = None
     # (step, {metric: value}) in the order the sink received them
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    # The noise-scale cadence once chosen (trainers.gns.Cadence): a resumed run keeps it.
+    gns_every: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +50,7 @@ class RunState:
             "target_step": self.target_step,
             "target_time_s": self.target_time_s,
             "history": [(s, dict(v)) for s, v in self.history],
+            "gns_every": self.gns_every,
         }
 
     @classmethod
@@ -74,6 +64,7 @@ class RunState:
             target_step=d["target_step"],
             target_time_s=d["target_time_s"],
             history=[(int(s), dict(v)) for s, v in d["history"]],
+            gns_every=d.get("gns_every"),
         )
 
 

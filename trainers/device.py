@@ -85,6 +85,43 @@ class Clock:
         return time.perf_counter()
 
 
+class StepTimer:
+    """Times single steps without a host sync per step.
+
+    CPU: perf_counter. CUDA: a pair of events per step, read together by `results`
+    (one host sync). For a handful of steps, e.g. calibrating the noise-scale cadence.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._open: Any = None
+        self._done: list[tuple[bool, Any, Any]] = []
+
+    def start(self) -> None:
+        if self._cuda:
+            self._open = torch.cuda.Event(enable_timing=True)
+            self._open.record()
+        else:
+            self._open = time.perf_counter()
+
+    def stop(self, tag: bool) -> None:
+        end: Any
+        if self._cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+        else:
+            end = time.perf_counter()
+        self._done.append((tag, self._open, end))
+
+    def results(self) -> list[tuple[bool, float]]:
+        """(tag, seconds) per timed step; clears them."""
+        done, self._done = self._done, []
+        if self._cuda and done:
+            done[-1][2].synchronize()  # host sync: once, when the timings are read
+            return [(tag, a.elapsed_time(b) / 1000.0) for tag, a, b in done]
+        return [(tag, b - a) for tag, a, b in done]
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

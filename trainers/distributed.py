@@ -95,6 +95,13 @@ def broadcast_bool(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def broadcast_int(value: int, device: torch.device) -> int:
+    """Rank 0's `value`, on every process (a host sync)."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def broadcast_module(module: nn.Module) -> None:
     """Copy rank 0's parameters and buffers to every process, so all start from the same weights."""
     for t in [*module.parameters(), *module.buffers()]:

@@ -13,6 +13,8 @@ the device: reading the values is the only host sync.
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Iterable
 
 import torch
@@ -94,3 +96,70 @@ class NoiseScaleEMA:
             assert isinstance(value, torch.Tensor)
             setattr(self, f"_{name}", value.to(self._grad_sq.device))
         self.updates = int(state["updates"])  # type: ignore[call-overload]
+
+
+class Cadence:
+    """Which training steps measure the noise scale: fixed, or chosen from what measuring costs.
+
+    Without accumulation a measuring step splits its batch in two (two forward/backward
+    passes) and reads two gradient norms. On a large model on a GPU that costs little more
+    than a plain step; on a small model on a CPU, bound by per-op overhead, about a second
+    step. With `every=None` the run times a few plain and measuring steps early on
+    (alternating, after `warmup` plain steps) and then measures every
+    ceil(extra / budget)-th step, so that the noise scale costs about `budget` of the
+    training time wherever it runs. The timing uses `timer` (CUDA events: one host sync,
+    when the choice is made). `choose` may be replaced to agree across processes.
+    """
+
+    def __init__(
+        self,
+        every: int | None,
+        budget: float,
+        first_step: int,
+        *,
+        warmup: int = 4,
+        probes: int = 5,
+        max_every: int = 100,
+    ) -> None:
+        if every is not None and every < 1:
+            raise ValueError(f"every must be at least 1 (or None to choose it), got {every=}.")
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {budget=}.")
+        self.every = every
+        self.budget = budget
+        self.max_every = max_every
+        # Probe steps: [lo, hi); even offsets from lo measure, odd ones are plain.
+        self._lo = first_step + warmup
+        self._hi = self._lo + 2 * probes
+        self.plain_s: list[float] = []
+        self.measure_s: list[float] = []
+
+    @property
+    def chosen(self) -> bool:
+        return self.every is not None
+
+    def measures(self, step: int) -> bool:
+        if self.every is not None:
+            return step % self.every == 0
+        return self._lo <= step < self._hi and (step - self._lo) % 2 == 0
+
+    def probing(self, step: int) -> bool:
+        """Whether `step` is timed (only before the cadence is chosen)."""
+        return self.every is None and self._lo <= step < self._hi
+
+    def due(self, step: int) -> bool:
+        """Whether the timings are complete after `step`: time to call `choose`."""
+        return self.every is None and step == self._hi - 1
+
+    def record(self, measured: bool, seconds: float) -> None:
+        (self.measure_s if measured else self.plain_s).append(seconds)
+
+    def choose(self) -> int:
+        """every = ceil(extra cost of a measuring step / (budget × plain step)), from the medians."""
+        if not self.plain_s or not self.measure_s:
+            self.every = 10
+            return self.every
+        plain = statistics.median(self.plain_s)
+        extra = max(0.0, statistics.median(self.measure_s) - plain)
+        self.every = int(min(self.max_every, max(1, math.ceil(extra / (self.budget * max(plain, 1e-12)) - 1e-9))))
+        return self.every

@@ -29,6 +29,7 @@ from trainers.checkpoint import load as checkpoint_load
 from trainers.data import DeviceBatcher
 from trainers.device import (
     Clock,
+    StepTimer,
     make_precision,
     peak_memory_mb,
     reset_peak_memory,
@@ -36,7 +37,7 @@ from trainers.device import (
     resolve_precision,
     seed_everything,
 )
-from trainers.gns import NoiseScaleEMA, grad_sq_norm
+from trainers.gns import Cadence, NoiseScaleEMA, grad_sq_norm
 from trainers.recipes import build_task
 from trainers.schedule import lr_multiplier, scaled_lr
 from trainers.sharpness import top_hessian_eigenvalue
@@ -214,11 +215,22 @@ def train(
             "noise": noise,
         }
         record = saver is not None  # keep the history only when it has to go into checkpoints
+        sink_series = getattr(sink, "series", None)
 
         def emit(step: int, values: dict[str, float]) -> None:
             sink.metrics(step, values)
             if record:
                 state.history.append((step, values))
+
+        def emit_losses(first: int, values: list[float]) -> None:
+            """Per-step training losses, one call for the whole logging window where the sink can."""
+            if sink_series is not None:
+                sink_series("train/loss", first, values)
+            else:
+                for i, v in enumerate(values):
+                    sink.metrics(first + i, {"train/loss": v})
+            if record:
+                state.history.extend((first + i, {"train/loss": v}) for i, v in enumerate(values))
 
         if checkpoint is not None and checkpoint.resume_from is not None and checkpoint.resume_from.exists():
             state = checkpoint_load(checkpoint.resume_from, stateful, device)
@@ -228,6 +240,14 @@ def train(
                 sink.metrics(s, values)
             if saver is not None:
                 saver.mark(state.step)
+
+        # Which steps measure the noise scale: fixed, kept from a checkpoint, or chosen from timed steps.
+        cadence = Cadence(spec.gns_every or state.gns_every, spec.gns_budget, state.step + 1)
+        gns_every = cadence.every
+        if gns_on and gns_every is not None:
+            resolved["gns_every"] = state.gns_every = gns_every
+        timer = StepTimer(device)
+        single_pass = accum_plan == [(0, local_B)]
 
         n_buffered, first_buffered = 0, state.step + 1
         time_since = 0.0
@@ -262,32 +282,49 @@ def train(
                 if not math.isfinite(v):
                     n_buffered = 0
                     raise Diverged(f"training loss became {v} at step {first_buffered + i}")
-                emit(first_buffered + i, {"train/loss": v})
+            emit_losses(first_buffered, values)
             emit(upto, {"lr": float(scheduler.get_last_lr()[0])})
             n_buffered, first_buffered = 0, upto + 1
 
         t_mark = clock.now()
         # ---- the loop ----------------------------------------------------
         for step in range(state.step + 1, spec.max_steps + 1):
-            idx = batcher.next()[shard]
+            idx = batcher.next()
+            if W > 1:
+                idx = idx[shard]
             xb, yb = task.train_x[idx], task.train_y[idx]
-            measure = gns_on and step % spec.gns_every == 0
+            measure = probe = False
+            if gns_on:
+                if gns_every is not None:
+                    measure = step % gns_every == 0
+                else:
+                    measure, probe = cadence.measures(step), cadence.probing(step)
+                    if probe:
+                        timer.start()
             plan = gns_plan if measure else accum_plan
             optimizer.zero_grad(set_to_none=True)
-            parts: list[torch.Tensor] = []
             small_sq = None
-            for j, (lo, hi) in enumerate(plan):
+            if single_pass and not measure:
+                # The common case, kept as lean as a hand-written step: one pass over the batch.
                 with autocast():
-                    out = step_model(xb[lo:hi])
-                    loss = loss_fn(out.float(), yb[lo:hi])
-                    if hi - lo != local_B:
-                        # Mean over the micro-batch, weighted so the sum is this process's batch mean.
-                        loss = loss * ((hi - lo) / local_B)
+                    loss = loss_fn(step_model(xb).float(), yb)
                 scaler.scale(loss).backward()
-                parts.append(loss.detach())
-                if measure and j == small_at:
-                    # The gradient so far is the first `hi` examples' mean times hi/local_B.
-                    small_sq = grad_sq_norm(params) * (local_B / hi) ** 2
+                step_loss = loss.detach()
+            else:
+                parts: list[torch.Tensor] = []
+                for j, (lo, hi) in enumerate(plan):
+                    with autocast():
+                        out = step_model(xb[lo:hi])
+                        loss = loss_fn(out.float(), yb[lo:hi])
+                        if hi - lo != local_B:
+                            # Mean over the micro-batch, weighted so the sum is this process's batch mean.
+                            loss = loss * ((hi - lo) / local_B)
+                    scaler.scale(loss).backward()
+                    parts.append(loss.detach())
+                    if measure and j == small_at:
+                        # The gradient so far is the first `hi` examples' mean times hi/local_B.
+                        small_sq = grad_sq_norm(params) * (local_B / hi) ** 2
+                step_loss = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
             if W > 1:
                 average_gradients(small_sq)
             if measure and small_sq is not None:
@@ -299,9 +336,18 @@ def train(
             scaler.step(optimizer)
             scaler.update()
             advance_lr()
-            step_losses.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum())
+            step_losses.append(step_loss)
             n_buffered += 1
             state.step = step
+            if probe:
+                timer.stop(measure)
+                if cadence.due(step):
+                    for measured_step, seconds in timer.results():  # host sync on CUDA, once
+                        cadence.record(measured_step, seconds)
+                    gns_every = cadence.choose()
+                    if W > 1:  # every process measures on the same steps: rank 0's choice
+                        gns_every = cadence.every = distributed.broadcast_int(gns_every, device)
+                    resolved["gns_every"] = state.gns_every = gns_every
 
             at_eval = step % spec.eval_every == 0 or step == spec.max_steps
             if n_buffered == spec.log_every or at_eval:

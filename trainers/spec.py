@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 Status = Literal["ok", "pruned", "diverged", "oom", "failed"]
@@ -43,8 +44,10 @@ class TrainSpec:
     precision: str = "auto"
     compile: bool = False
     gns: bool = True
-    # Measuring splits the batch in two (without accumulation): every 10th step keeps the cost small.
-    gns_every: int = 10
+    # Measure on every n-th step; None: chosen from timed steps so that measuring costs about
+    # `gns_budget` of the training time (without accumulation a measuring step splits its batch).
+    gns_every: int | None = None
+    gns_budget: float = 0.02
     gns_ema: float = 0.95
     sharpness: bool = True
     sharpness_iters: int = 20
@@ -66,8 +69,10 @@ class TrainSpec:
             raise ValueError(f"eval_every must be at least 1, got {self.eval_every=}.")
         if self.log_every < 1:
             raise ValueError(f"log_every must be at least 1, got {self.log_every=}.")
-        if self.gns_every < 1:
-            raise ValueError(f"gns_every must be at least 1, got {self.gns_every=}.")
+        if self.gns_every is not None and self.gns_every < 1:
+            raise ValueError(f"gns_every must be at least 1 (or None to choose it), got {self.gns_every=}.")
+        if not 0.0 < self.gns_budget <= 1.0:
+            raise ValueError(f"gns_budget must be in (0, 1], got {self.gns_budget=}.")
         if not 0.0 <= self.gns_ema < 1.0:
             raise ValueError(f"gns_ema must be in [0, 1), got {self.gns_ema=}.")
 
@@ -92,11 +97,30 @@ class TrainResult:
     resolved: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Where and how often to checkpoint, and what to resume from."""
+
+    path: Path
+    every_steps: int | None = None
+    every_seconds: float | None = None
+    resume_from: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.every_steps is not None and self.every_steps < 1:
+            raise ValueError(f"every_steps must be at least 1, got {self.every_steps=}.")
+        if self.every_seconds is not None and not self.every_seconds > 0:
+            raise ValueError(f"every_seconds must be positive, got {self.every_seconds=}.")
+
+
 class Sink(Protocol):
     """Where the loop sends what it measures. Implementations buffer; the loop never waits."""
 
     def metrics(self, step: int, values: Mapping[str, float]) -> None:
-        """Values measured at `step` (per-step losses arrive in bulk, one call per step)."""
+        """Values measured at `step`."""
+
+    # Optional: `series(key, first_step, values)` takes one metric's values at consecutive steps
+    # (the per-step losses, once per logging point); the loop calls `metrics` per step without it.
 
     def evaluated(self, step: int, values: Mapping[str, float]) -> bool:
         """Called after each evaluation; return False to stop the run (pruning)."""
@@ -107,6 +131,9 @@ class NullSink:
     """A sink that keeps nothing and never stops the run."""
 
     def metrics(self, step: int, values: Mapping[str, float]) -> None:
+        return None
+
+    def series(self, key: str, first_step: int, values: Sequence[float]) -> None:
         return None
 
     def evaluated(self, step: int, values: Mapping[str, float]) -> bool:
@@ -122,6 +149,9 @@ class RecordingSink:
     def metrics(self, step: int, values: Mapping[str, float]) -> None:
         for key, value in values.items():
             self.history.setdefault(key, []).append((step, float(value)))
+
+    def series(self, key: str, first_step: int, values: Sequence[float]) -> None:
+        self.history.setdefault(key, []).extend((first_step + i, float(v)) for i, v in enumerate(values))
 
     def evaluated(self, step: int, values: Mapping[str, float]) -> bool:
         self.metrics(step, values)

@@ -1,6 +1,9 @@
 """The registry of training recipes: name -> models, options, builder.
 
 Built-in recipes are looked up by name (`mnist1d`, `digits`, `cifar10`, `charlm`).
+Their models, options and metrics come from `trainers.recipes.options`, which does not
+import torch, so a config is checked without it (the sweep process never imports torch);
+a recipe's own module is imported when its task is built.
 A user's own recipe is named by import path, `package.module:attribute`, where the
 attribute is either a `Recipe` or a function `build(model, options, device) -> Task`
 (see docs/recipes.md).
@@ -12,14 +15,16 @@ import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel, ConfigDict
-from torch import nn
 
-from trainers.recipes import charlm, cifar10, digits, mnist1d
-from trainers.task import Task
+from trainers.recipes import options as builtin
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainers.task import Task
 
 DEFAULT_METRICS = ("val/loss", "val/acc", "train/loss")
 
@@ -50,12 +55,45 @@ class UserOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+def _deferred(name: str, attr: str) -> Callable[..., Any]:
+    """`trainers.recipes.<name>.<attr>`, its module imported at the first call (it imports torch)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(f"trainers.recipes.{name}"), attr)(*args, **kwargs)
+
+    call.__qualname__ = call.__name__ = f"{name}.{attr}"
+    return call
+
+
 RECIPES: dict[str, Recipe] = {
-    "mnist1d": Recipe("mnist1d", mnist1d.MODELS, mnist1d.Mnist1dOptions, mnist1d.build, num_train=mnist1d.num_train),
-    "digits": Recipe("digits", digits.MODELS, digits.DigitsOptions, digits.build, num_train=digits.num_train),
-    "cifar10": Recipe("cifar10", cifar10.MODELS, cifar10.Cifar10Options, cifar10.build, num_train=cifar10.num_train),
+    "mnist1d": Recipe(
+        "mnist1d",
+        builtin.MNIST1D_MODELS,
+        builtin.Mnist1dOptions,
+        _deferred("mnist1d", "build"),
+        num_train=builtin.mnist1d_num_train,
+    ),
+    "digits": Recipe(
+        "digits",
+        builtin.DIGITS_MODELS,
+        builtin.DigitsOptions,
+        _deferred("digits", "build"),
+        num_train=builtin.digits_num_train,
+    ),
+    "cifar10": Recipe(
+        "cifar10",
+        builtin.CIFAR10_MODELS,
+        builtin.Cifar10Options,
+        _deferred("cifar10", "build"),
+        num_train=_deferred("cifar10", "num_train"),  # reads the data files
+    ),
     "charlm": Recipe(
-        "charlm", charlm.MODELS, charlm.CharLMOptions, charlm.build, metrics=charlm.METRICS, num_train=charlm.num_train
+        "charlm",
+        builtin.CHARLM_MODELS,
+        builtin.CharLMOptions,
+        _deferred("charlm", "build"),
+        metrics=builtin.CHARLM_METRICS,
+        num_train=_deferred("charlm", "num_train"),  # reads the text
     ),
 }
 
@@ -95,7 +133,7 @@ def _import_recipe(path: str) -> Recipe:
             "point at a function build(model, options, device) -> Task or at a Recipe."
         )
     try:
-        inspect.signature(obj).bind("model", {}, torch.device("cpu"))
+        inspect.signature(obj).bind("model", {}, "cpu")  # binding checks the arity only: no torch needed
     except TypeError:
         raise ValueError(
             f"recipe {path!r}: {attr!r} must accept (model, options, device), but its signature is "
@@ -125,6 +163,11 @@ def check_task(task: object, device: torch.device, name: str) -> None:
 
     Runs the model once on two training examples in eval mode, before any timing.
     """
+    import torch
+    from torch import nn
+
+    from trainers.task import Task
+
     if not isinstance(task, Task):
         raise ValueError(f"recipe {name!r} returned a {type(task).__name__}, not a trainers.task.Task.")
     if not isinstance(task.model, nn.Module):

@@ -15,36 +15,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from trainers.recipes.options import CHARLM_METRICS as METRICS  # noqa: F401  (the registry's)
+from trainers.recipes.options import CHARLM_MODELS as MODELS
+from trainers.recipes.options import CharLMOptions
 from trainers.task import Task
-
-MODELS = ("transformer",)
-METRICS = ("val/loss", "val/acc", "val/ppl", "train/loss")
-
-
-class CharLMOptions(BaseModel):
-    """Recipe options, given in a config's `trainer:` section."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    # A local UTF-8 text file (for example Tiny Shakespeare's input.txt).
-    text_file: str
-    seq_len: int = Field(default=128, ge=1, le=8192)
-    d_model: int = Field(default=128, ge=1, le=8192)
-    n_layers: int = Field(default=4, ge=1, le=64)
-    n_heads: int = Field(default=4, ge=1)
-    # The last part of the text held out for validation.
-    val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> CharLMOptions:
-        if self.d_model % self.n_heads != 0:
-            raise ValueError(f"n_heads must divide d_model, got n_heads={self.n_heads} and d_model={self.d_model}")
-        return self
 
 
 def read_text(path: str) -> str:

@@ -16,36 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from trainers.recipes.options import CIFAR10_MODELS as MODELS
+from trainers.recipes.options import Cifar10Options
 from trainers.task import Task
 
-MODELS = ("resnet9",)
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 # Per-channel mean and standard deviation of the CIFAR-10 training images, in [0, 1] units.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-
-
-class Cifar10Options(BaseModel):
-    """Recipe options, given in a config's `trainer:` section."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    # The extracted `cifar-10-batches-py` folder (the "CIFAR-10 python version" archive).
-    data_dir: str
-    # Use data_batch_1 … data_batch_N only.
-    train_batches: int = Field(default=5, ge=1, le=5)
-    # At most this many training and this many validation examples (quick runs).
-    limit: int | None = Field(default=None, ge=1)
-    # Channels of the first convolution; the stages have 2×, 4× and 8× as many (64 is the original).
-    width: int = Field(default=64, ge=1, le=1024)
-    augment: bool = True
-    # Random crops of the image padded by this many pixels on each side.
-    crop_padding: int = Field(default=4, ge=0, le=16)
-    flip: bool = True
 
 
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -8,48 +8,15 @@ examples of one forward pass, GroupNorm's from each example alone.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from trainers.recipes.options import DIGITS_MODELS as MODELS
+from trainers.recipes.options import DIGITS_NUM_EXAMPLES as NUM_EXAMPLES  # noqa: F401  (re-exported)
+from trainers.recipes.options import DigitsOptions, Norm
+from trainers.recipes.options import digits_num_train as num_train  # noqa: F401  (the registry's)
 from trainers.task import Task, classification_task
-
-MODELS = ("cnn",)
-NUM_EXAMPLES = 1797
-
-Norm = Literal["batch", "group", "none"]
-
-
-class DigitsOptions(BaseModel):
-    """Recipe options, given in a config's `trainer:` section."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    # BatchNorm2d, GroupNorm or nothing after each convolution.
-    norm: Norm = "batch"
-    # Channels of the first convolution; the later ones have twice as many.
-    channels: int = Field(default=16, ge=1, le=1024)
-    # GroupNorm's number of groups; must divide `channels`.
-    groups: int = Field(default=4, ge=1)
-    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    # The split is fixed across trials so that every trial sees the same data.
-    data_seed: int = 42
-
-    @model_validator(mode="after")
-    def _groups_divide_channels(self) -> DigitsOptions:
-        if self.norm == "group" and self.channels % self.groups != 0:
-            raise ValueError(
-                f"groups must divide channels for norm='group', got groups={self.groups} and channels={self.channels}"
-            )
-        return self
-
-
-def num_train(options: DigitsOptions) -> int:
-    """Training-set size, as the stratified split makes it (scikit-learn rounds the test part up)."""
-    return NUM_EXAMPLES - int(np.ceil(options.val_fraction * NUM_EXAMPLES))
 
 
 def load_arrays(options: DigitsOptions) -> dict[str, np.ndarray]:

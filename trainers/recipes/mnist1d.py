@@ -14,25 +14,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from trainers.recipes.options import MNIST1D_MODELS as MODELS
+from trainers.recipes.options import Mnist1dOptions
+from trainers.recipes.options import mnist1d_num_train as num_train  # noqa: F401  (the registry's)
 from trainers.task import Task, classification_task
-
-MODELS = ("mlp", "cnn")
-
-
-class Mnist1dOptions(BaseModel):
-    """Recipe options, given in a config's `trainer:` section."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    num_samples: int = Field(default=5000, ge=100, le=1_000_000)
-    train_split: float = Field(default=0.8, gt=0.0, lt=1.0)
-    # The data seed is fixed across trials so that every trial sees the same data.
-    data_seed: int = 42
-    hidden: int = Field(default=100, ge=1)
-    channels: int = Field(default=25, ge=1)
 
 
 def cache_dir() -> Path:
@@ -126,8 +113,3 @@ def build(model: Literal["mlp", "cnn"] | str, options: Mnist1dOptions, device: t
         raise ValueError(f"mnist1d has no model {model!r}; choose one of {MODELS}.")
 
     return classification_task(net, (arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"]), device)
-
-
-def num_train(options: Mnist1dOptions) -> int:
-    """Training examples, without generating the data (mnist1d splits by int(n * split))."""
-    return int(options.num_samples * options.train_split)
