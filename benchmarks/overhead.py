@@ -15,8 +15,10 @@ end-of-run measurement) is off: it is part of the per-trial cost (section 3).
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import statistics
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -29,7 +31,7 @@ from benchmarks.bare import OnStep, bare_loop, build
 from benchmarks.common import Ratio, Section, Timing, markdown_table, timed
 from benchmarks.reference import BATCH_EVERY, log_batch_every, log_metric_every_step
 from trainers.loop import train
-from trainers.spec import RecordingSink, TrainSpec
+from trainers.spec import RecordingSink, TrainResult, TrainSpec
 
 BATCH_SIZES = (16, 128, 1024)
 
@@ -47,7 +49,11 @@ class OverheadRow:
 class MlflowStore:
     """A SQLite MLflow store in a temporary folder; one run per measured training, like a sweep's child runs.
 
-    The runs are left RUNNING: the folder is deleted with them.
+    As in a sweep, the training process's sink sends its rows through a pipe to another
+    process (here `_writer_host`, in a sweep the sweep process: sweeps/worker.py), whose
+    MetricWriter writes them. A measured run ends when the writer has written every row,
+    and its CPU time includes the writer's. The runs are left RUNNING: the folder is
+    deleted with them.
     """
 
     def __init__(self, root: Path) -> None:
@@ -56,16 +62,72 @@ class MlflowStore:
         self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
         self.client = MlflowClient(self.tracking_uri)  # creates the schema (seconds), outside any timing
         self.experiment_id = self.client.create_experiment("bench", artifact_location=(root / "a").as_uri())
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._host = ctx.Process(target=_writer_host, args=(child, self.tracking_uri), daemon=True)
+        self._host.start()
+        child.close()
+        self.writer_cpu_s = 0.0  # the writer process's CPU, summed over the runs drained so far
+        self.rows = 0
 
     def sink(self) -> Any:
-        from sweeps.tracking import MlflowSink
+        from sweeps.sink import MlflowSink
+        from sweeps.worker import PipeTransport
 
+        store = self
         run = self.client.create_run(self.experiment_id)
-        return MlflowSink(self.client, run.info.run_id)
+
+        class HostedSink(MlflowSink):
+            def close(self, timeout: float = 120.0) -> None:
+                super().close(timeout)
+                store.drain(run.info.run_id)
+
+        return HostedSink(PipeTransport(self._conn), run.info.run_id)
+
+    def drain(self, run_id: str) -> None:
+        """Wait until the writer process has written the run's rows; add up its CPU time."""
+        self._conn.send(("drain", run_id))
+        cpu_s, rows = self._conn.recv()
+        self.writer_cpu_s += cpu_s
+        self.rows += rows
+
+    def close(self) -> None:
+        self._conn.send(("exit",))
+        self._host.join(10)
 
 
-def timed_train(spec: TrainSpec, sink: Any, *, count_syncs: bool = False) -> tuple[Timing, int]:
-    """Time `train()` plus closing the sink; with `count_syncs` (CUDA), also count host syncs."""
+def _writer_host(conn: Any, tracking_uri: str) -> None:
+    """The sweep process's part in writing metrics: rows in from the pipe, MetricWriter out."""
+    from sweeps.sink import MetricWriter
+
+    writer = MetricWriter(tracking_uri)
+    cpu0, rows = time.process_time(), 0
+    while True:
+        msg = conn.recv()
+        if msg[0] == "metrics":
+            writer.submit(msg[1], msg[2])
+            rows += len(msg[2])
+        elif msg[0] == "drain":
+            writer.drain(msg[1])
+            cpu = time.process_time()
+            conn.send((cpu - cpu0, rows))
+            cpu0, rows = cpu, 0
+        else:
+            writer.close()
+            return
+
+
+def timed_train(
+    spec: TrainSpec,
+    sink: Any,
+    *,
+    count_syncs: bool = False,
+    store: MlflowStore | None = None,
+    results: list[TrainResult] | None = None,
+) -> tuple[Timing, int]:
+    """Time `train()` plus closing the sink; with `count_syncs` (CUDA), also count host syncs.
+
+    With `store`, the writer process's CPU time for the run is added to the run's."""
     task = build(spec)
     cuda = task.train_x.is_cuda
     if count_syncs and cuda:
@@ -74,11 +136,16 @@ def timed_train(spec: TrainSpec, sink: Any, *, count_syncs: bool = False) -> tup
         warnings.simplefilter("always")
 
         def run() -> None:
-            train(spec, sink, task=task)
+            result = train(spec, sink, task=task)
             if hasattr(sink, "close"):
                 sink.close()
+            if results is not None:
+                results.append(result)
 
+        before = store.writer_cpu_s if store is not None else 0.0
         timing = timed(run)
+        if store is not None:
+            timing = Timing(timing.wall_s, timing.cpu_s + store.writer_cpu_s - before)
     syncs = 0
     if count_syncs and cuda:
         torch.cuda.set_sync_debug_mode("default")
@@ -127,15 +194,18 @@ def train_variant(
     *,
     syncs: list[int] | None = None,
     rows: list[int] | None = None,
+    store: MlflowStore | None = None,
+    results: list[TrainResult] | None = None,
 ) -> Callable[[], Timing]:
     """batchscope's `train()` with a new sink, as one measured variant.
 
-    `syncs` collects the host syncs counted on CUDA; `rows` the metric values a RecordingSink received.
+    `syncs` collects the host syncs counted on CUDA; `rows` the metric values a RecordingSink
+    received; `store` adds its writer process's CPU time; `results` collects the TrainResults.
     """
 
     def run() -> Timing:
         sink = make_sink()
-        timing, n = timed_train(spec, sink, count_syncs=syncs is not None)
+        timing, n = timed_train(spec, sink, count_syncs=syncs is not None, store=store, results=results)
         if syncs is not None:
             syncs.append(n)
         if rows is not None and isinstance(sink, RecordingSink):
@@ -197,6 +267,8 @@ def measure(
                     statistics.median(syncs) / steps if device.startswith("cuda") else None,
                 )
             )
+        if store is not None:
+            store.close()
     return rows
 
 
@@ -249,7 +321,7 @@ def tracking_section(quick: bool) -> Section:
             recorded: list[int] = []
             variants = {
                 "bare": bare_variant(spec),
-                "batchscope": train_variant(spec, store.sink),
+                "batchscope": train_variant(spec, store.sink, store=store),
                 "loop": train_variant(replace(spec, gns=False, eval_every=steps), RecordingSink),
                 "eval": train_variant(replace(spec, gns=False), RecordingSink),
                 "memory": train_variant(spec, RecordingSink, rows=recorded),
@@ -264,6 +336,7 @@ def tracking_section(quick: bool) -> Section:
             extra_cpu = [a.cpu_s - m.cpu_s for a, m in zip(times["batchscope"], times["memory"], strict=True)]
             rows_written[b] = int(statistics.median(recorded))
             per_metric_ms[b] = 1000 * statistics.median(extra_cpu) / rows_written[b]
+        store.close()
 
     header = ["loop", *(f"batch {b}" for b in BATCH_SIZES), "issue quotes / target"]
     wall_rows = [
@@ -275,18 +348,21 @@ def tracking_section(quick: bool) -> Section:
     worst = min(BATCH_SIZES, key=lambda b: ratios["batchscope"][b][0].median)
     met = ratios["batchscope"][worst][0].median >= 0.95
     misses = [f"{ratios['batchscope'][b][0].median:.2f} at batch {b}" for b in BATCH_SIZES]
-    gns_every = TrainSpec().gns_every
     notes = [
         f"Samples/s ratio to the bare loop (higher is better): median over {repeats} alternating repeats (range "
         f"in brackets), {steps} steps each, MNIST-1D MLP (40-100-100-10) on the CPU, SGD with momentum. "
-        "batchscope: eval every 50 steps on 1,000 validation examples, per-step `train/loss` flushed every 10 "
-        f"steps, noise scale on at its default (every {gns_every} step{'s' if gns_every > 1 else ''}), sharpness "
-        "off; its time is the whole `train()` call plus closing the sink.",
+        "batchscope: eval every 50 steps on 1,000 validation examples, per-step `train/loss` read every 10 "
+        "steps, noise scale on at its default (cadence chosen per run for a 2% budget), sharpness off; its "
+        "time is the whole `train()` call plus closing the sink, until the writer has written every row.",
+        "As in a sweep, the MLflow rows leave the training process through a pipe and are written by another "
+        "process (in a sweep: the sweep process; sweeps/worker.py), which on this machine runs on the second "
+        "core. The CPU-time table adds that process's CPU to batchscope's, so it shows the whole cost.",
         "The indented rows add batchscope's parts one at a time, all with an in-memory sink: the step from one "
         "row to the next is that part's cost; the step from the last of them to the bold row is MLflow's.",
-        "CPU-time ratios (process CPU of all threads, including the MLflow writer thread) move less with the "
+        "CPU-time ratios (process CPU of all threads, plus the writer process's) move less with the "
         "machine's load than wall time.",
-        f"MLflow's cost per metric row written ({rows_written[BATCH_SIZES[0]]:,} rows per run through the sink: "
+        f"MLflow's CPU cost per metric row written, both processes ({rows_written[BATCH_SIZES[0]]:,} rows per "
+        "run through the sink: "
         "every step's `train/loss`, `lr` per flush, up to 8 values per evaluation): "
         + ", ".join(f"{per_metric_ms[b]:.2f} ms CPU at batch {b}" for b in BATCH_SIZES)
         + f", against a bare step of {1000 * BATCH_SIZES[0] / bare_rate[BATCH_SIZES[0]]:.2f} ms at batch "
@@ -310,23 +386,24 @@ def tracking_section(quick: bool) -> Section:
 
 def noise_scale_section(quick: bool) -> Section:
     steps, repeats = (200, 3) if quick else (500, 7)
-    default_every = TrainSpec().gns_every
-    settings = {"every step": 1}
-    if default_every == 1:
-        settings = {"every step (default)": 1, "every 10 steps": 10}
-    else:
-        settings[f"every {default_every} steps (default)"] = default_every
-    default_key = next(k for k in settings if "default" in k)
+    budget = TrainSpec().gns_budget
+    default_key = f"chosen per run for a {100 * budget:.0f}% budget (default)"
+    settings: dict[str, int | None] = {"every step": 1, "every 10 steps (the earlier default)": 10}
+    settings[default_key] = None
     costs: dict[str, dict[int, tuple[Ratio, Ratio]]] = {k: {} for k in settings}
+    chosen: dict[int, list[int]] = {}
     base = base_spec(steps)
     timed_train(replace(base, max_steps=30), RecordingSink())
     for b in BATCH_SIZES:
         spec = replace(base, batch_size=b)
+        results: list[TrainResult] = []
         variants = {"off": train_variant(replace(spec, gns=False), RecordingSink)}
         variants |= {
-            key: train_variant(replace(spec, gns_every=every), RecordingSink) for key, every in settings.items()
+            key: train_variant(replace(spec, gns_every=every), RecordingSink, results=None if every else results)
+            for key, every in settings.items()
         }
         times = alternate(variants, repeats)
+        chosen[b] = sorted(int(r.resolved["gns_every"]) for r in results if "gns_every" in r.resolved)
         for key in settings:
             costs[key][b] = (paired(times, key, "off"), paired(times, key, "off", cpu=True))
     rows = []
@@ -347,5 +424,10 @@ def noise_scale_section(quick: bool) -> Section:
             "Without gradient accumulation a measuring step splits its batch into two halves (two forward and "
             "backward passes) and takes two gradient norms; on a small CPU model each pass costs about as much "
             "as a whole step, so measuring every step costs roughly a second step.",
+            "By default (`train.gns.every: auto`) each run times 5 plain and 5 measuring steps after its first 4 "
+            f"and then measures every ceil(extra / ({budget:g} × plain step))-th step; the probes are part of the "
+            "measured cost. Cadences chosen here: "
+            + "; ".join(f"batch {b}: {', '.join(map(str, chosen[b])) or '–'}" for b in BATCH_SIZES)
+            + ".",
         ],
     )

@@ -14,7 +14,6 @@ the device: reading the values is the only host sync.
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Iterable
 
 import torch
@@ -104,11 +103,11 @@ class Cadence:
     Without accumulation a measuring step splits its batch in two (two forward/backward
     passes) and reads two gradient norms. On a large model on a GPU that costs little more
     than a plain step; on a small model on a CPU, bound by per-op overhead, about a second
-    step. With `every=None` the run times a few plain and measuring steps early on
-    (alternating, after `warmup` plain steps) and then measures every
-    ceil(extra / budget)-th step, so that the noise scale costs about `budget` of the
-    training time wherever it runs. The timing uses `timer` (CUDA events: one host sync,
-    when the choice is made). `choose` may be replaced to agree across processes.
+    step. With `every=None` the run times `probes` measuring steps and twice as many plain
+    ones early on (every third step measures, after `warmup` plain steps) and then measures
+    every ceil(extra / (budget × plain))-th step, so that the noise scale costs about
+    `budget` of the training time wherever it runs. Each kind's fastest time is used: on a
+    busy machine other work only ever adds time to a step.
     """
 
     def __init__(
@@ -118,7 +117,7 @@ class Cadence:
         first_step: int,
         *,
         warmup: int = 4,
-        probes: int = 5,
+        probes: int = 4,
         max_every: int = 100,
     ) -> None:
         if every is not None and every < 1:
@@ -128,9 +127,9 @@ class Cadence:
         self.every = every
         self.budget = budget
         self.max_every = max_every
-        # Probe steps: [lo, hi); even offsets from lo measure, odd ones are plain.
+        # Probe steps: [lo, hi); offsets 0, 3, 6, ... from lo measure, the others are plain.
         self._lo = first_step + warmup
-        self._hi = self._lo + 2 * probes
+        self._hi = self._lo + 3 * probes
         self.plain_s: list[float] = []
         self.measure_s: list[float] = []
 
@@ -141,7 +140,7 @@ class Cadence:
     def measures(self, step: int) -> bool:
         if self.every is not None:
             return step % self.every == 0
-        return self._lo <= step < self._hi and (step - self._lo) % 2 == 0
+        return self._lo <= step < self._hi and (step - self._lo) % 3 == 0
 
     def probing(self, step: int) -> bool:
         """Whether `step` is timed (only before the cadence is chosen)."""
@@ -155,11 +154,11 @@ class Cadence:
         (self.measure_s if measured else self.plain_s).append(seconds)
 
     def choose(self) -> int:
-        """every = ceil(extra cost of a measuring step / (budget × plain step)), from the medians."""
+        """every = ceil(extra time of a measuring step / (budget × a plain step's time))."""
         if not self.plain_s or not self.measure_s:
             self.every = 10
             return self.every
-        plain = statistics.median(self.plain_s)
-        extra = max(0.0, statistics.median(self.measure_s) - plain)
+        plain = min(self.plain_s)
+        extra = max(0.0, min(self.measure_s) - plain)
         self.every = int(min(self.max_every, max(1, math.ceil(extra / (self.budget * max(plain, 1e-12)) - 1e-9))))
         return self.every
