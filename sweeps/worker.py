@@ -313,6 +313,8 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
             return
         if msg[0] == "exit":
             return
+        if msg[0] != "train":
+            continue  # e.g. an evaluation's reply that came after its trial was stopped
         job: Job = msg[1]
         if job.nproc > 1:
             conn.send(_run_distributed(job, conn, stop, parent_pid))

@@ -105,7 +105,7 @@ class Cadence:
     than a plain step; on a small model on a CPU, bound by per-op overhead, about a second
     step. With `every=None` the run times `probes` measuring steps and twice as many plain
     ones early on (every third step measures, after `warmup` plain steps) and then measures
-    every ceil(extra / (budget × plain))-th step, so that the noise scale costs about
+    every n-th step, n = extra / (budget × plain) rounded up to a power of two, so that the noise scale costs about
     `budget` of the training time wherever it runs. Each kind's fastest time is used: on a
     busy machine other work only ever adds time to a step.
     """
@@ -118,7 +118,7 @@ class Cadence:
         *,
         warmup: int = 4,
         probes: int = 4,
-        max_every: int = 100,
+        max_every: int = 128,
     ) -> None:
         if every is not None and every < 1:
             raise ValueError(f"every must be at least 1 (or None to choose it), got {every=}.")
@@ -154,11 +154,15 @@ class Cadence:
         (self.measure_s if measured else self.plain_s).append(seconds)
 
     def choose(self) -> int:
-        """every = ceil(extra time of a measuring step / (budget × a plain step's time))."""
+        """every = extra time of a measuring step / (budget × a plain step's time), rounded up to 2^k."""
         if not self.plain_s or not self.measure_s:
             self.every = 10
             return self.every
         plain = min(self.plain_s)
         extra = max(0.0, min(self.measure_s) - plain)
-        self.every = int(min(self.max_every, max(1, math.ceil(extra / (self.budget * max(plain, 1e-12)) - 1e-9))))
+        need = max(1.0, extra / (self.budget * max(plain, 1e-12)))
+        # Rounded up to a power of two: within budget, and the same choice from run to run unless the
+        # cost sits near a boundary (the cadence decides which steps split their batch, and so the
+        # last digits of the losses: runs that must match bit for bit should fix `every`).
+        self.every = int(min(self.max_every, 2 ** math.ceil(math.log2(need) - 1e-9)))
         return self.every
