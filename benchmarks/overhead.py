@@ -30,7 +30,8 @@ import torch
 from benchmarks.bare import OnStep, bare_loop, build
 from benchmarks.common import Ratio, Section, Timing, markdown_table, timed
 from benchmarks.reference import BATCH_EVERY, log_batch_every, log_metric_every_step
-from trainers.loop import train
+from trainers.device import make_precision, resolve_precision
+from trainers.loop import evaluate, train
 from trainers.spec import RecordingSink, TrainResult, TrainSpec
 
 BATCH_SIZES = (16, 128, 1024)
@@ -301,11 +302,29 @@ TRACKING_ROWS = {
     "memory": ("  + noise scale at its default cadence (= everything but MLflow)", "–"),
     "log_metric": ("hand-written: `mlflow.log_metric` every step", "0.12 / 0.21 / 0.54"),
     "log_batch": (f"hand-written: `log_batch` every {BATCH_EVERY} steps", "0.73 / 0.85 / 1.0"),
+    "bare_eval": ("hand-written: the bare loop + the same evaluation every 50 steps, no logging", "–"),
+    "vs_eval": ("**batchscope, everything on, against that hand-written loop**", "–"),
 }
 
 
+def bare_eval_variant(spec: TrainSpec) -> Callable[[], Timing]:
+    """The bare loop plus what a hand-written loop evaluates: the validation set every `eval_every` steps."""
+
+    def run() -> Timing:
+        task = build(spec)
+        autocast = make_precision(resolve_precision(spec.precision, task.train_x.device), task.train_x.device).autocast
+
+        def on_step(step: int, loss: torch.Tensor) -> None:
+            if step % spec.eval_every == 0:
+                evaluate(task, task.val_x, task.val_y, autocast)
+
+        return bare_loop(spec, task, spec.max_steps, on_step)
+
+    return run
+
+
 def tracking_section(quick: bool) -> Section:
-    steps, repeats = (200, 3) if quick else (500, 7)
+    steps, repeats = (200, 3) if quick else (1000, 5)
     ratios: dict[str, dict[int, tuple[Ratio, Ratio]]] = {k: {} for k in TRACKING_ROWS}
     bare_rate: dict[int, float] = {}
     full_rate: dict[int, float] = {}
@@ -327,10 +346,12 @@ def tracking_section(quick: bool) -> Section:
                 "memory": train_variant(spec, RecordingSink, rows=recorded),
                 "log_metric": hand_written_variant(spec, log_metric_every_step, store),
                 "log_batch": hand_written_variant(spec, log_batch_every, store),
+                "bare_eval": bare_eval_variant(spec),
             }
             times = alternate(variants, repeats)
             for key in TRACKING_ROWS:
-                ratios[key][b] = (paired(times, "bare", key), paired(times, "bare", key, cpu=True))
+                num, den = ("bare_eval", "batchscope") if key == "vs_eval" else ("bare", key)
+                ratios[key][b] = (paired(times, num, den), paired(times, num, den, cpu=True))
             bare_rate[b] = steps * b / statistics.median(t.wall_s for t in times["bare"])
             full_rate[b] = steps * b / statistics.median(t.wall_s for t in times["batchscope"])
             extra_cpu = [a.cpu_s - m.cpu_s for a, m in zip(times["batchscope"], times["memory"], strict=True)]

@@ -161,9 +161,7 @@ def import_profile(code: str) -> tuple[float, dict[str, float]]:
 
 
 SWEEP_IMPORTS = "import sweeps.cli, sweeps.commands, sweeps.config, sweeps.runner, sweeps.progress"
-WORKER_IMPORTS = (
-    "import sweeps.worker; from mlflow import MlflowClient; import sweeps.faults, sweeps.tracking, trainers.loop"
-)
+WORKER_IMPORTS = "import sweeps.worker, sweeps.faults, sweeps.sink, sweeps.stores, trainers.loop"
 
 
 def probe(tmp: Path) -> list[tuple[str, str, float, float]]:
@@ -196,6 +194,18 @@ def cold_data_seconds() -> float:
         return float(out.stdout.strip().splitlines()[-1])
 
 
+def cold_store_seconds() -> float:
+    """Making the cached empty MLflow store (MLflow's migrations): once per MLflow version on a machine."""
+    with tempfile.TemporaryDirectory() as cache:
+        code = (
+            "import time; import mlflow.store.db.utils; from sweeps.stores import empty_store; "
+            "t = time.perf_counter(); empty_store(); print(time.perf_counter() - t)"
+        )
+        env = subprocess_env() | {"BATCHSCOPE_CACHE": cache}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+
+
 def _s(x: float) -> str:
     return f"{x:.2f} s"
 
@@ -212,6 +222,7 @@ def startup_section(quick: bool) -> Section:
     sweep_total, sweep_packages = import_profile(SWEEP_IMPORTS)
     worker_total, worker_packages = import_profile(WORKER_IMPORTS)
     cold = None if quick else cold_data_seconds()
+    cold_store = None if quick else cold_store_seconds()
 
     columns = [f"launch {i + 1}" for i in range(launches)]
     rows: list[tuple[str, ...]] = []
@@ -284,6 +295,11 @@ def startup_section(quick: bool) -> Section:
         notes.append(
             f"A machine's very first sweep also generates the MNIST-1D data: {cold:.1f} s for 5,000 examples "
             "with an empty cache (cached afterwards)."
+        )
+    if cold_store is not None:
+        notes.append(
+            f"A new store is a copy of an empty MLflow database cached per MLflow version; a machine's first "
+            f"sweep with an MLflow version makes it first (MLflow's migrations): {cold_store:.1f} s."
         )
     return Section(
         name="startup",

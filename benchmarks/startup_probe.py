@@ -8,9 +8,10 @@ order, and notes when each phase starts and ends in each process: the sweep proc
 MLflow schema, experiment, parent run; Optuna's first ask) and a worker process
 started the way TrialWorker starts one (spawn; as early as the CLI starts it), which
 imports what the worker imports and runs its warm-up (where it has one), then, given the
-job, opens the tracking store, builds data and model, makes the optimizer and trains the
-first `log_every` steps. The probe repeats the work the code does; the end-to-end times of
-the real command are measured separately (benchmarks/startup.py).
+job, builds data and model, makes the optimizer and trains the first `log_every` steps
+(the worker does not open MLflow: the sweep process writes its metrics). The probe
+repeats the work the code does; the end-to-end times of the real command are measured
+separately (benchmarks/startup.py).
 
 Prints one JSON list of [process, phase, start, end], in seconds after LAUNCH_TIME.
 """
@@ -30,7 +31,7 @@ T_START = time.time()  # before anything of batchscope is imported
 Phase = tuple[str, str, float, float]
 
 
-def _worker_side(conn: Connection, spawned_at: float, tracking_uri: str) -> None:
+def _worker_side(conn: Connection, spawned_at: float) -> None:
     """What sweeps.worker._worker_main does from its start to a trial's first steps."""
     phases: list[Phase] = [("worker", "spawn: a fresh interpreter", spawned_at, time.time())]
     mark = time.time()
@@ -41,15 +42,13 @@ def _worker_side(conn: Connection, spawned_at: float, tracking_uri: str) -> None
         phases.append(("worker", name, mark, now))
         mark = now
 
-    from mlflow import MlflowClient
-
     from sweeps import faults  # noqa: F401
+    from sweeps.sink import MlflowSink  # noqa: F401
     from sweeps.stores import quiet_libraries
-    from sweeps.tracking import MlflowSink  # noqa: F401
     from trainers.loop import train
 
     quiet_libraries()
-    lap("imports: mlflow, torch, trainers")
+    lap("imports: torch, trainers")
     from sweeps import worker
 
     prewarm = getattr(worker, "_prewarm", None)  # the worker's own warm-up, where it has one
@@ -58,11 +57,6 @@ def _worker_side(conn: Connection, spawned_at: float, tracking_uri: str) -> None
         lap("pre-warm before the first job (sweeps.worker._prewarm)")
     spec: Any = conn.recv()  # the first job
     lap("waits for the first job")
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-
-    lap("imports: MLflow's SQL store (the first MlflowClient does this)")
-    MlflowClient(tracking_uri).search_experiments(max_results=1)
-    lap("opens the tracking store (MlflowClient)")
     from trainers.device import resolve_device
     from trainers.recipes import build_task
 
@@ -90,13 +84,10 @@ def main(config: Path, launched_at: float) -> list[Phase]:
     import sweeps.cli
     import sweeps.commands
 
-    lap("imports: sweeps.cli + sweeps.commands (rich, pydantic, torch via sweeps.config)")
-    from sweeps.stores import resolve
-
+    lap("imports: sweeps.cli + sweeps.commands (rich)")
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    tracking_uri = resolve(None, None).tracking_uri
-    proc = ctx.Process(target=_worker_side, args=(child, time.time(), tracking_uri), daemon=True)
+    proc = ctx.Process(target=_worker_side, args=(child, time.time()), daemon=True)
     early = hasattr(sweeps.commands, "_early_workers")  # the CLI starts its workers before the stores
     if early:
         proc.start()
@@ -104,7 +95,7 @@ def main(config: Path, launched_at: float) -> list[Phase]:
     from sweeps.config import load_config
 
     cfg = load_config(config)
-    lap("reads + validates the config")
+    lap("reads + validates the config (sweeps.config: pydantic; no torch)")
     from dataclasses import replace
 
     from sweeps.runner import Sweep, make_spec
@@ -113,10 +104,10 @@ def main(config: Path, launched_at: float) -> list[Phase]:
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
     lap("imports: MLflow's SQL store (sqlalchemy, alembic; Sweep() does this)")
-    from sweeps.stores import check_tracking
+    from sweeps.stores import check_tracking, resolve
 
     check_tracking(resolve(cfg.storage, cfg.tracking_uri))
-    lap("stores: MLflow schema on a fresh database (Sweep() does this)")
+    lap("stores: MLflow's schema, copied from the cache (Sweep() does this)")
     sweep = Sweep(cfg)
     lap("stores: the rest of Sweep(): Optuna journal, study, experiment, parent run, git")
     if not early:

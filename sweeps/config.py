@@ -95,9 +95,11 @@ class LrScaling(_Strict):
 
 class NoiseScaleConfig(_Strict):
     enabled: bool = True
-    # Measure on every n-th step (without accumulation a measuring step splits its batch in two,
-    # which costs launches on small models; every 10th step keeps the overhead near 5%).
-    every: PositiveInt = 10
+    # Measure on every n-th step, or "auto": chosen per run from a few timed steps so that measuring
+    # costs about `max_overhead` of the training time (without accumulation a measuring step splits
+    # its batch in two: nearly free on a GPU-bound model, about a second step on a small CPU model).
+    every: PositiveInt | Literal["auto"] = "auto"
+    max_overhead: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.02
     ema: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.95
 
 
@@ -263,10 +265,12 @@ class SearchConfig(_Strict):
     batch_size: BatchSpace = BatchValues(values=[16, 32, 64, 128, 256, 512, 1024])
     lr: LrSpace = LrRange(low=1e-3, high=1.0)
     sampler: Literal["tpe", "grid", "random"] = "tpe"
-    pruner: Literal["none", "median", "hyperband"] = "none"
+    pruner: Literal["none", "median", "successive_halving", "hyperband"] = "none"
     n_trials: PositiveInt = 24
     # What Optuna optimizes; two names give a Pareto front (no pruning then).
     objective: Objective | Annotated[list[Objective], Field(min_length=1, max_length=2)] = "val_loss"
+    # val_loss / val_acc: the mean over each run's last N evaluations (1: the final evaluation alone).
+    objective_evals: PositiveInt = 4
     seed: int | None = 0
 
     @model_validator(mode="after")

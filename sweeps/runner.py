@@ -7,8 +7,11 @@ Optuna state says so; running the same command again continues the study.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -28,10 +31,8 @@ from sweeps.errors import UserError
 from sweeps.stores import Stores, check_tracking, open_storage, quiet_libraries, redact, resolve, root_dir, safe_name
 from sweeps.tracking import REASON, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker
 from sweeps.worker import MEMORY_ENV, Job, TrialError, TrialWorker, WorkerDied
-from trainers.checkpoint import CheckpointPolicy
-from trainers.device import resolve_device, resolve_precision
 from trainers.recipes import get_recipe
-from trainers.spec import TrainResult, TrainSpec
+from trainers.spec import CheckpointPolicy, TrainResult, TrainSpec
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 FINGERPRINT_ATTR = "batchscope.fingerprint"
@@ -581,6 +582,13 @@ class Sweep:
         device = slot_device(self.cfg.device, slot)
         return replace(spec, device=device) if device != spec.device else spec
 
+    def _eval_history(self, run_id: str) -> list[Mapping[str, float]]:
+        by_step: dict[int, dict[str, float]] = {}
+        for key in space.TAIL_METRICS:
+            for m in self.tracker.client.get_metric_history(run_id, key):
+                by_step.setdefault(m.step, {})[key] = m.value
+        return [by_step[step] for step in sorted(by_step)]
+
     def _train_seed(
         self,
         trial: optuna.Trial,
@@ -616,7 +624,10 @@ class Sweep:
         objective = self.cfg.search.objectives[0]
         prune_key = space.PRUNING_METRIC.get(objective) if prune and len(self.cfg.search.objectives) == 1 else None
 
+        evals: list[Mapping[str, float]] = []  # for the val_loss / val_acc objectives (space.tail_means)
+
         def on_eval(step: int, values: Mapping[str, float]) -> bool:
+            evals.append({k: values[k] for k in space.TAIL_METRICS if k in values})
             if prune_key is None or prune_key not in values:
                 return True
             trial.report(values[prune_key], step)
@@ -647,12 +658,15 @@ class Sweep:
             raise TrialCrashed(result.reason)
         extra: dict[str, Any] = {
             k: result.resolved[k]
-            for k in ("tokens_per_batch", "resumed_from_step", "batchnorm")
+            for k in ("tokens_per_batch", "resumed_from_step", "batchnorm", "gns_every")
             if k in result.resolved
         }
         if extra:
             self.tracker.log_params(run_id, extra)
         if result.final:
+            if not evals:  # a DDP trial: its evaluations reach the sweep only through MLflow
+                evals = self._eval_history(run_id)
+            result.final.update(space.tail_means(evals, self.cfg.search.objective_evals, result.final))
             self.tracker.log_final(run_id, result.steps, result.final)
         self.tracker.end(run_id, RUN_STATUS[result.status], tags={STATUS: result.status, REASON: result.reason})
         return result
@@ -660,7 +674,7 @@ class Sweep:
 
 def slot_device(device: str, slot: int) -> str:
     """With several GPUs, parallel trial slots take one GPU each (cuda:0, cuda:1, ...)."""
-    if device not in ("auto", "cuda"):
+    if device not in ("auto", "cuda") or not torch_has_gpu_support():
         return device
     import torch
 
@@ -710,7 +724,8 @@ def make_spec(
         precision=cfg.precision,
         compile=t.compile,
         gns=t.gns.enabled,
-        gns_every=t.gns.every,
+        gns_every=None if t.gns.every == "auto" else t.gns.every,
+        gns_budget=t.gns.max_overhead,
         gns_ema=t.gns.ema,
         sharpness=t.sharpness.enabled,
         sharpness_iters=t.sharpness.iters,
@@ -734,9 +749,40 @@ def _num_train(cfg: SweepConfig) -> int:
     return int(n * split)
 
 
+@functools.cache
+def torch_has_gpu_support() -> bool:
+    """Whether the installed PyTorch was built with CUDA or ROCm, read from torch/version.py.
+
+    Without either, torch.cuda.is_available() is False: the sweep process then knows every
+    trial's device without importing torch, which it needs for nothing else (1–2 s of start-up).
+    """
+    found = importlib.util.find_spec("torch")
+    locations = list(found.submodule_search_locations or []) if found is not None else []
+    try:
+        text = (Path(locations[0]) / "version.py").read_text(encoding="utf-8")
+    except (IndexError, OSError, UnicodeDecodeError):
+        return True  # cannot tell: ask torch itself
+    builds = dict(re.findall(r"^(cuda|hip)\b[^=\n]*=\s*(.*?)\s*$", text, flags=re.MULTILINE))
+    return builds.get("cuda") != "None" or builds.get("hip") != "None"
+
+
+# trainers.device.resolve_precision on the CPU, where it needs no torch.
+_CPU_PRECISION = {"auto": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def planned_device(device: str, precision: str) -> tuple[str, str]:
+    """The device and precision a trial will train with, as the worker resolves them (trainers.device)."""
+    if device in ("auto", "cpu") and precision in _CPU_PRECISION and not torch_has_gpu_support():
+        return "cpu", _CPU_PRECISION[precision]
+    from trainers.device import resolve_device, resolve_precision
+
+    resolved = resolve_device(device)
+    return str(resolved), resolve_precision(precision, resolved)
+
+
 def run_params(spec: TrainSpec, cfg: SweepConfig) -> dict[str, Any]:
     """The contract's child-run params, with device and precision as they will be used."""
-    device = resolve_device(spec.device)
+    device, precision = planned_device(spec.device, spec.precision)
     micro = spec.micro_batch_size or spec.batch_size
     opts = ",".join(f"{k}={v}" for k, v in sorted(spec.recipe_options.items()))
     return {
@@ -754,13 +800,15 @@ def run_params(spec: TrainSpec, cfg: SweepConfig) -> dict[str, Any]:
         "dataset": f"{spec.recipe}({opts})" if opts else spec.recipe,
         "max_steps": spec.max_steps,
         "eval_every": spec.eval_every,
-        "device": str(device),
-        "precision": resolve_precision(spec.precision, device),
+        "device": device,
+        "precision": precision,
         "lr_scaling": spec.lr_scaling,
         "reference_batch": spec.reference_batch,
         "warmup_steps": spec.warmup_steps,
         "schedule": spec.schedule,
         "target": f"{spec.target_metric}={spec.target_value}" if spec.target_metric else None,
         "gns": spec.gns,
+        # With the cadence chosen from timed steps (None here) the chosen one is logged at the end.
         "gns_every": spec.gns_every if spec.gns else None,
+        "gns_max_overhead": spec.gns_budget if spec.gns and spec.gns_every is None else None,
     }

@@ -148,7 +148,7 @@ class MlflowSink:
         on_eval: Callable[[int, Mapping[str, float]], bool] | None = None,
         on_metrics: Callable[[int, Mapping[str, float]], None] | None = None,
         flush_rows: int = 1000,
-        flush_s: float = 1.0,
+        flush_s: float = 0.25,
     ) -> None:
         self._own: MetricWriter | None = None
         if not hasattr(target, "submit"):  # an MlflowClient

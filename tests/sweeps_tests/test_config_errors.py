@@ -31,6 +31,7 @@ CASES = [
     ("unknown sampler", _bad(search__sampler="cmaes"), ["search.sampler", "cmaes"]),
     ("unknown pruner", _bad(search__pruner="asha"), ["search.pruner", "asha"]),
     ("n_trials zero", _bad(search__n_trials=0), ["search.n_trials", "0"]),
+    ("objective_evals zero", _bad(search__objective_evals=0), ["search.objective_evals", "0"]),
     ("target metric not produced", _bad(train__target={"metric": "val/bleu", "value": 1}), ["val/bleu"]),
     ("two budgets", _bad(train__max_samples=1000), ["max_steps", "max_samples"]),
     ("bad device", _bad(device="tpu"), ["device", "tpu"]),
