@@ -51,7 +51,7 @@ class Space:
 FULL = Space((16, 32, 64, 128, 256, 512, 1024), 0.01, 3.0, 6, 300, 25, 5000, (0, 1, 2, 3, 4), 10, 4)
 QUICK = Space((16, 64, 256, 1024), 0.01, 3.0, 4, 150, 25, 5000, (0, 1), 6, 3)
 OBJECTIVE_EVALS = 4  # search.objective_evals' default: val_acc is the mean of a trial's last 4 evaluations
-PRUNER = "successive_halving"  # min_resource one evaluation, reduction factor 4 (sweeps/space.py)
+PRUNER = "successive_halving"  # min_resource one evaluation, reduction factor 5 (sweeps/space.py)
 DEFAULT_N_TRIALS = 24  # search.n_trials' default: TPE then starts with min(8, 24 // 3) random trials
 
 
@@ -281,8 +281,8 @@ def efficiency_section(quick: bool) -> Section:
             "`train/loss` step (pruned and diverged trials count what they trained). A run that never reaches "
             "the target counts all its compute, so the mean is then a lower bound.",
             f"TPE: batchscope's default (multivariate, n_trials {DEFAULT_N_TRIALS} → "
-            f"{min(8, DEFAULT_N_TRIALS // 3)} random start-up trials), `pruner: {PRUNER}` (at 1, 4, 16… "
-            f"evaluations a trial goes on only if in the best quarter of those that got as far); val_acc = the "
+            f"{min(8, DEFAULT_N_TRIALS // 3)} random start-up trials), `pruner: {PRUNER}` (at 1, 5, 25… "
+            f"evaluations a trial goes on only if in the best fifth of those that got as far); val_acc = the "
             f"mean of each trial's last {OBJECTIVE_EVALS} evaluations, for the grid too; "
             f"{space.first_chunk} trials first, then {space.chunk} more at a time until one is "
             f"within {WITHIN:.0%} of the grid's best, at most {space.grid_trials} (the grid's size).",

@@ -64,9 +64,10 @@ def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
     if search.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2 * cfg.train.eval_every)
     if search.pruner == "successive_halving":
-        # Asynchronous successive halving: at one evaluation, then at 4×, 16×… as many steps, a trial
-        # goes on only if it is in the best quarter of the trials that got that far.
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.train.eval_every, reduction_factor=4)
+        # Asynchronous successive halving: at one evaluation, then at 5×, 25×… as many steps, a trial
+        # goes on only if it is in the best fifth of the trials that got that far (benchmark 4: factor 4
+        # needed 39% of a grid's compute to find its answer, factor 5 34%).
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.train.eval_every, reduction_factor=5)
     if search.pruner == "hyperband":
         max_steps = cfg.train.max_steps or 1000
         return optuna.pruners.HyperbandPruner(

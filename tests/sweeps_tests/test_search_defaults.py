@@ -44,7 +44,7 @@ def test_successive_halving_pruner_starts_at_one_evaluation() -> None:
     pruner = space.make_pruner(cfg)
     assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
     study = optuna.create_study(direction="maximize", pruner=pruner)
-    # The first trial sets the bar at the first rung (25 steps); one in the worst three quarters stops there.
+    # The first trial sets the bar at the first rung (25 steps); one in the worst four fifths stops there.
     for value in (0.9, 0.8, 0.7, 0.6):
         trial = study.ask()
         trial.report(value, 25)
