@@ -31,16 +31,23 @@ T_START = time.time()  # before anything of batchscope is imported
 Phase = tuple[str, str, float, float]
 
 
+class Laps:
+    """Consecutive phases of one process: each `lap(name)` ends a phase and starts the next."""
+
+    def __init__(self, process: str, first: Phase) -> None:
+        self.process = process
+        self.phases: list[Phase] = [first]
+        self._mark = time.time()
+
+    def __call__(self, name: str) -> None:
+        now = time.time()
+        self.phases.append((self.process, name, self._mark, now))
+        self._mark = now
+
+
 def _worker_side(conn: Connection, spawned_at: float) -> None:
     """What sweeps.worker._worker_main does from its start to a trial's first steps."""
-    phases: list[Phase] = [("worker", "spawn: a fresh interpreter", spawned_at, time.time())]
-    mark = time.time()
-
-    def lap(name: str) -> None:
-        nonlocal mark
-        now = time.time()
-        phases.append(("worker", name, mark, now))
-        mark = now
+    lap = Laps("worker", ("worker", "spawn: a fresh interpreter", spawned_at, time.time()))
 
     from sweeps import faults  # noqa: F401
     from sweeps.sink import MlflowSink  # noqa: F401
@@ -68,18 +75,11 @@ def _worker_side(conn: Connection, spawned_at: float) -> None:
     lap("first optimizer (torch imports torch._dynamo on the first one)")
     train(spec, None, task=task)
     lap(f"first {spec.max_steps} training steps")
-    conn.send(phases)
+    conn.send(lap.phases)
 
 
 def main(config: Path, launched_at: float) -> list[Phase]:
-    phases: list[Phase] = [("sweep", "interpreter start", launched_at, T_START)]
-    mark = time.time()
-
-    def lap(name: str) -> None:
-        nonlocal mark
-        now = time.time()
-        phases.append(("sweep", name, mark, now))
-        mark = now
+    lap = Laps("sweep", ("sweep", "interpreter start", launched_at, T_START))
 
     import sweeps.cli
     import sweeps.commands
@@ -125,7 +125,7 @@ def main(config: Path, launched_at: float) -> list[Phase]:
 
     sweep.study.tell(trial, state=TrialState.FAIL)
     sweep.tracker.client.set_terminated(sweep.parent_run_id)
-    return [(p, name, a - launched_at, b - launched_at) for p, name, a, b in phases + worker]
+    return [(p, name, a - launched_at, b - launched_at) for p, name, a, b in lap.phases + worker]
 
 
 if __name__ == "__main__":

@@ -20,8 +20,17 @@ if TYPE_CHECKING:
 _MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch request
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def log_rows(client: MlflowClient, run_id: str, rows: Sequence[Row]) -> None:
+    """Write rows to a run with as few `log_batch` requests as MLflow's limit allows."""
+    from mlflow.entities import Metric
+
+    metrics = [Metric(k, v, ts, step) for k, v, ts, step in rows]
+    for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + _MAX_METRICS_PER_BATCH])
 
 
 # One metric value as it travels to the writer: (key, value, timestamp in ms, step). Plain
@@ -115,11 +124,7 @@ class MetricWriter:
 
                         assert self._uri is not None
                         self._client = MlflowClient(self._uri)
-                    from mlflow.entities import Metric
-
-                    metrics = [Metric(k, v, ts, step) for k, v, ts, step in rows]
-                    for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
-                        self._client.log_batch(run_id, metrics=metrics[i : i + _MAX_METRICS_PER_BATCH])
+                    log_rows(self._client, run_id, rows)
                 except Exception as exc:  # reported to the trial by check() / drain()
                     self._errors[run_id] = exc
             with self._lock:
@@ -167,8 +172,7 @@ class MlflowSink:
 
     # -- trainers.Sink ---------------------------------------------------------
     def metrics(self, step: int, values: Mapping[str, float]) -> None:
-        ts = _now_ms()
-        self._buffer.extend((k, float(v), ts, step) for k, v in values.items())
+        self._add(step, values)
         if self._on_metrics is not None:
             self._on_metrics(step, values)
         self._maybe_flush()
@@ -176,7 +180,7 @@ class MlflowSink:
     def series(self, key: str, first_step: int, values: Sequence[float]) -> None:
         if not values:
             return
-        now = _now_ms()
+        now = now_ms()
         n = len(values)
         prev = min(self._series_ts.get(key, now), now)
         span = now - prev
@@ -187,12 +191,15 @@ class MlflowSink:
         self._maybe_flush()
 
     def evaluated(self, step: int, values: Mapping[str, float]) -> bool:
-        ts = _now_ms()
-        self._buffer.extend((k, float(v), ts, step) for k, v in values.items())
+        self._add(step, values)
         self._maybe_flush()
         return self._on_eval(step, values) if self._on_eval is not None else True
 
     # -- writing ---------------------------------------------------------------
+    def _add(self, step: int, values: Mapping[str, float]) -> None:
+        ts = now_ms()
+        self._buffer.extend((k, float(v), ts, step) for k, v in values.items())
+
     def _maybe_flush(self) -> None:
         if len(self._buffer) >= self._flush_rows or time.monotonic() - self._last_flush >= self._flush_s:
             self.flush()

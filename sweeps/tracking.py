@@ -7,15 +7,14 @@ a fraction of bare-loop speed).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Param, RunTag
 from mlflow.entities.view_type import ViewType
 
-from sweeps.sink import MetricTransport, MetricWriter, MlflowSink, Row
+from sweeps.sink import MetricTransport, MetricWriter, MlflowSink, Row, log_rows, now_ms
 from sweeps.stores import safe_name
 
 __all__ = ["MetricTransport", "MetricWriter", "MlflowSink", "Row", "Tracker"]
@@ -28,7 +27,6 @@ STUDY = "optuna.study"
 TRIAL = "optuna.trial_number"
 # MLflow's run states for how a trial ended.
 RUN_STATUS = {"ok": "FINISHED", "pruned": "KILLED", "diverged": "FAILED", "oom": "FAILED", "failed": "FAILED"}
-_MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch request
 _MAX_PARAM_LEN = 6000
 
 
@@ -103,10 +101,8 @@ class Tracker:
         self.client.log_batch(run_id, params=_params(params))
 
     def log_final(self, run_id: str, step: int, values: Mapping[str, float]) -> None:
-        now = _now_ms()
-        metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
-        for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=metrics[i : i + _MAX_METRICS_PER_BATCH])
+        now = now_ms()
+        log_rows(self.client, run_id, [(k, float(v), now, step) for k, v in values.items()])
 
     def trial_run_ids(self, experiment_id: str, trial_number: int) -> list[str]:
         """The child runs of one Optuna trial, oldest first (one per seed)."""
@@ -141,7 +137,3 @@ class Tracker:
 
 def _params(params: Mapping[str, Any]) -> list[Param]:
     return [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items() if v is not None]
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
