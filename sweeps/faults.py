@@ -74,3 +74,8 @@ class FaultySink:
 
     def evaluated(self, step: int, values: Mapping[str, float]) -> bool:
         return bool(self._inner.evaluated(step, values))  # type: ignore[attr-defined]
+
+    def flush(self) -> None:
+        flush = getattr(self._inner, "flush", None)
+        if flush is not None:
+            flush()

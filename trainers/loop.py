@@ -176,6 +176,7 @@ def train(
     if W > 1:
         resolved["world_size"] = W
     state = RunState()
+    last_val: tuple[int, dict[str, float]] | None = None  # (step, result) of the latest evaluation
     try:
         if task is None:
             task = build_task(spec.recipe, spec.model, spec.recipe_options, device)
@@ -363,6 +364,7 @@ def train(
             state.train_time += now - t_mark
             time_since += now - t_mark
             val = evaluate(task, task.val_x, task.val_y, autocast)
+            last_val = (step, val)
             state.evals = {f"val/{k}": v for k, v in val.items()}
             steps_in_window = step - state.last_eval_step
             measured = dict(state.evals)
@@ -402,11 +404,18 @@ def train(
         return TrainResult("oom", f"out of memory at batch size {B}: {exc}".splitlines()[0], steps=0, resolved=resolved)
     if status == "failed":
         return TrainResult("failed", reason, steps=state.step, resolved=resolved, best=state.best)
+    # Training is over: a sink that writes elsewhere can do so during the measurements below.
+    sink_flush = getattr(sink, "flush", None)
+    if sink_flush is not None:
+        sink_flush()
     if saver is not None:
         saver.save(stateful, state)  # the final state: kept checkpoints hold the trained weights
 
     # ---- end-of-run measurements ----------------------------------------
-    final = _final_metrics(spec, task, autocast, state.best, device)
+    # The last evaluation was on the final weights unless the loop ended between evaluations
+    # (or resumed at its end): no need to run it again.
+    final_val = last_val[1] if last_val is not None and last_val[0] == state.step else None
+    final = _final_metrics(spec, task, autocast, state.best, device, final_val)
     final["final/wall_s"] = time.perf_counter() - wall_start
     final["final/train_time_s"] = state.train_time
     if target is not None and state.target_step is not None:
@@ -428,14 +437,19 @@ def _final_metrics(
     autocast: AutocastFactory,
     best: dict[str, float],
     device: torch.device,
+    val: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Training loss/accuracy on a fixed subset the size of the validation set, gap, sharpness."""
+    """Training loss/accuracy on a fixed subset the size of the validation set, gap, sharpness.
+
+    `val` is the validation result on the final weights where the loop has it already.
+    """
     final: dict[str, float] = {}
     n = min(len(task.val_x), task.num_train)
     gen = torch.Generator(device="cpu").manual_seed(1234)
     subset = torch.randperm(task.num_train, generator=gen)[:n].to(device)
     tr = evaluate(task, task.train_x[subset], task.train_y[subset], autocast)
-    val = evaluate(task, task.val_x, task.val_y, autocast)
+    if val is None:
+        val = evaluate(task, task.val_x, task.val_y, autocast)
     final["final/train_loss"] = tr["loss"]
     final["final/val_loss"] = val["loss"]
     final["final/gen_gap"] = val["loss"] - tr["loss"]

@@ -121,6 +121,8 @@ class Sink(Protocol):
 
     # Optional: `series(key, first_step, values)` takes one metric's values at consecutive steps
     # (the per-step losses, once per logging point); the loop calls `metrics` per step without it.
+    # Optional: `flush()` is called once when training is over, before the end-of-run measurements
+    # (final evaluations, sharpness), so that a sink writing elsewhere can do so while they run.
 
     def evaluated(self, step: int, values: Mapping[str, float]) -> bool:
         """Called after each evaluation; return False to stop the run (pruning)."""

@@ -129,3 +129,48 @@ def test_device_is_cpu_without_cuda() -> None:
     result = train(spec(device="auto", max_steps=2, eval_every=2))
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert result.resolved["device"].startswith(expected)
+
+
+class FlushRecordingSink(RecordingSink):
+    """Notes, at each flush, how many per-step losses it had: the loop hands them over when training ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed_at: list[int] = []
+
+    def flush(self) -> None:
+        self.flushed_at.append(len(self.history.get("train/loss", [])))
+
+
+@pytest.mark.parametrize(("max_steps", "stop"), [(25, None), (150, 100)])
+def test_final_validation_is_the_last_evaluation_not_a_second_one(
+    monkeypatch: pytest.MonkeyPatch, max_steps: int, stop: int | None
+) -> None:
+    """The run ends on an evaluation (its last step, or a pruning stop): the final val_* are that one's values."""
+    import trainers.loop as loop
+
+    calls: list[int] = []
+    real = loop.evaluate
+
+    def counting(task, x, y, autocast, chunk=4096):  # type: ignore[no-untyped-def]
+        calls.append(len(x))
+        return real(task, x, y, autocast, chunk)
+
+    monkeypatch.setattr(loop, "evaluate", counting)
+
+    class Pruning(FlushRecordingSink):
+        def evaluated(self, step: int, values) -> bool:  # type: ignore[no-untyped-def]
+            super().evaluated(step, values)
+            return stop is None or step < stop
+
+    sink = Pruning()
+    result = train(spec(max_steps=max_steps, eval_every=10, sharpness=False), sink)
+    last = stop or max_steps
+    val_steps = [s for s, _ in sink.history["val/loss"]]
+    assert val_steps[-1] == last
+    assert result.final["final/val_loss"] == sink.history["val/loss"][-1][1]
+    assert result.final["final/val_acc"] == sink.history["val/acc"][-1][1]
+    # One evaluation per evaluation point, plus the training subset at the end: nothing twice.
+    assert len(calls) == len(val_steps) + 1
+    # Everything the run measured per step was handed over once, before the end-of-run measurements.
+    assert sink.flushed_at == [last]
