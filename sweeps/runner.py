@@ -465,7 +465,7 @@ class Sweep:
             # Pruned, diverged and out-of-memory trials count towards n_trials and tell the
             # sampler that this region is bad (a FAIL would be ignored by the sampler).
             self._tell(trial, TrialState.PRUNED, None, status, reason)
-        self._keep_checkpoints(trial, status, values, run_ids)
+        self._keep_checkpoints(trial, status, values, run_ids, slot)
         reporter.trial_finished(trial.number, status, values, self._best_text())
         return TrialOutcome(trial.number, status, reason, values, run_ids)
 
@@ -521,7 +521,7 @@ class Sweep:
         )
 
     def _keep_checkpoints(
-        self, trial: optuna.Trial, status: str, values: list[float] | None, run_ids: list[str]
+        self, trial: optuna.Trial, status: str, values: list[float] | None, run_ids: list[str], slot: int
     ) -> None:
         """Apply `train.checkpoint.keep` once a trial has ended; log kept final weights to MLflow."""
         keep = self.cfg.train.checkpoint.keep
@@ -536,7 +536,7 @@ class Sweep:
         kept = status == "ok" and (keep == "all" or (keep == "best" and self._is_best(trial, values)))
         if kept:
             for path, run_id in zip(mine, run_ids, strict=False):
-                self._log_weights(path, run_id)
+                self._log_weights(path, run_id, slot)
             if keep == "best":
                 previous = self.study.user_attrs.get("batchscope.best_checkpoint_trial")
                 if previous is not None and previous != trial.number:
@@ -563,17 +563,21 @@ class Sweep:
             return values[0] <= min(previous)
         return values[0] >= max(previous)
 
-    def _log_weights(self, checkpoint: Path, run_id: str) -> None:
+    def _log_weights(self, checkpoint: Path, run_id: str, slot: int) -> None:
+        """Log the final weights (`weights/model.pt`, a state_dict) from a kept checkpoint."""
         if not checkpoint.exists():
             return
         import tempfile
 
-        import torch
-
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["objects"]["model"]
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.pt"
-            torch.save(state, path)
+            try:
+                # The slot's worker has torch loaded; importing it here would stall the sweep (seconds).
+                self._slots[slot].export_weights(checkpoint, path)
+            except (WorkerDied, RuntimeError):
+                from trainers.checkpoint import export_weights
+
+                export_weights(checkpoint, path)
             self.tracker.client.log_artifact(run_id, str(path), artifact_path="weights")
 
     # ---- one seed of one trial ------------------------------------------------------

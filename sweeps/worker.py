@@ -170,6 +170,31 @@ class TrialWorker:
             if not quiet:
                 raise
 
+    def export_weights(self, checkpoint: Path, dest: Path, timeout: float = 300.0) -> None:
+        """Have the worker (torch already imported) write a checkpoint's model weights to `dest`.
+
+        The sweep process never imports torch: doing it here would stall the sweep for
+        seconds the first time a trial's weights are kept. Raises RuntimeError or WorkerDied.
+        """
+        if not self.alive():
+            self.start()
+        assert self._conn is not None
+        self._conn.send(("weights", str(checkpoint), str(dest)))
+        deadline = time.monotonic() + timeout
+        while not self._conn.poll(0.2):
+            if not self.alive():
+                reason = _death_reason(self._proc.exitcode)
+                self.restart()
+                raise WorkerDied(reason)
+            if time.monotonic() > deadline:
+                self.restart()
+                raise RuntimeError(f"writing the weights of {checkpoint} took over {timeout:.0f} s")
+        msg = self._conn.recv()
+        if msg[0] != "weights":
+            raise RuntimeError(f"the worker answered {msg[0]!r} to a weights request")
+        if msg[1] is not None:
+            raise RuntimeError(f"could not read the weights from {checkpoint}: {msg[1]}")
+
     def request_stop(self) -> None:
         """Ask the running trial to stop at its next logging point (it ends as failed, metrics flushed)."""
         self._stop.set()
@@ -313,6 +338,9 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
             return
         if msg[0] == "exit":
             return
+        if msg[0] == "weights":
+            conn.send(("weights", _export_weights(msg[1], msg[2])))
+            continue
         if msg[0] != "train":
             continue  # e.g. an evaluation's reply that came after its trial was stopped
         job: Job = msg[1]
@@ -353,6 +381,17 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
                 sink.close(timeout=30)
             text = str(exc).splitlines()[0] if str(exc) else ""
             conn.send(("error", f"{type(exc).__name__}: {text}", traceback.format_exc()))
+
+
+def _export_weights(checkpoint: str, dest: str) -> str | None:
+    """The model's weights from a finished trial's checkpoint; None, or why it failed."""
+    from trainers.checkpoint import export_weights
+
+    try:
+        export_weights(Path(checkpoint), Path(dest))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _run_distributed(job: Job, conn: Connection, stop: Any, parent_pid: int) -> tuple[Any, ...]:

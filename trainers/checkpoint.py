@@ -109,6 +109,14 @@ def load(path: Path, objects: dict[str, Any], device: torch.device) -> RunState:
     return RunState.from_dict(payload["state"])
 
 
+def export_weights(checkpoint: Path, dest: Path) -> None:
+    """Write the model's state_dict alone (CPU tensors, `torch.load`-able) from a run's checkpoint."""
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if payload.get("format") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {checkpoint} has format {payload.get('format')!r}, expected {FORMAT_VERSION}.")
+    torch.save(payload["objects"]["model"], dest)
+
+
 def _rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {

@@ -49,3 +49,24 @@ def test_keep_policy(workdir: Path, keep: str) -> None:
         path = client.download_artifacts(study.best_trial.user_attrs["mlflow_run_id"], "weights/model.pt")
         state = torch.load(path, weights_only=True)
         assert any(k.endswith("weight") for k in state)
+
+
+def test_the_worker_writes_weights_from_a_checkpoint_or_says_why_not(tmp_path: Path) -> None:
+    from sweeps.worker import TrialWorker
+    from trainers.checkpoint import FORMAT_VERSION, export_weights
+
+    model = torch.nn.Linear(3, 2)
+    ckpt = tmp_path / "trial.pt"
+    torch.save({"format": FORMAT_VERSION, "objects": {"model": model.state_dict()}}, ckpt)
+    worker = TrialWorker()
+    try:
+        worker.export_weights(ckpt, tmp_path / "model.pt")
+        state = torch.load(tmp_path / "model.pt", weights_only=True)
+        assert torch.equal(state["weight"], model.weight.detach())
+        with pytest.raises(RuntimeError, match=r"missing\.pt"):
+            worker.export_weights(tmp_path / "missing.pt", tmp_path / "other.pt")
+        assert worker.alive()  # a failed request leaves the worker usable
+    finally:
+        worker.close()
+    export_weights(ckpt, tmp_path / "again.pt")  # the sweep's fallback, in this process
+    assert torch.equal(torch.load(tmp_path / "again.pt", weights_only=True)["bias"], model.bias.detach())

@@ -197,3 +197,42 @@ def test_the_sweep_process_does_not_import_torch(workdir: Path) -> None:
         [sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_keeping_the_best_weights_does_not_import_torch_in_the_sweep_process(workdir: Path) -> None:
+    """The worker writes a kept trial's `weights/model.pt`: importing torch would stall the sweep for seconds."""
+    from sweeps.runner import torch_has_gpu_support
+
+    if torch_has_gpu_support():
+        pytest.skip("with a CUDA or ROCm build of PyTorch the sweep process asks torch for the device")
+    cfg = small_config("weights-no-torch", search__n_trials=2)
+    cfg["train"].update({"max_steps": 20, "eval_every": 10, "checkpoint": {"every_steps": 10, "keep": "best"}})
+    config = write_config(workdir / "sweep.yaml", cfg)
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from sweeps.cli import main
+
+        assert main(["sweep", {str(config)!r}, "--no-report"]) == 0
+        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        assert not loaded, loaded
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import optuna
+    import torch
+    from mlflow import MlflowClient
+
+    from sweeps.stores import journal_storage
+
+    study = optuna.load_study(
+        study_name="weights-no-torch", storage=journal_storage(workdir / "mlruns" / "optuna.journal")
+    )
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    path = client.download_artifacts(study.best_trial.user_attrs["mlflow_run_id"], "weights/model.pt")
+    state = torch.load(path, weights_only=True)
+    assert any(k.endswith("weight") for k in state)
