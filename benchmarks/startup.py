@@ -239,6 +239,7 @@ def startup_section(quick: bool) -> Section:
         [statistics.median(r.gaps()) for r in runs],
         f"{GAP_TARGET_S} s",
     )
+    row("  the largest of those gaps", [max(r.gaps()) for r in runs])
     row(
         "  run ended → next trial's run created",
         [statistics.median(b.run_start - a.end for a, b in zip(r.trials, r.trials[1:], strict=False)) for r in runs],
@@ -278,12 +279,12 @@ def startup_section(quick: bool) -> Section:
     import_table = markdown_table(["imports (`python -X importtime`)", "total", "largest, s (self time)"], import_rows)
 
     worst_start = max(r.first_step() for r in runs)
-    worst_gap = max(statistics.median(r.gaps()) for r in runs)
+    worst_gap = max(max(r.gaps()) for r in runs)  # every gap, the first included (it once imported torch)
     verdicts = []
     verdicts.append(
         f"start-up {'met' if worst_start <= START_UP_TARGET_S else 'missed'} ({worst_start:.1f} s)",
     )
-    verdicts.append(f"per-trial gap {'met' if worst_gap <= GAP_TARGET_S else 'missed'} ({worst_gap:.2f} s)")
+    verdicts.append(f"per-trial gap {'met' if worst_gap <= GAP_TARGET_S else 'missed'} (largest {worst_gap:.2f} s)")
     notes = [
         f"`batchscope sweep` of {n_trials} trials × 100 steps (MNIST-1D MLP, batch 32–256, eval every 50, the "
         "product's defaults otherwise: TPE, noise scale, sharpness, checkpoints), fresh store each launch, "
