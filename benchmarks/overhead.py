@@ -445,8 +445,9 @@ def noise_scale_section(quick: bool) -> Section:
             "Without gradient accumulation a measuring step splits its batch into two halves (two forward and "
             "backward passes) and takes two gradient norms; on a small CPU model each pass costs about as much "
             "as a whole step, so measuring every step costs roughly a second step.",
-            "By default (`train.gns.every: auto`) each run times 5 plain and 5 measuring steps after its first 4 "
-            f"and then measures every ceil(extra / ({budget:g} × plain step))-th step; the probes are part of the "
+            "By default (`train.gns.every: auto`) each run times 4 measuring and 8 plain steps after its first 4 "
+            f"and then measures every n-th step, n = extra / ({budget:g} × plain step) rounded up to a power of two "
+            "(at most 128); the probes are part of the "
             "measured cost. Cadences chosen here: "
             + "; ".join(f"batch {b}: {', '.join(map(str, chosen[b])) or '–'}" for b in BATCH_SIZES)
             + ".",
