@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -336,6 +337,7 @@ class Sweep:
             extra.close()
         self._prestarted = []
         self._slots = slots
+        self._slot_done = [threading.Event() for _ in range(workers)]
         threads = [
             threading.Thread(target=self._slot_loop, args=(i, total, reporter), name=f"slot-{i}", daemon=True)
             for i in range(workers)
@@ -378,12 +380,16 @@ class Sweep:
             total,
         )
 
-    @staticmethod
-    def _wait(threads: list[threading.Thread]) -> None:
-        # join() with a timeout keeps the main thread responsive to Ctrl-C.
-        while any(t.is_alive() for t in threads):
-            for t in threads:
-                t.join(0.2)
+    def _wait(self, threads: list[threading.Thread]) -> None:
+        """Until every slot thread has finished; Ctrl-C (KeyboardInterrupt) can land at any moment.
+
+        Not Thread.join(): on Python 3.9-3.11 a KeyboardInterrupt that interrupts join() can mark
+        a running thread as stopped (cpython gh-90882), and the sweep then exited while a trial
+        was still being marked failed, leaving it RUNNING. The slot threads set their own flags
+        (a thread that a Ctrl-C kept from starting never will).
+        """
+        while not all(done.is_set() or t.ident is None for t, done in zip(threads, self._slot_done, strict=True)):
+            time.sleep(0.05)
 
     def _worker_env(self) -> dict[str, str]:
         limit = self.cfg.train.memory_limit_mb
@@ -414,6 +420,8 @@ class Sweep:
         except BaseException as exc:
             self._errors.append(exc)
             self._stopping.set()
+        finally:
+            self._slot_done[slot].set()
 
     def _surplus(self, trial: optuna.Trial, total: int) -> bool:
         """Workers on other machines may ask at the same moment: the later trial gives way."""
