@@ -31,12 +31,28 @@ def build(spec: TrainSpec) -> Task:
     return build_task(spec.recipe, spec.model, spec.recipe_options, device)
 
 
-def bare_loop(spec: TrainSpec, task: Task, steps: int, on_step: OnStep | None = None) -> Timing:
-    """Wall and CPU seconds for `steps` optimizer steps (after a short warm-up)."""
+def torch_default_optimizer(spec: TrainSpec, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The optimizer as a hand-written loop creates it: torch's default implementation (not fused on the CPU)."""
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=spec.weight_decay)
+
+
+def bare_loop(
+    spec: TrainSpec,
+    task: Task,
+    steps: int,
+    on_step: OnStep | None = None,
+    optimizer_factory: Callable[[TrainSpec, torch.nn.Module, float], torch.optim.Optimizer] = make_optimizer,
+) -> Timing:
+    """Wall and CPU seconds for `steps` optimizer steps (after a short warm-up).
+
+    The optimizer is batchscope's (`make_optimizer`: fused kernels) unless `optimizer_factory` says otherwise.
+    """
     device = task.train_x.device
     precision = make_precision(resolve_precision(spec.precision, device), device)
     model = task.model
-    optimizer = make_optimizer(spec, model, spec.lr)
+    optimizer = optimizer_factory(spec, model, spec.lr)
     scaler = precision.scaler
     n, b = task.num_train, spec.batch_size
     gen = torch.Generator(device=device).manual_seed(spec.seed)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.bare import OnStep, bare_loop, build
+from benchmarks.bare import OnStep, bare_loop, build, torch_default_optimizer
 from benchmarks.common import Ratio, Section, Timing, markdown_table, timed
 from benchmarks.reference import BATCH_EVERY, log_batch_every, log_metric_every_step
 from trainers.device import make_precision, resolve_precision
@@ -184,9 +184,11 @@ def paired(times: dict[str, list[Timing]], num: str, den: str, cpu: bool = False
     return Ratio.of([pick(a) / pick(b) for a, b in zip(times[num], times[den], strict=True)])
 
 
-def bare_variant(spec: TrainSpec, on_step: OnStep | None = None) -> Callable[[], Timing]:
-    """The bare loop on a freshly built model, as one measured variant."""
-    return lambda: bare_loop(spec, build(spec), spec.max_steps, on_step)
+def bare_variant(spec: TrainSpec, on_step: OnStep | None = None, optimizer_factory: Any = None) -> Callable[[], Timing]:
+    """The bare loop on a freshly built model, as one measured variant (batchscope's optimizer unless given)."""
+    if optimizer_factory is None:
+        return lambda: bare_loop(spec, build(spec), spec.max_steps, on_step)
+    return lambda: bare_loop(spec, build(spec), spec.max_steps, on_step, optimizer_factory)
 
 
 def train_variant(
@@ -304,7 +306,11 @@ TRACKING_ROWS = {
     "log_batch": (f"hand-written: `log_batch` every {BATCH_EVERY} steps", "0.73 / 0.85 / 1.0"),
     "bare_eval": ("hand-written: the bare loop + the same evaluation every 50 steps, no logging", "–"),
     "vs_eval": ("**batchscope, everything on, against that hand-written loop**", "–"),
+    "default_optim": ("hand-written: the bare loop with torch's default optimizer (`torch.optim.SGD(...)`)", "–"),
+    "vs_default": ("batchscope, everything on, against that hand-written loop", "–"),
 }
+# Rows that compare two variants other than against the bare loop: row -> (numerator, denominator) times.
+VERSUS = {"vs_eval": ("bare_eval", "batchscope"), "vs_default": ("default_optim", "batchscope")}
 
 
 def bare_eval_variant(spec: TrainSpec) -> Callable[[], Timing]:
@@ -347,10 +353,11 @@ def tracking_section(quick: bool) -> Section:
                 "log_metric": hand_written_variant(spec, log_metric_every_step, store),
                 "log_batch": hand_written_variant(spec, log_batch_every, store),
                 "bare_eval": bare_eval_variant(spec),
+                "default_optim": bare_variant(spec, optimizer_factory=torch_default_optimizer),
             }
             times = alternate(variants, repeats)
             for key in TRACKING_ROWS:
-                num, den = ("bare_eval", "batchscope") if key == "vs_eval" else ("bare", key)
+                num, den = VERSUS.get(key, ("bare", key))
                 ratios[key][b] = (paired(times, num, den), paired(times, num, den, cpu=True))
             bare_rate[b] = steps * b / statistics.median(t.wall_s for t in times["bare"])
             full_rate[b] = steps * b / statistics.median(t.wall_s for t in times["batchscope"])
@@ -382,6 +389,9 @@ def tracking_section(quick: bool) -> Section:
         "row to the next is that part's cost; the step from the last of them to the bold row is MLflow's.",
         "CPU-time ratios (process CPU of all threads, plus the writer process's) move less with the "
         "machine's load than wall time.",
+        "The bare loop uses batchscope's optimizer (`trainers.loop.make_optimizer`: fused kernels, on the CPU "
+        "too), so the ratios measure tracking only. The row with torch's default optimizer is the loop most "
+        "people write (`torch.optim.SGD(model.parameters(), ...)`, a per-tensor implementation on the CPU).",
         f"MLflow's CPU cost per metric row written, both processes ({rows_written[BATCH_SIZES[0]]:,} rows per "
         "run through the sink: "
         "every step's `train/loss`, `lr` per flush, up to 8 values per evaluation): "

@@ -80,15 +80,26 @@ def micro_batches(batch_size: int, micro_batch_size: int) -> list[tuple[int, int
 
 
 def make_optimizer(spec: TrainSpec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    if spec.optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {spec.optimizer!r}.")
     params = [p for p in model.parameters() if p.requires_grad]
-    # Fused kernels on CUDA: one launch per step, and with fp16 the GradScaler hands them its
-    # inf check on the device instead of reading it back (no per-step host sync).
-    fused = bool(params) and params[0].is_cuda
-    if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay, fused=fused)
-    if spec.optimizer == "adamw":
+
+    def build(fused: bool | None) -> torch.optim.Optimizer:
+        if spec.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay, fused=fused)
         return torch.optim.AdamW(params, lr=lr, weight_decay=spec.weight_decay, fused=fused)
-    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {spec.optimizer!r}.")
+
+    # Fused kernels: one kernel per step for all parameters instead of several ops per tensor.
+    # On CUDA one launch, and with fp16 the GradScaler hands them its inf check on the device
+    # (no per-step host sync); on the CPU (torch >= 2.4) the step of a small model is 2-3.5x
+    # faster (MNIST-1D MLP: SGD 118 -> 52 us, AdamW 340 -> 95 us). Devices or dtypes without
+    # fused kernels get torch's default implementation.
+    if params:
+        try:
+            return build(fused=True)
+        except RuntimeError:
+            pass
+    return build(fused=None)
 
 
 @torch.no_grad()
