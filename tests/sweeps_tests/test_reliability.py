@@ -121,6 +121,26 @@ def test_chaos_sweep_accounts_for_every_trial(workdir: Path) -> None:
         assert run.info.status in expected[t.user_attrs["status"]]
 
 
+def _interruptible() -> None:
+    """In the sweep's process before exec: Ctrl-C as a terminal delivers it, whatever this process has.
+
+    A child inherits ignored and blocked signals; a library in the test process may leave
+    SIGINT so, and the sweep would then never see the interrupt (a Python started with
+    SIGINT ignored keeps ignoring it, as a background job should).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
+def _signal_state(pid: str) -> str:
+    """SigBlk/SigIgn/SigCgt of a process (Linux), for the failure message."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "?"
+    return " ".join(line.replace("\t", "") for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def test_ctrl_c_stops_consistently_and_the_rerun_resumes_from_the_checkpoint(workdir: Path) -> None:
     study = "ctrlc"
     # One long trial, so the interrupt surely lands while it runs (2,000 steps at batch 16 once took
@@ -132,15 +152,24 @@ def test_ctrl_c_stops_consistently_and_the_rerun_resumes_from_the_checkpoint(wor
     config = write_config(workdir / "c.yaml", cfg)
     env = _env(workdir)
     root = workdir / "mlruns"
-    proc = subprocess.Popen(_sweep_cmd(config), env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    inherited = _signal_state("self")
+    proc = subprocess.Popen(
+        _sweep_cmd(config),
+        env=env,
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_interruptible,
+    )
     ckpt_dir = root / "checkpoints" / study
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(ckpt_dir.glob("trial-0-*.pt")):
         time.sleep(0.2)
     time.sleep(0.2)
+    child = _signal_state(str(proc.pid))
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out
+    assert proc.returncode == 130, (out, f"signals of this process: {inherited}; of the sweep: {child}")
     assert b"Traceback" not in out
 
     s = optuna.load_study(study_name=study, storage=_journal(root))
