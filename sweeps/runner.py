@@ -262,7 +262,7 @@ class Sweep:
         """Mark a dead worker's trial failed; False if another process got there first."""
         from optuna.exceptions import UpdateFinishedTrialError
 
-        reason = "its worker stopped while this trial was running; re-run with the same parameters"
+        reason = _stopped_reason(t, "its worker stopped")
         try:
             if "mlflow_run_id" not in t.user_attrs:
                 # Killed between creating its MLflow run and recording it: find the run by its tags;
@@ -276,8 +276,14 @@ class Sweep:
                 return False
         except (UpdateFinishedTrialError, RuntimeError):
             return False
-        self.study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        self._requeue(self.study, t)
         return True
+
+    @staticmethod
+    def _requeue(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+        """Queue a stopped trial to re-run with its parameters; one stopped before sampling them has none."""
+        if space.sampled(t.params):
+            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number}, skip_if_exists=False)
 
     def _closed_run(self, t: optuna.trial.FrozenTrial, reason: str) -> str:
         run_id = self.tracker.trial_run(
@@ -293,8 +299,9 @@ class Sweep:
     def _on_stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         # Called by Optuna after it failed a trial whose heartbeat stopped (a dead remote worker).
         self.storage.set_trial_user_attr(trial._trial_id, "status", "failed")
-        self.storage.set_trial_user_attr(trial._trial_id, "reason", "its worker stopped sending heartbeats; re-run")
-        study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+        reason = _stopped_reason(trial, "its worker stopped sending heartbeats")
+        self.storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+        self._requeue(study, trial)
 
     # ---- the loop ----------------------------------------------------------------
     def run(
@@ -682,6 +689,12 @@ class Sweep:
             self.tracker.log_final(run_id, result.steps, result.final)
         self.tracker.end(run_id, RUN_STATUS[result.status], tags={STATUS: result.status, REASON: result.reason})
         return result
+
+
+def _stopped_reason(t: optuna.trial.FrozenTrial, what: str) -> str:
+    if space.sampled(t.params):
+        return f"{what} while this trial was running; re-run with the same parameters"
+    return f"{what} before this trial's parameters were sampled; a new trial takes its place"
 
 
 def slot_device(device: str, slot: int) -> str:

@@ -83,6 +83,14 @@ def grid_size(search: SearchConfig) -> int | None:
     return len(search.batch_choices()) * len(lrs)
 
 
+PARAMS = ("batch_size", "lr")  # what `suggest` samples, in this order
+
+
+def sampled(params: Mapping[str, Any]) -> bool:
+    """Whether a trial got all of its parameters (a worker may die between ask and suggest)."""
+    return all(name in params for name in PARAMS)
+
+
 def suggest(trial: optuna.trial.BaseTrial, search: SearchConfig) -> dict[str, Any]:
     """Sample (batch_size, lr). Batch sizes are categorical: the listed or power-of-two values."""
     params: dict[str, Any] = {"batch_size": trial.suggest_categorical("batch_size", search.batch_choices())}

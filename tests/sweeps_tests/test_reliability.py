@@ -99,13 +99,18 @@ def test_chaos_sweep_accounts_for_every_trial(workdir: Path) -> None:
     assert statuses[3] == "failed" and "exited" in trials[3].user_attrs["reason"]
     assert statuses[5] == "diverged" and trials[5].state == TrialState.PRUNED
     assert statuses[7] == "failed" and "SIGSEGV" in trials[7].user_attrs["reason"]
-    # The trial that was running when the sweep was killed failed and was re-run with the same params.
-    retries = [t for t in trials if "retry_of" in t.user_attrs]
-    assert retries, "the killed trial is re-run"
-    for r in retries:
-        original = trials[r.user_attrs["retry_of"]]
-        assert original.state == TrialState.FAIL
-        assert original.params == r.params
+    # The trial that was running when the sweep was killed failed and was re-run with the same params;
+    # one killed between Optuna's ask and its sampling has none, and a new trial takes its place.
+    killed = [t for t in trials if "its worker stopped" in t.user_attrs.get("reason", "")]
+    assert killed, "the trial running when the sweep was killed is accounted for"
+    retries = {t.user_attrs["retry_of"]: t for t in trials if "retry_of" in t.user_attrs}
+    for t in killed:
+        assert t.state == TrialState.FAIL
+        if t.params:
+            assert retries[t.number].params == t.params, "re-run with the same parameters"
+        else:
+            assert "before this trial's parameters were sampled" in t.user_attrs["reason"]
+            assert t.number not in retries
 
     # MLflow: no run left RUNNING; child runs match Optuna trials one to one.
     runs = _children(workdir, study)
@@ -237,3 +242,29 @@ def test_a_trial_killed_before_recording_its_run_is_linked_to_it_on_recovery(wor
     children = [r for r in _children(workdir, "orphan") if r.data.tags.get("batchscope.role") == "trial"]
     assert len(children) == 2 and all(r.info.status == "KILLED" for r in children)  # one run per trial
     assert sweep.study.trials[runless.number].user_attrs["mlflow_run_id"] in {r.info.run_id for r in children}
+
+
+def test_a_trial_killed_before_its_parameters_were_sampled_is_not_re_run_with_none(workdir: Path) -> None:
+    """A sweep killed between Optuna's ask and the sampling: that trial fails; no empty 'retry' is queued."""
+    import socket
+
+    from sweeps import space
+    from sweeps.config import validate
+    from sweeps.runner import Sweep
+
+    cfg = validate(_fast("unsampled", 2), "test")
+    sweep = Sweep(cfg)
+    dead_worker = f"{socket.gethostname()}:999999999"  # a process that does not exist
+    running = sweep.study.ask()
+    params = space.suggest(running, cfg.search)
+    running.set_user_attr("worker", dead_worker)
+    unsampled = sweep.study.ask()
+    unsampled.set_user_attr("worker", dead_worker)
+    assert sweep.recover() == 2
+    trials = sweep.study.get_trials()
+    assert trials[running.number].state == trials[unsampled.number].state == TrialState.FAIL
+    assert "re-run with the same parameters" in trials[running.number].user_attrs["reason"]
+    assert "before this trial's parameters were sampled" in trials[unsampled.number].user_attrs["reason"]
+    queued = [t for t in trials if t.state == TrialState.WAITING]
+    assert [t.user_attrs["retry_of"] for t in queued] == [running.number]
+    assert space.suggest(sweep.study.ask(), cfg.search) == params  # the queued retry gets the same ones
