@@ -168,15 +168,31 @@ def test_processes_starting_together_share_one_cached_store(tmp_path: Path, cach
     assert not list(cache.glob("*.tmp")) and not list(tmp_path.glob("store-*/*.tmp"))
 
 
-def test_the_sweep_process_does_not_import_torch(workdir: Path) -> None:
+def _assert_runs_without_torch(workdir: Path, body: str) -> None:
+    """Run `body` in a fresh interpreter (the sweep process) and check that it never imported torch."""
     from sweeps.runner import torch_has_gpu_support
 
     if torch_has_gpu_support():
         pytest.skip("with a CUDA or ROCm build of PyTorch the sweep process asks torch for the device")
-    config = write_config(workdir / "sweep.yaml", small_config("no-torch"))
-    code = textwrap.dedent(
-        f"""
+    code = textwrap.dedent(body) + textwrap.dedent(
+        """
         import sys
+        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        assert not loaded, loaded
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_sweep_process_does_not_import_torch(workdir: Path) -> None:
+    config = write_config(workdir / "sweep.yaml", small_config("no-torch"))
+    _assert_runs_without_torch(
+        workdir,
+        f"""
         import sweeps.cli, sweeps.commands, sweeps.progress
         from sweeps.commands import load_config
         from sweeps.runner import Sweep, run_params
@@ -188,41 +204,23 @@ def test_the_sweep_process_does_not_import_torch(workdir: Path) -> None:
         params = run_params(spec, cfg)
         assert (params["device"], params["precision"]) == ("cpu", "fp32"), params
         assert sweep._checkpoint_policy(trial, 0) is not None
-        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
-        assert not loaded, loaded
-        """
+        """,
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_keeping_the_best_weights_does_not_import_torch_in_the_sweep_process(workdir: Path) -> None:
     """The worker writes a kept trial's `weights/model.pt`: importing torch would stall the sweep for seconds."""
-    from sweeps.runner import torch_has_gpu_support
-
-    if torch_has_gpu_support():
-        pytest.skip("with a CUDA or ROCm build of PyTorch the sweep process asks torch for the device")
     cfg = small_config("weights-no-torch", search__n_trials=2)
     cfg["train"].update({"max_steps": 20, "eval_every": 10, "checkpoint": {"every_steps": 10, "keep": "best"}})
     config = write_config(workdir / "sweep.yaml", cfg)
-    code = textwrap.dedent(
+    _assert_runs_without_torch(
+        workdir,
         f"""
-        import sys
         from sweeps.cli import main
 
         assert main(["sweep", {str(config)!r}, "--no-report"]) == 0
-        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
-        assert not loaded, loaded
-        """
+        """,
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     import optuna
     import torch
     from mlflow import MlflowClient
