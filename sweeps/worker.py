@@ -117,15 +117,7 @@ class TrialWorker:
         try:
             self._conn.send(("train", job))
             while True:
-                if not self._conn.poll(0.2):
-                    if not self.alive():
-                        raise WorkerDied(_death_reason(self._proc.exitcode))
-                    continue
-                try:
-                    msg = self._conn.recv()
-                except (EOFError, OSError):
-                    self._proc.join(2)
-                    raise WorkerDied(_death_reason(self._proc.exitcode)) from None
+                msg = self._receive()
                 kind = msg[0]
                 if kind == "metrics":
                     self._writer(job.tracking_uri).submit(msg[1], msg[2])
@@ -150,6 +142,21 @@ class TrialWorker:
             self._drain(job, quiet=True)  # what the trial sent before it died is kept
             self.restart()
             raise
+
+    def _receive(self, deadline: float | None = None) -> tuple[Any, ...]:
+        """The worker's next message; WorkerDied if it dies first, TimeoutError past `deadline`."""
+        assert self._conn is not None
+        while not self._conn.poll(0.2):
+            if not self.alive():
+                raise WorkerDied(_death_reason(self._proc.exitcode))
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError
+        try:
+            msg: tuple[Any, ...] = self._conn.recv()
+        except (EOFError, OSError):
+            self._proc.join(2)
+            raise WorkerDied(_death_reason(self._proc.exitcode)) from None
+        return msg
 
     def _writer(self, tracking_uri: str) -> MetricWriter:
         writer = self._writers.get(tracking_uri)
@@ -180,16 +187,13 @@ class TrialWorker:
             self.start()
         assert self._conn is not None
         self._conn.send(("weights", str(checkpoint), str(dest)))
-        deadline = time.monotonic() + timeout
-        while not self._conn.poll(0.2):
-            if not self.alive():
-                reason = _death_reason(self._proc.exitcode)
-                self.restart()
-                raise WorkerDied(reason)
-            if time.monotonic() > deadline:
-                self.restart()
-                raise RuntimeError(f"writing the weights of {checkpoint} took over {timeout:.0f} s")
-        msg = self._conn.recv()
+        try:
+            msg = self._receive(time.monotonic() + timeout)
+        except (WorkerDied, TimeoutError) as exc:
+            self.restart()
+            if isinstance(exc, TimeoutError):
+                raise RuntimeError(f"writing the weights of {checkpoint} took over {timeout:.0f} s") from None
+            raise
         if msg[0] != "weights":
             raise RuntimeError(f"the worker answered {msg[0]!r} to a weights request")
         if msg[1] is not None:
