@@ -23,6 +23,7 @@ from trainers.spec import TrainSpec
 from trainers.task import Task
 
 OnStep = Callable[[int, torch.Tensor], None]
+OptimizerFactory = Callable[[TrainSpec, torch.nn.Module, float], torch.optim.Optimizer]
 
 
 def build(spec: TrainSpec) -> Task:
@@ -43,7 +44,7 @@ def bare_loop(
     task: Task,
     steps: int,
     on_step: OnStep | None = None,
-    optimizer_factory: Callable[[TrainSpec, torch.nn.Module, float], torch.optim.Optimizer] = make_optimizer,
+    optimizer_factory: OptimizerFactory = make_optimizer,
 ) -> Timing:
     """Wall and CPU seconds for `steps` optimizer steps (after a short warm-up).
 

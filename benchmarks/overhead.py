@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.bare import OnStep, bare_loop, build, torch_default_optimizer
+from benchmarks.bare import OnStep, OptimizerFactory, bare_loop, build, torch_default_optimizer
 from benchmarks.common import Ratio, Section, Timing, markdown_table, timed
 from benchmarks.reference import BATCH_EVERY, log_batch_every, log_metric_every_step
 from trainers.device import make_precision, resolve_precision
-from trainers.loop import evaluate, train
+from trainers.loop import evaluate, make_optimizer, train
 from trainers.spec import RecordingSink, TrainResult, TrainSpec
 
 BATCH_SIZES = (16, 128, 1024)
@@ -184,10 +184,10 @@ def paired(times: dict[str, list[Timing]], num: str, den: str, cpu: bool = False
     return Ratio.of([pick(a) / pick(b) for a, b in zip(times[num], times[den], strict=True)])
 
 
-def bare_variant(spec: TrainSpec, on_step: OnStep | None = None, optimizer_factory: Any = None) -> Callable[[], Timing]:
+def bare_variant(
+    spec: TrainSpec, on_step: OnStep | None = None, optimizer_factory: OptimizerFactory = make_optimizer
+) -> Callable[[], Timing]:
     """The bare loop on a freshly built model, as one measured variant (batchscope's optimizer unless given)."""
-    if optimizer_factory is None:
-        return lambda: bare_loop(spec, build(spec), spec.max_steps, on_step)
     return lambda: bare_loop(spec, build(spec), spec.max_steps, on_step, optimizer_factory)
 
 
