@@ -191,7 +191,7 @@ class Sweep:
             study_name=cfg.study,
             storage=self.storage,
             sampler=space.make_sampler(cfg.search),
-            pruner=space.make_pruner(cfg),
+            pruner=space.make_pruner(cfg, _num_train(cfg) if cfg.train.max_epochs is not None else None),
             directions=dirs,  # type: ignore[arg-type]
             load_if_exists=True,
         )
@@ -649,7 +649,7 @@ class Sweep:
             evals.append({k: values[k] for k in space.TAIL_METRICS if k in values})
             if prune_key is None or prune_key not in values:
                 return True
-            trial.report(values[prune_key], step)
+            trial.report(values[prune_key], space.pruning_step(self.cfg.train, step, spec.batch_size))
             return not trial.should_prune()
 
         reporter.trial_started(trial.number, params, seed, spec.max_steps)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 
-from sweeps.config import LrRange, SearchConfig, SweepConfig, config_to_dict
+from sweeps.config import LrRange, SearchConfig, SweepConfig, TrainConfig, config_to_dict
 
 # objective name -> (direction, per-seed metric it reads from the trainer's final metrics)
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -59,21 +59,54 @@ def make_sampler(search: SearchConfig) -> optuna.samplers.BaseSampler:
     )
 
 
-def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
-    search = cfg.search
+def pruning_unit(train: TrainConfig) -> Literal["steps", "samples"]:
+    """What trials are compared at when pruning: steps under a step budget, examples seen otherwise.
+
+    Under a sample or epoch budget a batch of 1,024 takes 64× fewer steps than one of 16; at equal
+    steps it has seen 64× more data, so comparing there would prune small batches for being early.
+    At equal examples every trial has used the same share of its budget.
+    """
+    return "steps" if train.max_samples is None and train.max_epochs is None else "samples"
+
+
+def pruning_step(train: TrainConfig, step: int, batch_size: int) -> int:
+    """The step a trial's intermediate value is reported to Optuna at (see `pruning_unit`)."""
+    return step if pruning_unit(train) == "steps" else step * batch_size
+
+
+def make_pruner(cfg: SweepConfig, num_train: int | None = None) -> optuna.pruners.BasePruner:
+    """The configured pruner, its resources in the unit of `pruning_unit`.
+
+    `num_train` (the training-set size) is needed for Hyperband under an epoch budget only.
+    """
+    search, train = cfg.search, cfg.train
+    by_samples = pruning_unit(train) == "samples"
+    # The first point where every batch size has been evaluated: one evaluation, or under a sample
+    # budget the examples the largest batch sees before its first evaluation.
+    first = train.eval_every * (max(search.batch_choices()) if by_samples else 1)
     if search.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2 * cfg.train.eval_every)
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2 * first)
     if search.pruner == "successive_halving":
         # Asynchronous successive halving: at one evaluation, then at 5×, 25×… as many steps, a trial
         # goes on only if it is in the best fifth of the trials that got that far (benchmark 4: factor 4
         # needed 39% of a grid's compute to find its answer, factor 5 34%).
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.train.eval_every, reduction_factor=5)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=5)
     if search.pruner == "hyperband":
-        max_steps = cfg.train.max_steps or 1000
         return optuna.pruners.HyperbandPruner(
-            min_resource=cfg.train.eval_every, max_resource=max_steps, reduction_factor=3
+            min_resource=first, max_resource=max(first, _budget(train, num_train)), reduction_factor=3
         )
     return optuna.pruners.NopPruner()
+
+
+def _budget(train: TrainConfig, num_train: int | None) -> int:
+    """A trial's whole budget in the unit of `pruning_unit`."""
+    if train.max_samples is not None:
+        return train.max_samples
+    if train.max_epochs is not None:
+        if num_train is None:
+            raise ValueError("an epoch budget needs num_train (the training-set size) for Hyperband's max_resource")
+        return math.ceil(train.max_epochs * num_train)
+    return train.max_steps or 1000
 
 
 def grid_size(search: SearchConfig) -> int | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 
@@ -55,3 +57,76 @@ def test_successive_halving_pruner_starts_at_one_evaluation() -> None:
     early = study.ask()
     early.report(0.0, 10)
     assert not early.should_prune()
+
+
+def _sample_budget(**train: object) -> dict:
+    cfg = small_config(search__pruner="successive_halving", search__batch_size={"values": [16, 64, 256]})
+    del cfg["train"]["max_steps"]
+    cfg["train"].update({"eval_every": 20, **train})
+    return cfg
+
+
+def test_pruning_compares_trials_at_equal_steps_under_a_step_budget() -> None:
+    cfg = validate(small_config(train__eval_every=20), "test")
+    assert space.pruning_unit(cfg.train) == "steps"
+    assert space.pruning_step(cfg.train, 40, 256) == 40
+
+
+@pytest.mark.parametrize("budget", [{"max_samples": 20_000}, {"max_epochs": 3.0}])
+def test_pruning_compares_trials_at_equal_examples_under_a_sample_or_epoch_budget(budget: dict) -> None:
+    """A batch of 256 takes 16× fewer steps than one of 16: at equal steps it would have seen 16× more data."""
+    cfg = validate(_sample_budget(**budget), "test")
+    assert space.pruning_unit(cfg.train) == "samples"
+    assert space.pruning_step(cfg.train, 40, 256) == 40 * 256
+    study = optuna.create_study(direction="maximize", pruner=space.make_pruner(cfg, num_train=960))
+    # The first rung is where the largest batch (256) is first evaluated: 20 steps × 256 = 5,120 examples.
+    # Batch 256 reaches it at step 20 with 0.5, batch 16 at step 320 with 0.6: the early lead of the
+    # large batch at step 20 (when batch 16 has seen 320 examples) does not count.
+    big = study.ask()
+    big.report(0.5, space.pruning_step(cfg.train, 20, 256))
+    assert not big.should_prune()
+    small = study.ask()
+    small.report(0.05, space.pruning_step(cfg.train, 20, 16))  # 320 examples: before the first rung
+    assert not small.should_prune()
+    small.report(0.6, space.pruning_step(cfg.train, 320, 16))
+    assert not small.should_prune()
+    for _ in range(4):  # four more trials at the rung, all worse: they are not in the best fifth
+        worse = study.ask()
+        worse.report(0.4, 5_120)
+    assert worse.should_prune()
+
+
+def test_hyperband_budget_is_in_examples_under_a_sample_or_epoch_budget() -> None:
+    def hyperband(cfg: dict, num_train: int | None = None) -> tuple[int, int]:
+        cfg["search"]["pruner"] = "hyperband"
+        pruner = space.make_pruner(validate(cfg, "test"), num_train=num_train)
+        assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+        return pruner._min_resource, pruner._max_resource
+
+    assert hyperband(_sample_budget(max_samples=50_000, eval_every=10)) == (10 * 256, 50_000)
+    assert hyperband(_sample_budget(max_epochs=2.5, eval_every=10), num_train=9_600) == (10 * 256, 24_000)
+    with pytest.raises(ValueError, match="num_train"):
+        hyperband(_sample_budget(max_epochs=2.5, eval_every=10))
+    # A step budget: one evaluation to the whole budget, in steps.
+    assert hyperband(small_config(train__eval_every=10)) == (10, 60)
+
+
+def test_a_sweep_under_a_sample_budget_reports_to_optuna_at_examples_seen(workdir: Path) -> None:
+    from sweeps.runner import QuietReporter, Sweep
+
+    cfg = small_config("by-examples", search__pruner="successive_halving", search__n_trials=3)
+    del cfg["train"]["max_steps"]
+    cfg["train"].update({"max_samples": 640, "eval_every": 10, "sharpness": {"enabled": False}})
+    cfg["search"]["batch_size"] = {"values": [16, 32]}
+    sweep = Sweep(validate(cfg, "test"))
+    sweep.run(None, QuietReporter())
+    trials = sweep.study.get_trials()
+    assert len(trials) == 3
+    for t in trials:
+        bs = t.params["batch_size"]
+        # Optuna sees examples (10, 20… steps × the batch size); MLflow keeps the training steps.
+        history = sweep.tracker.client.get_metric_history(t.user_attrs["mlflow_run_id"], "val/acc")
+        steps = sorted(m.step for m in history)
+        assert steps[0] == 10 and all(s % 10 == 0 for s in steps), steps
+        assert sorted(t.intermediate_values) == [s * bs for s in steps][: len(t.intermediate_values)], t
+        assert sorted(t.intermediate_values)[0] == 10 * bs
