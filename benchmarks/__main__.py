@@ -1,6 +1,6 @@
 """Run the benchmarks: `python -m benchmarks [--quick] [--only NAME ...] [--write-readme]`.
 
-Sections (in this order): tracking, gns, startup, efficiency, analysis, gpu. Each prints
+Sections (in this order): tracking, gns, startup, efficiency, replay, analysis, gpu. Each prints
 one table as it finishes; `--write-readme` puts the results into the marked block of
 benchmarks/README.md, replacing only the sections that ran.
 """
@@ -19,7 +19,7 @@ from benchmarks.common import Section, machine, now_text, quiet, run_section
 
 README = Path(__file__).parent / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-NAMES = ("tracking", "gns", "startup", "efficiency", "analysis", "gpu")
+NAMES = ("tracking", "gns", "startup", "efficiency", "replay", "analysis", "gpu")
 
 
 def section_function(name: str) -> Callable[[bool], Section]:
@@ -40,6 +40,10 @@ def section_function(name: str) -> Callable[[bool], Section]:
         from benchmarks.efficiency import efficiency_section
 
         return efficiency_section
+    if name == "replay":
+        from benchmarks.efficiency_replay import replay_section
+
+        return replay_section
     if name == "analysis":
         from benchmarks.analysis_scale import analysis_section
 
