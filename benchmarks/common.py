@@ -161,10 +161,10 @@ def git_commit() -> str:
     return "unknown"
 
 
-def code_digest() -> str:
+def code_digest(packages: tuple[str, ...] = ("trainers", "sweeps")) -> str:
     """A hash of the measured code (trainers/ and sweeps/), since the tree may hold uncommitted changes."""
     h = hashlib.sha256()
-    for package in ("trainers", "sweeps"):
+    for package in packages:
         for path in sorted((REPO / package).rglob("*.py")):
             h.update(str(path.relative_to(REPO)).encode())
             h.update(path.read_bytes())

@@ -51,7 +51,7 @@ class Space:
 FULL = Space((16, 32, 64, 128, 256, 512, 1024), 0.01, 3.0, 6, 300, 25, 5000, tuple(range(10)), 10, 4)
 QUICK = Space((16, 64, 256, 1024), 0.01, 3.0, 4, 150, 25, 5000, (0, 1), 6, 3)
 OBJECTIVE_EVALS = 4  # search.objective_evals' default: val_acc is the mean of a trial's last 4 evaluations
-PRUNER = "successive_halving"  # min_resource one evaluation, reduction factor 5 (sweeps/space.py)
+PRUNER = "successive_halving"  # min_resource one evaluation, sweeps.space.REDUCTION_FACTOR
 # A search goes on until it finds the target or has run this many times the grid's trials: cut at
 # the grid's size (as this benchmark did first), a search still looking counts only what it spent so
 # far, which made the mean a lower bound (benchmark 4b: about a third of searches need more).
@@ -280,6 +280,8 @@ def efficiency_section(quick: bool) -> Section:
         f"{space.num_samples:,} examples (validation: {int(space.num_samples * 0.2):,})"
     )
     met = mean_share <= TARGET_SHARE and not misses
+    from sweeps.space import REDUCTION_FACTOR as rf
+
     if quick:
         notes_quick = [
             f"Quick mode checks the plumbing: a {space.grid_trials}-point space is about the size of TPE's random "
@@ -302,8 +304,8 @@ def efficiency_section(quick: bool) -> Section:
             "`train/loss` step (pruned and diverged trials count what they trained). A run that never reaches "
             "the target counts all its compute, so the mean is then a lower bound.",
             f"TPE: batchscope's default (multivariate, n_trials {DEFAULT_N_TRIALS} → "
-            f"{min(8, DEFAULT_N_TRIALS // 3)} random start-up trials), `pruner: {PRUNER}` (at 1, 5, 25… "
-            f"evaluations a trial goes on only if in the best fifth of those that got as far); val_acc = the "
+            f"{min(8, DEFAULT_N_TRIALS // 3)} random start-up trials), `pruner: {PRUNER}` (at 1, {rf}, {rf * rf}… "
+            f"evaluations a trial goes on only if in the best 1/{rf} of those that got as far); val_acc = the "
             f"mean of each trial's last {OBJECTIVE_EVALS} evaluations, for the grid too; "
             f"{space.first_chunk} trials first, then {space.chunk} more at a time until one is "
             f"within {WITHIN:.0%} of the grid's best, at most {TRIAL_LIMIT * space.grid_trials} "
