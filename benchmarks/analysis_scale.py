@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
 import shutil
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Section, Timing, markdown_table, timed
+from benchmarks.common import Section, Timing, cache_root, markdown_table, timed
 from tests.analysis_tests import conftest
 from tests.analysis_tests.conftest import SweepSpec, make_synthetic_sweep
 
@@ -47,10 +46,6 @@ BENCH_SPEC = SweepSpec(
 # --quick: 100 trials of the same length.
 QUICK_SPEC = replace(BENCH_SPEC, study_name="bench-quick", lrs=tuple(float(x) for x in np.geomspace(0.002, 0.2, 10)))
 _DONE = "generated.ok"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("BATCHSCOPE_BENCH_CACHE") or Path(tempfile.gettempdir()) / "batchscope-bench")
 
 
 def store_dir(spec: SweepSpec) -> Path:

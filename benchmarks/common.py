@@ -13,6 +13,7 @@ import hashlib
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -159,6 +160,11 @@ def git_commit() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def cache_root() -> Path:
+    """Where benchmarks keep what is slow to make (stores, trained runs): $BATCHSCOPE_BENCH_CACHE or the temp folder."""
+    return Path(os.environ.get("BATCHSCOPE_BENCH_CACHE") or Path(tempfile.gettempdir()) / "batchscope-bench")
 
 
 def code_digest(packages: tuple[str, ...] = ("trainers", "sweeps")) -> str:

@@ -28,13 +28,11 @@ import random
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Section, code_digest, markdown_table
+from benchmarks.common import Section, cache_root, code_digest, markdown_table
 from benchmarks.efficiency import FULL, QUICK, TARGET_SHARE, TRIAL_LIMIT, WITHIN, Space, sweep_config
 
-CACHE = Path("/tmp/batchscope-bench")
 LR_POINTS = 41  # includes section 4's six grid points (every 8th); quick mode's four are taken as the nearest
 
 
@@ -93,13 +91,13 @@ def landscape(space: Space, train_seed: int, processes: int = 2) -> World:
     spec = make_spec(cfg, space.batch_sizes[0], space.lr_low, train_seed).to_dict()
     parts = [spec, raw["train"], LR_POINTS, code_digest(("trainers",))]
     key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    path = CACHE / f"efficiency-landscape-{key.hexdigest()[:12]}.json"
+    path = cache_root() / f"efficiency-landscape-{key.hexdigest()[:12]}.json"
     if not path.exists():
         jobs = [(raw, b, lr, train_seed) for b in space.batch_sizes for lr in learning_rates(space)]
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no inherited torch state
         with ctx.Pool(processes) as pool:
             rows = pool.map(_train_one, jobs, chunksize=1)
-        CACHE.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps([[b, lr, r] for b, lr, r in rows]))
     world: World = {}
     for b, lr, r in json.loads(path.read_text()):
