@@ -46,7 +46,7 @@ def test_successive_halving_pruner_starts_at_one_evaluation() -> None:
     pruner = space.make_pruner(cfg)
     assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
     study = optuna.create_study(direction="maximize", pruner=pruner)
-    # The first trial sets the bar at the first rung (25 steps); one in the worst three quarters stops there.
+    # The first trial sets the bar at the first rung (25 steps); one in the worst four fifths stops there.
     for value in (0.9, 0.8, 0.7, 0.6):
         trial = study.ask()
         trial.report(value, 25)
@@ -59,19 +59,23 @@ def test_successive_halving_pruner_starts_at_one_evaluation() -> None:
     assert not early.should_prune()
 
 
-def test_successive_halving_keeps_the_best_quarter_at_a_rung() -> None:
-    """Benchmark 4b: factor 4 needs less compute than 5, whose later rung stalls searches on slow learning rates."""
+def test_successive_halving_keeps_the_best_fifth_at_a_rung() -> None:
     cfg = validate(small_config(search__pruner="successive_halving", train__eval_every=25), "test")
     study = optuna.create_study(direction="maximize", pruner=space.make_pruner(cfg))
-    for value in (0.9, 0.85, 0.84, 0.83, 0.82, 0.81, 0.5):  # seven trials at the first rung
-        study.ask().report(value, 25)
-    # The eighth, second best of eight, is in the best quarter and goes on; third best would not.
-    second = study.ask()
-    second.report(0.88, 25)
-    assert not second.should_prune()
-    third = study.ask()
-    third.report(0.87, 25)
-    assert third.should_prune()
+
+    def stops_at_first_rung(value: float) -> bool:
+        trial = study.ask()
+        trial.report(value, 25)
+        return trial.should_prune()  # the pruner records each trial's value at the rung here
+
+    assert not stops_at_first_rung(0.9)
+    assert [stops_at_first_rung(v) for v in (0.5, 0.6, 0.7, 0.8, 0.7, 0.6)] == [True] * 6
+    # Eight trials at the rung: the best fifth is one, so a second best stops...
+    assert stops_at_first_rung(0.85)
+    # ...and at ten it is two: a second best goes on, a third best does not.
+    assert stops_at_first_rung(0.3)
+    assert not stops_at_first_rung(0.88)
+    assert stops_at_first_rung(0.86)
 
 
 def _sample_budget(**train: object) -> dict:
@@ -105,7 +109,7 @@ def test_pruning_compares_trials_at_equal_examples_under_a_sample_or_epoch_budge
     assert not small.should_prune()
     small.report(0.6, space.pruning_step(cfg.train, 320, 16))
     assert not small.should_prune()
-    for _ in range(4):  # four more trials at the rung, all worse: they are not in the best quarter
+    for _ in range(4):  # four more trials at the rung, all worse: they are not in the best fifth
         worse = study.ask()
         worse.report(0.4, 5_120)
     assert worse.should_prune()
