@@ -205,13 +205,14 @@ def efficiency_section(quick: bool) -> Section:
     grid_reached, _ = compute_to_reach(grid, target)
 
     rows: list[tuple[object, ...]] = []
-    shares, cut_shares = [], []
+    shares, cut_shares, cut_misses = [], [], 0
     for seed, trials in tpe_runs.items():
         reached, spent = compute_to_reach(trials, target)
         share = (reached if reached is not None else spent) / grid_total
         shares.append(share)
         cut_reached, cut_spent = compute_to_reach(trials[: space.grid_trials], target)
         cut_shares.append((cut_reached if cut_reached is not None else cut_spent) / grid_total)
+        cut_misses += cut_reached is None
         cut_text = f"{cut_shares[-1]:.0%}" if cut_reached is not None else f"> {cut_shares[-1]:.0%}"
         found = max((t.value for t in trials if t.value is not None), default=float("nan"))
         first = next((i + 1 for i, t in enumerate(trials) if t.value is not None and t.value >= target), None)
@@ -229,7 +230,6 @@ def efficiency_section(quick: bool) -> Section:
         )
     mean_share = statistics.mean(shares)
     cut_mean = statistics.mean(cut_shares)
-    cut_misses = sum(compute_to_reach(t[: space.grid_trials], target)[0] is None for t in tpe_runs.values())
     single_mean, single_texts = single_eval_shares(grid, tpe_runs)
     misses = sum(1 for seed, trials in tpe_runs.items() if compute_to_reach(trials, target)[0] is None)
     grid_first = next((i + 1 for i, t in enumerate(grid) if t.value is not None and t.value >= target), None)
@@ -280,8 +280,6 @@ def efficiency_section(quick: bool) -> Section:
         f"{space.num_samples:,} examples (validation: {int(space.num_samples * 0.2):,})"
     )
     met = mean_share <= TARGET_SHARE and not misses
-    from sweeps.space import REDUCTION_FACTOR as rf
-
     if quick:
         notes_quick = [
             f"Quick mode checks the plumbing: a {space.grid_trials}-point space is about the size of TPE's random "
@@ -289,6 +287,8 @@ def efficiency_section(quick: bool) -> Section:
         ]
     else:
         notes_quick = []
+    from sweeps.space import REDUCTION_FACTOR as rf
+
     return Section(
         name="efficiency",
         title="4. Sweep efficiency: compute to find the grid's answer",

@@ -49,29 +49,26 @@ class Run:
 World = dict[tuple[int, float], Run]
 
 
-def learning_rates(space: Space) -> list[float]:
-    a, b = math.log10(space.lr_low), math.log10(space.lr_high)
-    n = LR_POINTS - 1
-    return [float(f"{10 ** (a + (b - a) * i / n):.6g}") for i in range(LR_POINTS)]
+def learning_rates(space: Space, points: int = LR_POINTS) -> list[float]:
+    """`points` log-spaced learning rates over the space's range, as `search.lr.grid_points` spaces them."""
+    from sweeps.config import LrRange
+
+    return LrRange(low=space.lr_low, high=space.lr_high, grid_points=points).grid()
 
 
-def _train_one(args: tuple[dict[str, Any], int, float, int]) -> tuple[int, float, dict[str, Any]]:
+def _train_one(spec: Any) -> tuple[int, float, dict[str, Any]]:
     import torch
 
-    from sweeps.config import validate
-    from sweeps.runner import make_spec
     from trainers.loop import train
     from trainers.spec import RecordingSink
 
     torch.set_num_threads(1)
-    raw, batch_size, lr, seed = args
-    spec = make_spec(validate(raw, "benchmarks/efficiency_replay.py"), batch_size, lr, seed)
     sink = RecordingSink()
     result = train(spec, sink)
     history = sink.history.get("val/acc", [])
     return (
-        batch_size,
-        lr,
+        spec.batch_size,
+        spec.lr,
         {
             "status": result.status,
             "steps": result.steps,
@@ -93,7 +90,7 @@ def landscape(space: Space, train_seed: int, processes: int = 2) -> World:
     key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     path = cache_root() / f"efficiency-landscape-{key.hexdigest()[:12]}.json"
     if not path.exists():
-        jobs = [(raw, b, lr, train_seed) for b in space.batch_sizes for lr in learning_rates(space)]
+        jobs = [make_spec(cfg, b, lr, train_seed) for b in space.batch_sizes for lr in learning_rates(space)]
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no inherited torch state
         with ctx.Pool(processes) as pool:
             rows = pool.map(_train_one, jobs, chunksize=1)
@@ -105,26 +102,20 @@ def landscape(space: Space, train_seed: int, processes: int = 2) -> World:
     return world
 
 
-def section4_grid(space: Space) -> list[float]:
-    a, b = math.log10(space.lr_low), math.log10(space.lr_high)
-    n = space.lr_points - 1
-    return [10 ** (a + (b - a) * i / n) for i in range(space.lr_points)]
-
-
 def tail(run: Run) -> float | None:
-    """The val_acc objective: the mean of the last few evaluations of a run that ended well."""
+    """The val_acc objective (`sweeps.space.tail_means`) of a run that ended well."""
     from benchmarks.efficiency import OBJECTIVE_EVALS
+    from sweeps.space import tail_means
 
     if run.status != "ok" or not run.evals:
         return None
-    last = run.evals[-OBJECTIVE_EVALS:]
-    return sum(last) / len(last)
+    return tail_means([{"val/acc": v} for v in run.evals], OBJECTIVE_EVALS, {})["final/tail_val_acc"]
 
 
 def grid_reference(space: Space, world: World) -> tuple[float, int]:
     """The grid's best objective and its total compute (examples)."""
     trained = learning_rates(space)
-    grid_lrs = [min(trained, key=lambda t: abs(math.log(t / lr))) for lr in section4_grid(space)]
+    grid_lrs = [min(trained, key=lambda t: abs(math.log(t / lr))) for lr in learning_rates(space, space.lr_points)]
     points = [(b, lr) for b in space.batch_sizes for lr in grid_lrs]
     best = max(v for p in points if (v := tail(world[p])) is not None)
     return best, sum(world[p].steps * p[0] for p in points)
@@ -221,34 +212,27 @@ def shares(space: Space, worlds: list[World], search: Search, seeds: range, *, f
     return Shares(uncut, cut, not_reached, cut_off)
 
 
-def default_factor() -> int:
-    """The reduction factor of batchscope's `pruner: successive_halving`."""
-    from sweeps import space as sp
-
-    pruner = sp.make_pruner(sweep_config(FULL, "probe", "tpe", "successive_halving", 24, 0))
-    return int(pruner._reduction_factor)  # type: ignore[attr-defined]
-
-
 def searches() -> list[Search]:
     import optuna
+
+    from sweeps.space import REDUCTION_FACTOR
 
     def halving(factor: int) -> Callable[[Any], Any]:
         return lambda cfg: optuna.pruners.SuccessiveHalvingPruner(
             min_resource=cfg.train.eval_every, reduction_factor=factor
         )
 
-    default = default_factor()
     return [
-        Search(f"TPE + successive halving, factor {default} (batchscope's)", "tpe", "successive_halving"),
+        Search(f"TPE + successive halving, factor {REDUCTION_FACTOR} (batchscope's)", "tpe", "successive_halving"),
         *(
             Search(f"TPE + successive halving, factor {f}", "tpe", "successive_halving", halving(f))
             for f in (3, 4, 5)
-            if f != default
+            if f != REDUCTION_FACTOR
         ),
         Search("TPE + median pruner", "tpe", "median"),
         Search("TPE + Hyperband", "tpe", "hyperband"),
         Search("TPE, no pruning", "tpe", "none"),
-        Search(f"random + successive halving, factor {default}", "random", "successive_halving"),
+        Search(f"random + successive halving, factor {REDUCTION_FACTOR}", "random", "successive_halving"),
     ]
 
 
