@@ -154,7 +154,10 @@ def replay(
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = sweep_config(space, "replay", search.sampler, search.pruner, 24, seed)
     pruner = search.make_pruner(cfg) if search.make_pruner else sp.make_pruner(cfg)
-    study = optuna.create_study(direction="maximize", sampler=sp.make_sampler(cfg.search), pruner=pruner)
+    # A fixed name: Hyperband assigns trials to brackets by a hash of the study's name.
+    study = optuna.create_study(
+        study_name=f"replay-{seed}-{home}", direction="maximize", sampler=sp.make_sampler(cfg.search), pruner=pruner
+    )
     lrs = sorted({lr for _, lr in worlds[home]})
     log_lrs = np.log(lrs)
     draw = random.Random(f"{seed}-{home}")
