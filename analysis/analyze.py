@@ -48,14 +48,15 @@ class SweepAnalysis:
 
 
 def _score(sweep: SweepData, summary: pd.DataFrame) -> tuple[str, str, bool]:
-    """The study's first objective; final val loss when no trial reported one."""
+    """The study's first objective; final val loss only when no trial has an objective value
+    (no trial completed), and then labelled as such."""
     if "objective" in summary and np.isfinite(summary["objective"].to_numpy(dtype=float)).any():
         direction = "minimize" if sweep.minimize else "maximize"
         if len(sweep.directions) > 1:
             # Charts and findings rank by the first objective of a multi-objective study.
             direction += f", 1st of {len(sweep.directions)} objectives"
         return "objective", f"{sweep.objective_names[0]} ({direction})", sweep.minimize
-    return "final/val_loss", "final validation loss (minimize)", True
+    return "final/val_loss", "final validation loss (minimize; no trial completed with an objective)", True
 
 
 def _best_runs(trials: pd.DataFrame, best_lr: pd.DataFrame) -> dict[int, list[str]]:
@@ -64,6 +65,19 @@ def _best_runs(trials: pd.DataFrame, best_lr: pd.DataFrame) -> dict[int, list[st
         int(row.batch_size): runs.loc[runs["trial"] == row.trial, "run_id"].astype(str).tolist()
         for row in best_lr.itertuples()
     }
+
+
+def _best_trial(summary: pd.DataFrame, score: str, minimize: bool) -> pd.Series | None:
+    """The best completed trial by `score` (Optuna's best trial for a single objective; for several,
+    the best by the first, which lies on the Pareto front). Pruned trials' values are not results."""
+    if score not in summary or "state" not in summary:
+        return None
+    done = summary[(summary["state"] == "COMPLETE") & np.isfinite(summary[score].to_numpy(dtype=float))]
+    if done.empty:
+        return None
+    # Ties go to the earliest trial, as in Optuna's best_trial.
+    order = done.sort_values([score, "trial"], ascending=[minimize, True], kind="stable")
+    return order.iloc[0]
 
 
 def _noise_scale(history: pd.DataFrame, run_ids: list[str]) -> NoiseScaleSummary | None:
@@ -134,10 +148,7 @@ def analyze(sweep: SweepData) -> SweepAnalysis:
     if not best_lr.empty:
         lr_scaling = fit_lr_exponent(best_lr["batch_size"].to_numpy(dtype=float), best_lr["lr"].to_numpy(dtype=float))
     importances, importance_note = _importances(sweep.study)
-    best_trial = None
-    if not best_lr.empty:
-        best_index = summary[score].idxmin() if minimize else summary[score].idxmax()
-        best_trial = summary.loc[best_index]
+    best_trial = _best_trial(summary, score, minimize)
     status_counts = trials.dropna(subset=["run_id"])["status"].value_counts().to_dict() if len(trials) else {}
     return SweepAnalysis(
         score=score,

@@ -1,8 +1,13 @@
 """Load a finished (or running) sweep from its stores into two pandas tables.
 
-`trials`: one row per MLflow child run (trial × seed) with its params, final metrics, tags and
-the Optuna trial's state and objective value(s). An Optuna trial with no child run (it failed
-before training started) still gets one row, with no run id.
+`trials`: one row per MLflow child run (trial × seed). Columns, each from one place:
+- trial, seed, run_id, batch_size (effective), lr (base), state (Optuna's), status, reason;
+- objective, objective_1, ...: Optuna's values of the trial (NaN unless it completed);
+- final/*: the run's final metrics;
+- the child run's params under their own names (micro_batch_size, effective_lr, ...); a param
+  whose name is taken by a column above keeps its `param:` prefix.
+The sweep's parent run's params are `SweepData.sweep_params`, never trial columns. An Optuna
+trial with no child run (it failed before training started) still gets one row, with no run id.
 
 `history`: every logged value of every non-final metric, in long form:
 run_id, trial, seed, batch_size, lr, key, step, value, timestamp (ms), time_s (seconds since
@@ -75,6 +80,8 @@ class SweepData:
     trials: pd.DataFrame
     history: pd.DataFrame
     study: optuna.Study
+    # The sweep's own settings: params of its parent MLflow run (never trial columns).
+    sweep_params: dict[str, str] = field(default_factory=dict)
     # Inference throughput runs (`batchscope throughput`): batch_size, samples_per_s, latency_p50_ms, latency_p95_ms
     throughput: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=THROUGHPUT_COLUMNS))
 
@@ -111,10 +118,11 @@ def load_sweep(
             stacklevel=2,
         )
 
-    objective_names = _objective_names(study)
-    optuna_trials = _optuna_trials(study, objective_names)
     run_info = _run_table(raw)
     parent_run_id = _parent_run_id(run_info, study_name)
+    sweep_params = _run_params(raw.params, parent_run_id)
+    objective_names = _objective_names(study, sweep_params.get("objective"))
+    optuna_trials = _optuna_trials(study, objective_names)
     children = run_info[run_info["role"] == "trial"] if "role" in run_info else run_info.iloc[:0]
     trials = _trials_table(children, raw, optuna_trials)
     history = _history_table(raw.metrics, trials)
@@ -129,6 +137,7 @@ def load_sweep(
         trials=trials,
         history=history,
         study=study,
+        sweep_params=sweep_params,
         throughput=throughput,
     )
 
@@ -162,9 +171,14 @@ def _load_study(study_name: str, storage: StorageLike) -> optuna.Study:
         raise LookupError(f"No Optuna study named {study_name!r} in {where}; it holds {known}.") from None
 
 
-def _objective_names(study: optuna.Study) -> tuple[str, ...]:
+def _objective_names(study: optuna.Study, from_sweep: str | None) -> tuple[str, ...]:
+    """Optuna's metric names; else the sweep's objectives (its parent run's `objective` param,
+    comma-separated); else "objective", "objective_1", ..."""
     if study.metric_names:
         return tuple(study.metric_names)
+    names = tuple(from_sweep.split(",")) if from_sweep else ()
+    if len(names) == len(study.directions):
+        return names
     return tuple(_objective_column(i) for i in range(len(study.directions)))
 
 
@@ -257,8 +271,18 @@ def _parent_run_id(run_info: pd.DataFrame, study_name: str) -> str | None:
     return str(parents.sort_values("start_time")["run_id"].iloc[-1])
 
 
+def _run_params(params: pd.DataFrame, run_id: str | None) -> dict[str, str]:
+    if run_id is None:
+        return {}
+    rows = params[params["run_id"] == run_id]
+    return {str(k): str(v) for k, v in zip(rows["key"], rows["value"], strict=True)}
+
+
 def _trials_table(children: pd.DataFrame, raw: _mlflow_raw.RawExperiment, optuna_trials: pd.DataFrame) -> pd.DataFrame:
-    params = _numeric_where_possible(_wide(raw.params)).add_prefix("param:")
+    # Only the child runs' own params: the parent run's (e.g. its `objective`, the sweep's objective
+    # names) would otherwise become all-empty trial columns that shadow Optuna's values.
+    child_params = raw.params[raw.params["run_id"].isin(children["run_id"])]
+    params = _numeric_where_possible(_wide(child_params)).add_prefix("param:")
     finals = _wide(raw.finals).astype(float)
     runs = children.set_index("run_id").join(params, how="left").join(finals, how="left")
     runs = runs.reset_index()
@@ -283,8 +307,7 @@ def _trials_table(children: pd.DataFrame, raw: _mlflow_raw.RawExperiment, optuna
     # The params already merged into the columns above must not come back under the same name.
     merged = [f"param:{name}" for name in ("batch_size", "lr", "seed")]
     trials = trials.drop(columns=[c for c in merged if c in trials])
-    trials = trials.rename(columns=lambda c: c.removeprefix("param:"))
-    trials = trials.loc[:, ~trials.columns.duplicated()]
+    trials = trials.rename(columns=_param_column(set(trials.columns)))
     leading = ["trial", "seed", "run_id", "batch_size", "lr", "state", "status", "reason"]
     objectives = [c for c in trials.columns if c.startswith("objective")]
     finals_cols = sorted(c for c in trials.columns if c.startswith(_mlflow_raw.FINAL_PREFIX))
@@ -296,6 +319,13 @@ def _trials_table(children: pd.DataFrame, raw: _mlflow_raw.RawExperiment, optuna
     ]
     trials = trials[leading + objectives + finals_cols + rest]
     return trials.sort_values(["trial", "seed"], na_position="last").reset_index(drop=True)
+
+
+def _param_column(taken: set[str]) -> dict[str, str]:
+    """`param:name` → `name`, unless a column of that name exists already (Optuna's `objective`,
+    the `status` tag, ...): such a param keeps its `param:` prefix rather than hide either value."""
+    names = {c: c.removeprefix("param:") for c in taken if c.startswith("param:")}
+    return {c: name for c, name in names.items() if name not in taken}
 
 
 def _first_text(trials: pd.DataFrame, *columns: str) -> pd.Series:

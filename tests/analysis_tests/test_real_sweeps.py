@@ -1,0 +1,143 @@
+"""The report's headline numbers on real sweeps (real training, real Optuna and MLflow stores),
+checked against Optuna's own answer: best trial, objective column, best lr per batch size.
+
+The synthetic stores of conftest.py cannot catch a mix-up between the stores' names (the report
+once ranked by final validation loss on every real val_acc sweep), so these run the real thing.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from analysis.analyze import analyze
+from analysis.load import export_sweep, load_sweep
+from analysis.report import build_report
+from sweeps.cli import main
+from sweeps.stores import journal_storage
+from tests.conftest import small_config, write_config
+
+OBJECTIVES: list[str | list[str]] = [
+    "val_acc",
+    "val_loss",
+    "steps_to_target",
+    "time_to_target",
+    ["val_acc", "steps_to_target"],
+]
+
+
+def _name(objective: str | list[str]) -> str:
+    return "obj-" + ("-".join(objective) if isinstance(objective, list) else objective).replace("_", "")
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One store with one short real sweep per objective (6 trials each, random sampler)."""
+    base = tmp_path_factory.mktemp("objectives")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)
+        mp.setenv("BATCHSCOPE_ROOT", str(base / "mlruns"))
+        for objective in OBJECTIVES:
+            cfg = small_config(_name(objective))
+            cfg["train"].update({"max_steps": 40, "eval_every": 10, "sharpness": {"enabled": False}})
+            cfg["train"]["target"] = {"metric": "val/acc", "value": 0.2}
+            cfg["search"].update({"n_trials": 6, "objective": objective, "seed": 3})
+            cfg["search"]["lr"] = {"low": 0.01, "high": 5.0, "log": True}  # some trials diverge
+            path = write_config(base / f"{_name(objective)}.yaml", cfg)
+            assert main(["sweep", str(path), "--no-report"]) == 0
+    return base
+
+
+def _study(stores: Path, objective: str | list[str]) -> optuna.Study:
+    return optuna.load_study(study_name=_name(objective), storage=journal_storage(stores / "mlruns" / "optuna.journal"))
+
+
+def _load(stores: Path, objective: str | list[str]):
+    return load_sweep(
+        _name(objective),
+        storage=stores / "mlruns" / "optuna.journal",
+        tracking_uri=f"sqlite:///{stores / 'mlruns' / 'mlflow.db'}",
+    )
+
+
+def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def _optuna_best_per_batch(study: optuna.Study) -> dict[int, int]:
+    """Batch size -> number of its best completed trial by the first objective, from Optuna alone."""
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    best: dict[int, optuna.trial.FrozenTrial] = {}
+    for t in _complete(study):
+        if not math.isfinite(t.values[0]):
+            continue
+        b = int(t.params["batch_size"])
+        if b not in best or (t.values[0] > best[b].values[0] if maximize else t.values[0] < best[b].values[0]):
+            best[b] = t
+    return {b: t.number for b, t in best.items()}
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=_name)
+def test_objective_column_is_optunas_value(stores: Path, objective: str | list[str]) -> None:
+    # Every trial's objective columns hold exactly Optuna's values (NaN where Optuna has none).
+    study, sweep = _study(stores, objective), _load(stores, objective)
+    n_objectives = len(study.directions)
+    assert sweep.objective_names[0] == (objective[0] if isinstance(objective, list) else objective)
+    by_trial = sweep.trials.drop_duplicates("trial").set_index("trial")
+    for t in study.trials:
+        for i in range(n_objectives):
+            column = "objective" if i == 0 else f"objective_{i}"
+            got = float(by_trial.loc[t.number, column])
+            if t.values is None:
+                assert math.isnan(got)
+            else:
+                assert got == pytest.approx(t.values[i]) or (math.isinf(got) and math.isinf(t.values[i]))
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=_name)
+def test_best_trial_and_best_lr_per_batch_are_optunas(stores: Path, objective: str | list[str]) -> None:
+    study, sweep = _study(stores, objective), _load(stores, objective)
+    result = analyze(sweep)
+    assert result.score == "objective"
+    assert result.best_trial is not None
+    best = int(result.best_trial["trial"])
+    if len(study.directions) == 1:
+        assert best == study.best_trial.number
+    else:
+        assert best in {t.number for t in study.best_trials}  # on the Pareto front
+    assert result.best_trial["state"] == "COMPLETE"
+    expected = _optuna_best_per_batch(study)
+    got = {int(r.batch_size): int(r.trial) for r in result.best_lr.itertuples()}
+    assert got == expected
+    for row in result.best_lr.itertuples():
+        assert row.lr == pytest.approx(study.trials[int(row.trial)].params["lr"])
+
+
+@pytest.mark.parametrize("objective", ["val_acc", ["val_acc", "steps_to_target"]], ids=_name)
+def test_report_and_export_name_optunas_best(stores: Path, objective: str | list[str], tmp_path: Path) -> None:
+    study, sweep = _study(stores, objective), _load(stores, objective)
+    best = analyze(sweep).best_trial
+    assert best is not None
+    index = build_report(
+        [_name(objective)],
+        storage=stores / "mlruns" / "optuna.journal",
+        tracking_uri=f"sqlite:///{stores / 'mlruns' / 'mlflow.db'}",
+        out_dir=tmp_path,
+        write_images=False,
+    )
+    summary = (index.parent / "summary.md").read_text()
+    name = objective[0] if isinstance(objective, list) else objective
+    assert f"Best trial: #{int(best['trial'])}," in summary
+    assert f"{name} (maximize" in summary  # the study's objective by name, not a fallback
+    paths = export_sweep(sweep, tmp_path / "export", file_format="csv")
+    exported = pd.read_csv(paths[0]).drop_duplicates("trial").set_index("trial")
+    for t in _complete(study):
+        assert exported.loc[t.number, "objective"] == pytest.approx(t.values[0])
+    # Parent-run params are kept apart from the trials.
+    assert sweep.sweep_params["objective"] == ",".join(objective if isinstance(objective, list) else [objective])
+    assert not np.isnan(sweep.trials["objective"].to_numpy(dtype=float)).all()
