@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="weights to load (a state_dict .pt or a batchscope checkpoint)")
     p.add_argument("--b-small", type=int, default=None, help="small batch size (default: b_big / 8)")
     p.add_argument("--b-big", type=int, default=None, help="big batch size (default: 512, at most the training set)")
-    p.add_argument("--batches", type=int, default=64, help="number of batch pairs to average over (default 64)")
+    p.add_argument("--batches", type=int, default=None, help="a fixed number of batch pairs (default: see --precision)")
+    p.add_argument("--precision", type=float, default=0.1, help="target relative std. error of B_simple (default 0.1)")
+    p.add_argument("--max-batches", type=int, default=1024, help="most batch pairs for --precision (default 1024)")
     p.add_argument("--seed", type=int, default=None, help="seed for the model's initialization and the batches")
 
     p = sub.add_parser("report", help="write the comparison report of one or more studies (HTML + Markdown)")

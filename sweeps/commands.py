@@ -363,8 +363,13 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
         raise UserError(
             f"need 1 ≤ --b-small < --b-big ≤ {n} (the training set), got --b-small {b_small} and --b-big {b_big}"
         )
-    if args.batches < 2:
+    if args.batches is not None and args.batches < 2:
         raise UserError(f"--batches must be at least 2 to give an uncertainty, got {args.batches}")
+    if not args.precision > 0:
+        raise UserError(f"--precision must be positive, got {args.precision}")
+    min_batches = 32
+    if args.max_batches < min_batches:
+        raise UserError(f"--max-batches must be at least {min_batches}, got {args.max_batches}")
     est = measure_noise_scale(
         task.model,
         task.loss_fn,
@@ -373,6 +378,9 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
         b_small=b_small,
         b_big=b_big,
         n_batches=args.batches,
+        rel_precision=args.precision,
+        min_batches=min_batches,
+        max_batches=args.max_batches,
         seed=seed,
     )
     out.print(f"Gradient noise scale of {cfg.trainer.recipe}/{cfg.trainer.model} at {escape(where)}")
@@ -384,12 +392,19 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
     table.add_row("|G|²", f"{est.grad_sq:.4g}", f"{est.grad_sq_stderr:.2g}")
     table.add_row("tr(Σ)", f"{est.trace_sigma:.4g}", f"{est.trace_sigma_stderr:.2g}")
     out.print(table)
+    target = f", target ±{100 * args.precision:g}%" if est.precision_reached is not None else ""
     out.print(
+        f"B_simple = {est.b_simple:.4g} ± {est.b_simple_stderr:.2g} (±{est.rel_stderr:.1%}{target}) "
         f"from {est.n_batches} pairs of batches of {est.b_small} and {est.b_big} examples on {device} "
         f"(McCandlish et al. 2018); torch {torch.__version__}"
     )
     if est.b_simple != est.b_simple:  # NaN
-        out.print("[yellow]|G|² is not distinguishable from zero here; B_simple is undefined (try more --batches).[/]")
+        out.print("[yellow]|G|² is not distinguishable from zero here (near a minimum?); B_simple is undefined.[/]")
+    if est.precision_reached is False:
+        out.print(
+            f"[yellow]The target precision ±{100 * args.precision:g}% was not reached within --max-batches "
+            f"{args.max_batches} pairs: raise --max-batches, or use a larger --b-big.[/]"
+        )
     return 0
 
 

@@ -118,6 +118,15 @@ def test_noise_scale_command(workdir: Path, capsys: pytest.CaptureFixture[str]) 
     assert "B_simple" in text and "initialization" in text
     value = float(next(line for line in text.splitlines() if "B_simple" in line).split("│")[2])
     assert math.isfinite(value) and value > 0
+    assert "from 16 pairs" in text and "target" not in text
+    # By default pairs are drawn until ±10%; a target out of reach says so and what to do.
+    assert main(["noise-scale", str(path)]) == 0
+    assert "target ±10%" in capsys.readouterr().out
+    assert main(["noise-scale", str(path), "--precision", "0.001", "--max-batches", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "from 32 pairs" in text and "not reached" in text and "--max-batches" in text
+    assert main(["noise-scale", str(path), "--precision", "0"]) == 2
+    assert main(["noise-scale", str(path), "--max-batches", "8"]) == 2
     assert main(["noise-scale", str(path), "--b-big", "8", "--b-small", "32"]) == 2
     assert main(["noise-scale", str(path), "--checkpoint", "missing.pt"]) == 2
 

@@ -27,7 +27,7 @@ from torch.func import functional_call, grad, vmap
 
 from trainers.data import DeviceBatcher
 from trainers.gns import NoiseScaleEMA, grad_sq_norm
-from trainers.noise_scale import _summarize, measure_noise_scale
+from trainers.noise_scale import NoiseScaleEstimate, _summarize, measure_noise_scale
 
 
 @pytest.fixture(autouse=True)
@@ -95,6 +95,69 @@ def test_linear_regression_estimate_is_within_10_percent_of_exact() -> None:
     assert estimate.grad_sq == pytest.approx(1.0, rel=0.10)
     assert estimate.trace_sigma == pytest.approx(201.0, rel=0.10)
     assert estimate.b_simple_stderr < 0.05 * estimate.b_simple
+
+
+def test_default_draws_pairs_until_the_estimate_is_within_10_percent() -> None:
+    # With b_big = 128 below B_simple = 201 the |G|² estimate is noisy and ±10% takes far
+    # more than 32 pairs; with seed 0 it stops at 192 pairs reading 204 ± 19.5 (±9.5%).
+    problem = linear_regression()
+    estimate = measure_noise_scale(problem.model, half_squared_error, problem.x, problem.y, b_small=16, b_big=128)
+    assert abs(estimate.b_simple - problem.exact_b_simple) < 3 * estimate.b_simple_stderr
+    assert estimate.rel_stderr == pytest.approx(estimate.b_simple_stderr / estimate.b_simple)
+    assert (estimate.precision_reached and estimate.rel_stderr <= 0.10) or (
+        estimate.precision_reached is False and estimate.n_batches == 1024
+    )
+    assert 32 < estimate.n_batches <= 1024
+
+
+def test_stopping_after_n_pairs_gives_what_n_fixed_pairs_give() -> None:
+    # The sequential run draws the same pairs as a fixed one, in the same order.
+    problem = linear_regression(d=20, n=5000)
+    args = (problem.model, half_squared_error, problem.x, problem.y)
+    sequential = measure_noise_scale(*args, b_small=4, b_big=32, seed=1)
+    fixed = measure_noise_scale(*args, b_small=4, b_big=32, seed=1, n_batches=sequential.n_batches)
+    assert sequential.n_batches > 32
+    assert fixed.b_simple == pytest.approx(sequential.b_simple, rel=1e-12)
+    assert fixed.b_simple_stderr == pytest.approx(sequential.b_simple_stderr, rel=1e-12)
+
+
+@pytest.mark.parametrize("n_batches", [2, 40, 100])
+def test_fixed_n_batches_draws_exactly_that_many_pairs(n_batches: int) -> None:
+    # A fixed count is honoured whatever the precision: 32 pairs would already give ±10%
+    # here (b_big = 1024 ≫ B_simple / 8), and 2 pairs give far less. No target, no verdict.
+    problem = linear_regression(n=20_000)
+    estimate = measure_noise_scale(
+        problem.model, half_squared_error, problem.x, problem.y, b_small=64, b_big=1024, n_batches=n_batches
+    )
+    assert estimate.n_batches == n_batches
+    assert estimate.precision_reached is None
+
+
+def test_target_not_reached_stops_at_max_batches() -> None:
+    # Least squares fitted exactly: |G|² = 0 while tr Σ = d·σ² > 0, so the relative error
+    # of B_simple stays large; the search gives up at max_batches (not a multiple of 32).
+    problem = linear_regression(d=10, n=2000)
+    w = torch.linalg.lstsq(problem.x.double(), problem.y.double()[:, None]).solution
+    with torch.no_grad():
+        problem.model.weight.copy_(w.T)
+    estimate = measure_noise_scale(
+        problem.model, half_squared_error, problem.x, problem.y, b_small=4, b_big=32, max_batches=50
+    )
+    assert estimate.precision_reached is False
+    assert estimate.n_batches == 50
+
+
+def test_zero_gradient_gives_nan_at_max_batches() -> None:
+    # Every per-example gradient is exactly zero (a perfect fit): |G|² = tr Σ = 0 and
+    # B_simple = 0/0. NaN is never precise enough, so all max_batches pairs are drawn.
+    model = nn.Linear(3, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    x, y = torch.randn(200, 3), torch.zeros(200)
+    estimate = measure_noise_scale(model, half_squared_error, x, y, b_small=4, b_big=16, max_batches=40)
+    assert math.isnan(estimate.b_simple)
+    assert math.isnan(estimate.rel_stderr)
+    assert estimate.precision_reached is False
+    assert estimate.n_batches == 40
 
 
 def mlp_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -240,6 +303,21 @@ def test_per_batch_estimates_are_averaged_before_dividing(
 
 
 @pytest.mark.parametrize(
+    ("b_simple", "stderr", "expected"),
+    [
+        (200.0, 20.0, 0.1),
+        # A negative tr Σ estimate makes B_simple negative; the error is still relative to its size.
+        (-50.0, 10.0, 0.2),
+        (0.0, 10.0, math.inf),
+        (math.nan, math.nan, math.nan),
+    ],
+)
+def test_relative_stderr(b_simple: float, stderr: float, expected: float) -> None:
+    estimate = NoiseScaleEstimate(b_simple, stderr, 1.0, 0.1, b_simple, stderr, n_batches=2, b_small=1, b_big=2)
+    assert estimate.rel_stderr == pytest.approx(expected, nan_ok=True)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"b_small": 0, "b_big": 8}, "b_small=0"),
@@ -247,6 +325,11 @@ def test_per_batch_estimates_are_averaged_before_dividing(
         ({"b_small": 16, "b_big": 8}, "b_small=16 and b_big=8"),
         ({"b_small": 4, "b_big": 101}, "b_big=101"),
         ({"b_small": 4, "b_big": 8, "n_batches": 1}, "n_batches=1"),
+        ({"b_small": 4, "b_big": 8, "rel_precision": 0.0}, "rel_precision=0.0"),
+        ({"b_small": 4, "b_big": 8, "rel_precision": -0.1}, "rel_precision=-0.1"),
+        ({"b_small": 4, "b_big": 8, "rel_precision": math.nan}, "rel_precision=nan"),
+        ({"b_small": 4, "b_big": 8, "min_batches": 1}, "min_batches=1"),
+        ({"b_small": 4, "b_big": 8, "max_batches": 16}, "max_batches=16 and min_batches=32"),
         ({"b_small": 4, "b_big": 8, "micro_batch_size": 0}, "micro_batch_size=0"),
     ],
 )
