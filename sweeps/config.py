@@ -100,7 +100,9 @@ class NoiseScaleConfig(_Strict):
     # its batch in two: nearly free on a GPU-bound model, about a second step on a small CPU model).
     every: PositiveInt | Literal["auto"] = "auto"
     max_overhead: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.02
-    ema: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.95
+    # B_simple at an evaluation is the ratio of the means of |G|² and tr(Σ) measured over this many
+    # last steps, with its standard error; the same window in every trial. auto: 4 × eval_every.
+    window: PositiveInt | Literal["auto"] = "auto"
 
 
 class SharpnessConfig(_Strict):
@@ -150,6 +152,9 @@ class TrainConfig(_Strict):
     # CPU: cap each trial worker's memory (MB above its start-up size); a batch that does not fit
     # then ends its trial as `oom` instead of swapping the machine. null: no cap.
     memory_limit_mb: Annotated[Float, Field(gt=0.0)] | None = None
+    # A training loss above this many times its first value ends a trial as diverged, like NaN or
+    # inf (a loss that explodes to 1e18 is not a result). null: only NaN and inf.
+    divergence_factor: Annotated[Float, Field(gt=1.0)] | None = 100.0
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:

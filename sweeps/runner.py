@@ -168,6 +168,7 @@ class Sweep:
             existing = None
         if existing is not None:
             old = existing.user_attrs.get(FINGERPRINT_ATTR)
+            old = space.comparable(old) if old is not None else None
             old_dirs = [d.name.lower() for d in existing.directions]
             if (old is not None and old != fp) or old_dirs != dirs:
                 if not force:
@@ -677,7 +678,7 @@ class Sweep:
             raise TrialCrashed(result.reason)
         extra: dict[str, Any] = {
             k: result.resolved[k]
-            for k in ("tokens_per_batch", "resumed_from_step", "batchnorm", "gns_every")
+            for k in ("tokens_per_batch", "resumed_from_step", "batchnorm", "gns_every", "gns_window", "memory_measure")
             if k in result.resolved
         }
         if extra:
@@ -751,7 +752,8 @@ def make_spec(
         gns=t.gns.enabled,
         gns_every=None if t.gns.every == "auto" else t.gns.every,
         gns_budget=t.gns.max_overhead,
-        gns_ema=t.gns.ema,
+        gns_window=None if t.gns.window == "auto" else t.gns.window,
+        divergence_factor=t.divergence_factor,
         sharpness=t.sharpness.enabled,
         sharpness_iters=t.sharpness.iters,
         sharpness_tol=t.sharpness.tol,
@@ -836,4 +838,5 @@ def run_params(spec: TrainSpec, cfg: SweepConfig) -> dict[str, Any]:
         # With the cadence chosen from timed steps (None here) the chosen one is logged at the end.
         "gns_every": spec.gns_every if spec.gns else None,
         "gns_max_overhead": spec.gns_budget if spec.gns and spec.gns_every is None else None,
+        "divergence_factor": spec.divergence_factor,
     }

@@ -145,12 +145,22 @@ def fingerprint(cfg: SweepConfig) -> str:
     keep = {
         "search": {k: d["search"][k] for k in ("batch_size", "lr", "objective", "objective_evals")},
         "trainer": d["trainer"],
-        # Operational settings (logging, checkpoints, processes per trial) do not change the question.
-        "train": {
-            k: v for k, v in d["train"].items() if k not in ("log_every", "checkpoint", "distributed", "compile")
-        },
+        "train": d["train"],
     }
-    return json.dumps(keep, sort_keys=True)
+    return comparable(json.dumps(keep, sort_keys=True))
+
+
+# Settings that do not change the question: operational ones (logging, checkpoints, processes per
+# trial) and measurements and guards (the noise scale, the divergence threshold).
+_NOT_COMPARED = ("log_every", "checkpoint", "distributed", "compile", "gns", "divergence_factor")
+
+
+def comparable(fp: str) -> str:
+    """A fingerprint without the settings that do not change the question, so that a study
+    fingerprinted by an earlier version (which compared some of them) still matches."""
+    d = json.loads(fp)
+    d["train"] = {k: v for k, v in d.get("train", {}).items() if k not in _NOT_COMPARED}
+    return json.dumps(d, sort_keys=True)
 
 
 def describe_difference(old: str, new: str) -> str:

@@ -33,8 +33,14 @@ class RunState:
     last_eval_step: int = 0
     best: dict[str, float] = field(default_factory=dict)
     evals: dict[str, float] = field(default_factory=dict)
-    target_step: int | None = None
+    # Steps and training time to the target, interpolated between evaluations (trainers.loop.crossing);
+    # the evaluation steps that bracket the crossing; (step, value, time) of the last evaluation short of it.
+    target_step: float | None = None
     target_time_s: float | None = None
+    target_bracket: list[int] | None = None
+    target_before: list[float] | None = None
+    # The first step's training loss: a loss far above it counts as a divergence.
+    initial_loss: float | None = None
     # (step, {metric: value}) in the order the sink received them
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     # The noise-scale cadence once chosen (trainers.gns.Cadence): a resumed run keeps it.
@@ -49,6 +55,9 @@ class RunState:
             "evals": dict(self.evals),
             "target_step": self.target_step,
             "target_time_s": self.target_time_s,
+            "target_bracket": self.target_bracket,
+            "target_before": self.target_before,
+            "initial_loss": self.initial_loss,
             "history": [(s, dict(v)) for s, v in self.history],
             "gns_every": self.gns_every,
         }
@@ -63,6 +72,9 @@ class RunState:
             evals=dict(d["evals"]),
             target_step=d["target_step"],
             target_time_s=d["target_time_s"],
+            target_bracket=d.get("target_bracket"),
+            target_before=d.get("target_before"),
+            initial_loss=d.get("initial_loss"),
             history=[(int(s), dict(v)) for s, v in d["history"]],
             gns_every=d.get("gns_every"),
         )

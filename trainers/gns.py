@@ -6,15 +6,15 @@ batch sizes B_small < B_big (appendix A.1):
     |G|²  ≈ (B_big·|G_big|² − B_small·|G_small|²) / (B_big − B_small)
     tr(Σ) ≈ (|G_small|² − |G_big|²) / (1/B_small − 1/B_big)
 
-Each estimate is unbiased but noisy; numerator and denominator are smoothed
-separately (bias-corrected EMAs) and divided only when read. Everything stays on
-the device: reading the values is the only host sync.
+Each estimate is unbiased but noisy; numerator and denominator are averaged separately
+over a window of steps and divided once (`ratio_of_means`). Measurements stay on the
+device until the loop's next logging point reads them back with the losses.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -39,62 +39,112 @@ def two_batch_estimates(
     return grad_sq, trace_sigma
 
 
-class NoiseScaleEMA:
-    """Bias-corrected exponential moving averages of |G|² and tr(Σ), kept on the device."""
+def ratio_of_means(grad_sq: Sequence[float], trace_sigma: Sequence[float]) -> tuple[float, float]:
+    """B_simple = mean(tr Σ)/mean(|G|²) over paired measurements, and its standard error.
 
-    def __init__(self, device: torch.device, beta: float = 0.95, population: int | None = None) -> None:
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta=}.")
+    The ratio of means, as in appendix A of McCandlish et al. (not the mean of noisy ratios).
+    The error is the delta method's, SE(t̄/ḡ) ≈ sqrt(Var(t − R·g)/n)/|ḡ| with R = t̄/ḡ, which
+    counts the correlation of the two estimates measured on the same batches. B_simple is NaN
+    when ḡ ≤ 0 (the gradient is not distinguishable from the noise); the error is NaN below
+    two measurements.
+    """
+    n = len(grad_sq)
+    if n != len(trace_sigma):
+        raise ValueError(f"need one tr(Σ) per |G|² estimate, got {n} and {len(trace_sigma)}.")
+    if n == 0:
+        return math.nan, math.nan
+    g_mean, t_mean = sum(grad_sq) / n, sum(trace_sigma) / n
+    if not g_mean > 0:
+        return math.nan, math.nan
+    ratio = t_mean / g_mean
+    if n < 2:
+        return ratio, math.nan
+    resid = [t - ratio * g for g, t in zip(grad_sq, trace_sigma, strict=True)]
+    mean_resid = sum(resid) / n
+    var = sum((r - mean_resid) ** 2 for r in resid) / (n - 1)
+    return ratio, math.sqrt(var / n) / g_mean
+
+
+class NoiseScaleWindow:
+    """The noise scale over training: every measurement kept, B_simple over a window of steps.
+
+    Each measuring step gives one two-batch estimate of |G|² and of tr(Σ) (unbiased, noisy,
+    either may be negative). They stay on the device until the loop's next logging point,
+    which reads them back with the losses (no extra host sync), and are then logged as they
+    are (`gns/grad_sq`, `gns/trace_sigma` at their step): negative and undefined reads included,
+    so that any window can be recomputed from the stores as a ratio of means. At an evaluation
+    the loop reads B_simple over the measurements of the last `window` training steps, with its
+    standard error (`ratio_of_means`): a window of steps, the same in every run of a sweep
+    whatever the measuring cadence, rather than an average over a number of measurements.
+    """
+
+    def __init__(self, device: torch.device, window: int, population: int | None = None) -> None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1 step, got {window=}.")
         if population is not None and population < 2:
             raise ValueError(f"population must be at least 2, got {population=}.")
-        self.beta = beta
+        self.window = window
         # Batches drawn without replacement from N examples: E|G_B|² = |G|² + tr(Σ)/B · (N−B)/(N−1).
         # The two-batch |G|² estimate is then low by tr(Σ)/(N−1) and tr(Σ) high by N/(N−1): corrected below.
         self.population = population
-        self._grad_sq = torch.zeros((), device=device)
-        self._trace = torch.zeros((), device=device)
-        # Weight of the EMA so far (1 − β^t), counted on device so skipped updates don't count.
-        self._weight = torch.zeros((), device=device)
-        self.updates = 0
+        self._device = device
+        self._pending_steps: list[int] = []
+        self._pending: list[torch.Tensor] = []  # |G|², tr(Σ) of each pending measurement, in turn
+        self._kept: list[tuple[int, float, float]] = []  # (step, |G|², tr Σ) within the window
 
-    def update(self, g_small_sq: torch.Tensor, g_big_sq: torch.Tensor, b_small: float, b_big: float) -> None:
+    def update(self, g_small_sq: torch.Tensor, g_big_sq: torch.Tensor, b_small: float, b_big: float, step: int) -> None:
+        """One measurement at `step` from the squared norms of the small and big batch's mean gradients."""
         grad_sq, trace = two_batch_estimates(g_small_sq, g_big_sq, b_small, b_big)
         assert isinstance(grad_sq, torch.Tensor) and isinstance(trace, torch.Tensor)
         n = self.population
         if n is not None and b_big < n:
             grad_sq = grad_sq + trace / n
             trace = trace * ((n - 1) / n)
-        # fp16 steps with overflowing gradients are skipped rather than poisoning the average.
-        ok = torch.isfinite(grad_sq) & torch.isfinite(trace)
-        b = self.beta
-        self._grad_sq = torch.where(ok, b * self._grad_sq + (1 - b) * grad_sq, self._grad_sq)
-        self._trace = torch.where(ok, b * self._trace + (1 - b) * trace, self._trace)
-        self._weight = torch.where(ok, b * self._weight + (1 - b), self._weight)
-        self.updates += 1
+        self._pending_steps.append(step)
+        self._pending += [grad_sq.float().reshape(()), trace.float().reshape(())]
 
-    def read(self) -> dict[str, float]:
-        """The smoothed values (a host sync: call at evaluation points only)."""
-        if self.updates == 0:
+    def pending(self) -> list[torch.Tensor]:
+        """The device values not read back yet: |G|², tr(Σ) of each measurement in turn."""
+        return self._pending
+
+    def receive(self, values: Sequence[float]) -> list[tuple[int, float, float]]:
+        """Take the host copies of `pending()`; return the (step, |G|², tr Σ) measurements to log.
+
+        Non-finite measurements (an fp16 step whose gradients overflowed) are dropped: they
+        are an overflow, not a read of the noise.
+        """
+        if len(values) != len(self._pending):
+            raise ValueError(f"expected {len(self._pending)} values for the pending measurements, got {len(values)}.")
+        rows = [
+            (step, float(values[2 * i]), float(values[2 * i + 1]))
+            for i, step in enumerate(self._pending_steps)
+            if math.isfinite(values[2 * i]) and math.isfinite(values[2 * i + 1])
+        ]
+        self._pending_steps, self._pending = [], []
+        self._kept += rows
+        return rows
+
+    def read(self, step: int) -> dict[str, float]:
+        """B_simple over the measurements in (step − window, step] and its standard error."""
+        self._kept = [m for m in self._kept if m[0] > step - self.window]
+        if not self._kept:
             return {}
-        w, g, t = torch.stack([self._weight, self._grad_sq, self._trace]).tolist()
-        if w <= 0:
-            return {}
-        g, t = g / w, t / w
-        out = {"gns/grad_sq": g, "gns/trace_sigma": t}
-        # |G|² can come out ≤ 0 early in training when the noise dominates; B_simple is then undefined.
-        if g > 0:
-            out["gns/b_simple"] = t / g
+        ratio, stderr = ratio_of_means([m[1] for m in self._kept], [m[2] for m in self._kept])
+        out: dict[str, float] = {}
+        if math.isfinite(ratio):
+            out["gns/b_simple"] = ratio
+        if math.isfinite(stderr):
+            out["gns/b_simple_se"] = stderr
         return out
 
     def state_dict(self) -> dict[str, object]:
-        return {"grad_sq": self._grad_sq, "trace": self._trace, "weight": self._weight, "updates": self.updates}
+        # Checkpoints are written at evaluation points, after the pending values were read back.
+        return {"window": [list(m) for m in self._kept]}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        for name in ("grad_sq", "trace", "weight"):
-            value = state[name]
-            assert isinstance(value, torch.Tensor)
-            setattr(self, f"_{name}", value.to(self._grad_sq.device))
-        self.updates = int(state["updates"])  # type: ignore[call-overload]
+        kept = state.get("window", [])  # a checkpoint of the older EMA estimator has none: start afresh
+        assert isinstance(kept, list)
+        self._kept = [(int(s), float(g), float(t)) for s, g, t in kept]
 
 
 class Cadence:

@@ -37,7 +37,7 @@ from trainers.device import (
     resolve_precision,
     seed_everything,
 )
-from trainers.gns import Cadence, NoiseScaleEMA, grad_sq_norm
+from trainers.gns import Cadence, NoiseScaleWindow, grad_sq_norm
 from trainers.recipes import build_task
 from trainers.schedule import lr_multiplier, scaled_lr
 from trainers.sharpness import top_hessian_eigenvalue
@@ -51,7 +51,7 @@ HIGHER_IS_BETTER = ("acc",)
 
 
 class Diverged(Exception):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite, or grew far above its initial value."""
 
 
 def is_oom_error(exc: BaseException) -> bool:
@@ -72,6 +72,27 @@ def target_reached(metric: str, value: float, target: float) -> bool:
     if any(metric.endswith(s) for s in HIGHER_IS_BETTER):
         return value >= target
     return value <= target
+
+
+def crossing(
+    before: tuple[float, float, float] | None, after: tuple[float, float, float], target: float
+) -> tuple[float, float]:
+    """(step, training time) at which a metric first reached `target`, between two evaluations.
+
+    `before` is (step, value, time) of the last evaluation short of the target (None: the target
+    was reached at the first one, with nothing to interpolate from), `after` the first at or past
+    it. The first evaluation past the target is on average half an evaluation interval late,
+    and most so for large batches, which take few steps: read as it is, it flattens steps
+    against batch size and biases B_crit low (Shallue et al. 2019 measure at every step). The
+    crossing is interpolated linearly between the two.
+    """
+    step, value, time_s = after
+    if before is None:
+        return float(step), float(time_s)
+    step0, value0, time0 = before
+    span = value - value0
+    frac = 1.0 if span == 0 else min(1.0, max(0.0, (target - value0) / span))
+    return step0 + frac * (step - step0), time0 + frac * (time_s - time0)
 
 
 def micro_batches(batch_size: int, micro_batch_size: int) -> list[tuple[int, int]]:
@@ -183,6 +204,8 @@ def train(
         "micro_batch_size": micro,
         "accum_steps": len(accum_plan),
         "effective_lr": lr,
+        # What `mem/peak_mb` measures: tensors on a GPU, or the whole process on a CPU.
+        "memory_measure": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
     }
     if W > 1:
         resolved["world_size"] = W
@@ -205,7 +228,10 @@ def train(
         )
         params = [p for p in model.parameters() if p.requires_grad]
         batcher = DeviceBatcher(task.num_train, B, device, seed=spec.seed)
-        noise = NoiseScaleEMA(device, beta=spec.gns_ema, population=task.num_train)
+        gns_window = spec.gns_window or 4 * spec.eval_every
+        noise = NoiseScaleWindow(device, gns_window, population=task.num_train)
+        if gns_on:
+            resolved["gns_window"] = gns_window
         scaler = precision.scaler
         autocast = precision.autocast
         loss_fn = task.loss_fn
@@ -261,6 +287,16 @@ def train(
         timer = StepTimer(device)
         single_pass = accum_plan == [(0, local_B)]
 
+        # A finite loss this many times its first value is a divergence too (None: only NaN/inf).
+        limit = spec.divergence_factor
+        if target is not None and state.step == 0:
+            # The target metric at initialization: the point the first crossing is interpolated from.
+            start = evaluate(task, task.val_x, task.val_y, autocast)
+            value = start.get(target[0].removeprefix("val/"))
+            if value is not None and target_reached(target[0], value, target[1]):
+                state.target_step, state.target_time_s, state.target_bracket = 0.0, 0.0, [0, 0]
+            elif value is not None:
+                state.target_before = [0, value, 0.0]
         n_buffered, first_buffered = 0, state.step + 1
         time_since = 0.0
         status, reason = "ok", ""
@@ -289,13 +325,22 @@ def train(
             if W > 1:
                 # One collective per flush: every process sees the global losses and diverges together.
                 distributed.all_reduce_mean([pending])
+            gns_pending = noise.pending()
+            if gns_pending:  # the noise-scale measurements since the last flush ride in the same copy
+                pending = torch.cat([pending, torch.stack(gns_pending)])
             values = pending.tolist()  # host sync: logging point
+            values, gns_values = values[:n_buffered], values[n_buffered:]
+            if state.initial_loss is None:
+                state.initial_loss = values[0]
             for i, v in enumerate(values):
-                if not math.isfinite(v):
+                if not math.isfinite(v) or (limit is not None and v > limit * state.initial_loss > 0):
                     n_buffered = 0
-                    raise Diverged(f"training loss became {v} at step {first_buffered + i}")
+                    what = f" (over {limit:g}× the initial {state.initial_loss:.4g})" if math.isfinite(v) else ""
+                    raise Diverged(f"training loss became {v:.4g} at step {first_buffered + i}{what}")
             emit_losses(first_buffered, values)
             emit(upto, {"lr": float(scheduler.get_last_lr()[0])})
+            for measured_step, grad_sq, trace in noise.receive(gns_values):
+                emit(measured_step, {"gns/grad_sq": grad_sq, "gns/trace_sigma": trace})
             n_buffered, first_buffered = 0, upto + 1
 
         t_mark = clock.now()
@@ -344,7 +389,7 @@ def train(
                 if scaler.is_enabled():
                     inv = 1.0 / scaler._scale.float() ** 2  # type: ignore[union-attr]  # device tensor: no sync
                     small_sq, big_sq = small_sq * inv, big_sq * inv
-                noise.update(small_sq, big_sq, plan[small_at][1], B)
+                noise.update(small_sq, big_sq, plan[small_at][1], B, step)
             scaler.step(optimizer)
             scaler.update()
             advance_lr()
@@ -382,16 +427,21 @@ def train(
             measured["perf/samples_per_s"] = steps_in_window * B / max(time_since, 1e-9)
             measured["perf/step_time_ms"] = 1000.0 * time_since / max(steps_in_window, 1)
             measured["mem/peak_mb"] = peak_memory_mb(device)
-            measured.update(noise.read())
+            measured.update(noise.read(step))
             state.last_eval_step = step
             time_since = 0.0
             for k, v in state.evals.items():
                 better = max if k.endswith(HIGHER_IS_BETTER) else min
                 state.best[k] = better(state.best.get(k, v), v)
-            if target is not None and state.target_step is None:
-                value = measured.get(target[0])
-                if value is not None and target_reached(target[0], value, target[1]):
-                    state.target_step, state.target_time_s = step, state.train_time
+            if target is not None and state.target_step is None and target[0] in measured:
+                point = (step, measured[target[0]], state.train_time)
+                if target_reached(target[0], point[1], target[1]):
+                    b = state.target_before
+                    before = (float(b[0]), float(b[1]), float(b[2])) if b is not None else None
+                    state.target_step, state.target_time_s = crossing(before, point, target[1])
+                    state.target_bracket = [int(before[0]) if before is not None else 0, step]
+                else:
+                    state.target_before = list(point)
             if record:
                 state.history.append((step, measured))
             keep_going = agree(sink.evaluated(step, measured))
@@ -430,9 +480,14 @@ def train(
     final["final/wall_s"] = time.perf_counter() - wall_start
     final["final/train_time_s"] = state.train_time
     if target is not None and state.target_step is not None:
+        # Interpolated between the evaluations around the crossing (`crossing`); the evaluations
+        # themselves bracket it: after `_low` steps it was not reached, after `_high` it was.
         final["final/steps_to_target"] = float(state.target_step)
         final["final/samples_to_target"] = float(state.target_step * B)
         final["final/time_to_target_s"] = float(state.target_time_s or 0.0)
+        if state.target_bracket is not None:
+            final["final/steps_to_target_low"] = float(state.target_bracket[0])
+            final["final/steps_to_target_high"] = float(state.target_bracket[1])
     elif target is not None and not reason:
         reason = f"target {target[0]}={target[1]} not reached in {state.step} steps"
     return TrainResult(status, reason, steps=state.step, final=final, best=state.best, resolved=resolved)  # type: ignore[arg-type]

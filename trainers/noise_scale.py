@@ -22,7 +22,7 @@ E|G_B|² = |G|² + tr(Σ)/B exactly, so both estimates are unbiased for the data
 G and Σ. Drawing without replacement (as training epochs do) would shrink the noise by
 the finite-population factor (N − B)/(N − 1) and bias |G|² low by tr(Σ)/(N − 1).
 
-The training loop measures the same quantity on the fly (`trainers.gns.NoiseScaleEMA`);
+The training loop measures the same quantity on the fly (`trainers.gns.NoiseScaleWindow`);
 this function is for a model someone hands you, e.g. a checkpoint.
 """
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from trainers.gns import grad_sq_norm, two_batch_estimates
+from trainers.gns import grad_sq_norm, ratio_of_means, two_batch_estimates
 from trainers.task import LossFn
 
 
@@ -216,12 +216,7 @@ def _summarize(grad_sq: torch.Tensor, trace: torch.Tensor, b_small: int, b_big: 
     g_mean, t_mean = float(grad_sq.mean()), float(trace.mean())
     g_se = float(grad_sq.std(correction=1)) / math.sqrt(n)
     t_se = float(trace.std(correction=1)) / math.sqrt(n)
-    if g_mean > 0:
-        ratio = t_mean / g_mean
-        # Linearizing t̄/ḡ around the means: its error is (t̄ − R·ḡ)/ḡ.
-        ratio_se = float((trace - ratio * grad_sq).std(correction=1)) / math.sqrt(n) / g_mean
-    else:
-        ratio, ratio_se = math.nan, math.nan
+    ratio, ratio_se = ratio_of_means(grad_sq.tolist(), trace.tolist())
     return NoiseScaleEstimate(
         b_simple=ratio,
         b_simple_stderr=ratio_se,

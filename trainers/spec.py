@@ -48,7 +48,10 @@ class TrainSpec:
     # `gns_budget` of the training time (without accumulation a measuring step splits its batch).
     gns_every: int | None = None
     gns_budget: float = 0.02
-    gns_ema: float = 0.95
+    # B_simple at an evaluation is over the measurements of this many last steps (None: 4 × eval_every).
+    gns_window: int | None = None
+    # A training loss above this many times its first value ends the run as diverged (None: only NaN/inf).
+    divergence_factor: float | None = 100.0
     sharpness: bool = True
     sharpness_iters: int = 20
     sharpness_tol: float = 1e-3
@@ -73,8 +76,10 @@ class TrainSpec:
             raise ValueError(f"gns_every must be at least 1 (or None to choose it), got {self.gns_every=}.")
         if not 0.0 < self.gns_budget <= 1.0:
             raise ValueError(f"gns_budget must be in (0, 1], got {self.gns_budget=}.")
-        if not 0.0 <= self.gns_ema < 1.0:
-            raise ValueError(f"gns_ema must be in [0, 1), got {self.gns_ema=}.")
+        if self.gns_window is not None and self.gns_window < 1:
+            raise ValueError(f"gns_window must be at least 1 step (None: 4 × eval_every), got {self.gns_window=}.")
+        if self.divergence_factor is not None and not self.divergence_factor > 1:
+            raise ValueError(f"divergence_factor must be above 1 (or None), got {self.divergence_factor=}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import socket
+import statistics
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -149,15 +150,18 @@ def test_only_rank_0_reports(ddp_out: Path) -> None:
 def test_noise_scale_is_measured_from_the_per_process_gradients(ddp_out: Path) -> None:
     # Single process, B=64: the first half (32) is the small batch, one sample of |G_small|².
     # Two processes: each process's 32 is a small batch and the two |G_small|² are averaged;
-    # the big batch is 64 in both. Same expectation, so close (measured: within 13%), not equal.
+    # the big batch is 64 in both. Same expectation, different draws: every step is measured
+    # in both, and the means over the run's 30 measurements agree within their sampling error.
     sink = RecordingSink()
     train(spec(gns=True), sink)
     history = record(ddp_out, "gns")["history"]
     assert [s for s, _ in history["gns/b_simple"]] == [10, 20, 30]
-    for key in ("gns/b_simple", "gns/grad_sq", "gns/trace_sigma"):
-        for (_, together), (_, alone) in zip(history[key], sink.history[key], strict=True):
-            assert math.isfinite(together) and together > 0, (key, together)
-            assert together == pytest.approx(alone, rel=0.25), key
+    for key in ("gns/grad_sq", "gns/trace_sigma"):
+        together, alone = [v for _, v in history[key]], [v for _, v in sink.history[key]]
+        assert [s for s, _ in history[key]] == [s for s, _ in sink.history[key]] == list(range(1, 31))
+        spread = (statistics.stdev(together) ** 2 / 30 + statistics.stdev(alone) ** 2 / 30) ** 0.5
+        assert abs(statistics.fmean(together) - statistics.fmean(alone)) < 3 * spread, key
+    assert all(math.isfinite(v) and v > 0 for _, v in history["gns/b_simple"])
     assert "gns/b_simple" not in record(ddp_out, "plain")["history"]
 
 

@@ -1,4 +1,4 @@
-"""The two-batch estimators and their EMA on inputs whose answer is known exactly.
+"""The two-batch estimators and their window over training on inputs whose answer is known exactly.
 
 For a batch mean of B i.i.d. per-example gradients, E|G_B|² = |G|² + tr(Σ)/B. Feeding
 that expectation at two batch sizes must give back |G|² and tr(Σ) exactly.
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainers.gns import NoiseScaleEMA, grad_sq_norm, two_batch_estimates
+from trainers.gns import NoiseScaleWindow, grad_sq_norm, ratio_of_means, two_batch_estimates
 
 CPU = torch.device("cpu")
 
@@ -77,72 +77,112 @@ def test_grad_sq_norm_without_any_gradient_raises() -> None:
         grad_sq_norm([nn.Parameter(torch.zeros(3))])
 
 
-def feed(noise: NoiseScaleEMA, grad_sq: float, trace_sigma: float, b_small: int = 4, b_big: int = 32) -> None:
+def feed(
+    noise: NoiseScaleWindow, step: int, grad_sq: float, trace_sigma: float, b_small: int = 4, b_big: int = 32
+) -> None:
     noise.update(
         torch.tensor(expected_sq_norm(grad_sq, trace_sigma, b_small)),
         torch.tensor(expected_sq_norm(grad_sq, trace_sigma, b_big)),
         b_small,
         b_big,
+        step,
     )
 
 
-def test_ema_after_one_update_reads_that_update() -> None:
-    # Bias correction: a single measurement is read back as is, not shrunk by (1 − β).
-    noise = NoiseScaleEMA(CPU, beta=0.9)
-    feed(noise, grad_sq=2.0, trace_sigma=50.0)
-    read = noise.read()
-    assert read["gns/grad_sq"] == pytest.approx(2.0, rel=1e-5)
-    assert read["gns/trace_sigma"] == pytest.approx(50.0, rel=1e-5)
-    assert read["gns/b_simple"] == pytest.approx(25.0, rel=1e-5)
+def read_back(noise: NoiseScaleWindow) -> list[tuple[int, float, float]]:
+    """What the loop does at a logging point: one copy of the pending values, handed back."""
+    pending = noise.pending()
+    return noise.receive(torch.stack(pending).tolist() if pending else [])
 
 
-def test_ema_smooths_numerator_and_denominator_separately() -> None:
-    # Two updates (|G|², tr Σ) = (1, 10) then (3, 10) at β = 0.5 weigh 1/3 and 2/3:
-    # |G|² = 7/3, tr Σ = 10, B_simple = 30/7 — not the EMA of the ratios 10 and 10/3.
-    noise = NoiseScaleEMA(CPU, beta=0.5)
-    feed(noise, grad_sq=1.0, trace_sigma=10.0)
-    feed(noise, grad_sq=3.0, trace_sigma=10.0)
-    read = noise.read()
-    assert read["gns/grad_sq"] == pytest.approx(7.0 / 3.0, rel=1e-5)
-    assert read["gns/trace_sigma"] == pytest.approx(10.0, rel=1e-5)
-    assert read["gns/b_simple"] == pytest.approx(30.0 / 7.0, rel=1e-5)
+def test_each_measurement_is_logged_as_measured_at_its_step() -> None:
+    # The raw two-batch estimates come back per measurement, negative |G|² included.
+    noise = NoiseScaleWindow(CPU, window=100)
+    feed(noise, 3, grad_sq=2.0, trace_sigma=50.0)
+    feed(noise, 7, grad_sq=-0.5, trace_sigma=10.0)
+    rows = read_back(noise)
+    assert [r[0] for r in rows] == [3, 7]
+    assert rows[0][1:] == pytest.approx((2.0, 50.0), rel=1e-5)
+    assert rows[1][1:] == pytest.approx((-0.5, 10.0), rel=1e-4)
+    assert noise.pending() == []
+
+
+def test_window_reads_the_ratio_of_means_of_its_steps() -> None:
+    # Measurements at steps 10, 20, 30 with window 15 at step 30: only 20 and 30 count, and
+    # B_simple = mean tr Σ / mean |G|² = (10 + 30)/(1 + 3) = 10, not the mean of 10 and 10.
+    noise = NoiseScaleWindow(CPU, window=15)
+    feed(noise, 10, grad_sq=5.0, trace_sigma=1.0)
+    feed(noise, 20, grad_sq=1.0, trace_sigma=10.0)
+    feed(noise, 30, grad_sq=3.0, trace_sigma=30.0)
+    read_back(noise)
+    read = noise.read(30)
+    assert read["gns/b_simple"] == pytest.approx(10.0, rel=1e-5)
+    # Both measurements sit exactly on the ratio: no spread around it, no error.
+    assert read["gns/b_simple_se"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_negative_reads_stay_in_the_means() -> None:
+    # A negative |G|² estimate is noise, not an error: dropping it would bias |G|² upwards.
+    noise = NoiseScaleWindow(CPU, window=100)
+    for step, g in enumerate([1.0, -0.5, 2.0, 1.5], start=1):
+        feed(noise, step, grad_sq=g, trace_sigma=40.0)
+    read_back(noise)
+    assert noise.read(4)["gns/b_simple"] == pytest.approx(40.0 / 1.0, rel=1e-4)
+
+
+def test_an_undefined_window_reads_no_b_simple() -> None:
+    # Mean |G|² ≤ 0 over the window: B_simple is undefined and not logged.
+    noise = NoiseScaleWindow(CPU, window=100)
+    feed(noise, 1, grad_sq=-1.0, trace_sigma=10.0)
+    feed(noise, 2, grad_sq=0.5, trace_sigma=10.0)
+    read_back(noise)
+    assert "gns/b_simple" not in noise.read(2)
 
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
-def test_ema_skips_non_finite_updates(bad: float) -> None:
-    # An fp16 step whose gradient overflowed leaves the averages and their weight as
-    # they were: the reading equals that of the finite updates alone.
-    clean = NoiseScaleEMA(CPU, beta=0.8)
-    noisy = NoiseScaleEMA(CPU, beta=0.8)
-    for grad_sq, trace in [(1.0, 10.0), (2.0, 30.0)]:
-        feed(clean, grad_sq, trace)
-        feed(noisy, grad_sq, trace)
-        noisy.update(torch.tensor(bad), torch.tensor(1.0), 4, 32)
-        noisy.update(torch.tensor(1.0), torch.tensor(bad), 4, 32)
-    assert noisy.read() == pytest.approx(clean.read(), rel=1e-6)
+def test_non_finite_measurements_are_dropped(bad: float) -> None:
+    # An fp16 step whose gradient overflowed is not a read of the noise.
+    noise = NoiseScaleWindow(CPU, window=100)
+    feed(noise, 1, grad_sq=1.0, trace_sigma=10.0)
+    noise.update(torch.tensor(bad), torch.tensor(1.0), 4, 32, 2)
+    assert [r[0] for r in read_back(noise)] == [1]
+    assert noise.read(2)["gns/b_simple"] == pytest.approx(10.0, rel=1e-5)
 
 
-def test_ema_with_only_non_finite_updates_reads_nothing() -> None:
-    # Nothing valid measured yet: no numbers rather than 0/0.
-    noise = NoiseScaleEMA(CPU)
-    noise.update(torch.tensor(math.nan), torch.tensor(1.0), 4, 32)
-    assert noise.read() == {}
+def test_nothing_measured_reads_nothing() -> None:
+    assert NoiseScaleWindow(CPU, window=10).read(5) == {}
 
 
-def test_ema_before_any_update_reads_nothing() -> None:
-    assert NoiseScaleEMA(CPU).read() == {}
+def test_the_window_survives_a_checkpoint() -> None:
+    noise = NoiseScaleWindow(CPU, window=100)
+    feed(noise, 1, grad_sq=1.0, trace_sigma=10.0)
+    feed(noise, 2, grad_sq=3.0, trace_sigma=50.0)
+    read_back(noise)
+    restored = NoiseScaleWindow(CPU, window=100)
+    restored.load_state_dict(noise.state_dict())
+    assert restored.read(2) == pytest.approx(noise.read(2))
 
 
-def test_ema_leaves_out_b_simple_when_grad_sq_is_not_positive() -> None:
-    # Early in training |G|² can come out ≤ 0; the parts are reported, the ratio is not.
-    noise = NoiseScaleEMA(CPU)
-    feed(noise, grad_sq=-0.5, trace_sigma=10.0)
-    read = noise.read()
-    assert read["gns/grad_sq"] == pytest.approx(-0.5, rel=1e-5)
-    assert "gns/b_simple" not in read
+@pytest.mark.parametrize(
+    ("grad_sq", "trace", "expected"),
+    [
+        ([1.0, 3.0], [10.0, 30.0], (10.0, 0.0)),
+        ([2.0], [8.0], (4.0, math.nan)),  # one measurement: no error
+        ([-1.0, 0.5], [5.0, 5.0], (math.nan, math.nan)),  # mean |G|² ≤ 0: undefined
+        ([], [], (math.nan, math.nan)),
+    ],
+)
+def test_ratio_of_means(grad_sq: list[float], trace: list[float], expected: tuple[float, float]) -> None:
+    got = ratio_of_means(grad_sq, trace)
+    assert got == pytest.approx(expected, nan_ok=True, abs=1e-12)
 
 
-@pytest.mark.parametrize("beta", [-0.1, 1.0, 1.5])
-def test_ema_rejects_beta_outside_unit_interval(beta: float) -> None:
-    with pytest.raises(ValueError, match=f"beta={beta}"):
-        NoiseScaleEMA(CPU, beta=beta)
+def test_ratio_of_means_stderr_is_the_delta_method() -> None:
+    # R = 10/2 = 5; residuals t − R·g = (-5, 5) about 0: s = sqrt(50), SE = s/sqrt(2)/2 = 2.5.
+    assert ratio_of_means([1.0, 3.0], [0.0, 20.0]) == pytest.approx((5.0, 2.5))
+
+
+@pytest.mark.parametrize("window", [0, -3])
+def test_window_must_be_positive(window: int) -> None:
+    with pytest.raises(ValueError, match=f"window={window}"):
+        NoiseScaleWindow(CPU, window=window)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainers.loop import micro_batches, train
+from trainers.loop import crossing, micro_batches, train
 from trainers.spec import RecordingSink, TrainSpec
 
 OPTS = {"num_samples": 1200}
@@ -88,7 +88,9 @@ def test_huge_learning_rate_diverges_instead_of_crashing() -> None:
 def test_stop_at_target_ends_early() -> None:
     result = train(spec(max_steps=400, eval_every=10, target_metric="val/acc", target_value=0.15, stop_at_target=True))
     assert result.status == "ok"
-    assert result.steps == result.final["final/steps_to_target"] < 400
+    # It stops at the evaluation past the target; the crossing is interpolated before it.
+    assert result.steps == result.final["final/steps_to_target_high"] < 400
+    assert result.final["final/steps_to_target_low"] <= result.final["final/steps_to_target"] <= result.steps
 
 
 def test_sink_can_stop_the_run() -> None:
@@ -199,3 +201,49 @@ def test_the_optimizer_is_fused_on_cpu_and_steps_like_torchs_default(optimizer: 
             opt.step()
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "target", "expected"),
+    [
+        ((50, 0.40, 1.0), (100, 0.60, 2.0), 0.50, (75.0, 1.5)),  # half-way in value: half-way in steps and time
+        ((50, 0.40, 1.0), (100, 0.60, 2.0), 0.60, (100.0, 2.0)),  # reached exactly at the evaluation
+        ((50, 2.0, 1.0), (100, 1.0, 3.0), 1.5, (75.0, 2.0)),  # a loss target, reached from above
+        (None, (100, 0.60, 2.0), 0.50, (100.0, 2.0)),  # nothing to interpolate from
+        ((50, 0.40, 1.0), (100, 0.40, 2.0), 0.40, (100.0, 2.0)),  # flat: the evaluation itself
+    ],
+)
+def test_crossing_interpolates_between_the_evaluations_around_it(
+    before: tuple[float, float, float] | None, after: tuple[float, float, float], target: float, expected: tuple
+) -> None:
+    assert crossing(before, after, target) == pytest.approx(expected)
+
+
+def test_steps_to_target_do_not_depend_on_the_evaluation_cadence() -> None:
+    # The same run (same seed, no noise-scale steps) evaluated every 5 and every 50 steps: the
+    # interpolated crossings agree within 10% (seen: 79.3 and 81.6), while the first evaluation
+    # past the target (the old reading) is at 80 and 100. The evaluations bracket the crossing.
+    results = {}
+    for every in (5, 50):
+        s = spec(
+            recipe_options={"num_samples": 4000}, batch_size=256, lr=0.3, max_steps=300, eval_every=every,
+            gns=False, sharpness=False, target_metric="val/acc", target_value=0.5, stop_at_target=True,
+        )  # fmt: skip
+        results[every] = train(s, RecordingSink()).final
+    fine, coarse = results[5], results[50]
+    assert coarse["final/steps_to_target"] == pytest.approx(fine["final/steps_to_target"], rel=0.10)
+    for final in (fine, coarse):
+        low, high = final["final/steps_to_target_low"], final["final/steps_to_target_high"]
+        assert low <= final["final/steps_to_target"] <= high
+        assert final["final/samples_to_target"] == pytest.approx(256 * final["final/steps_to_target"])
+        assert 0 < final["final/time_to_target_s"] <= final["final/train_time_s"]
+    assert coarse["final/steps_to_target_high"] - coarse["final/steps_to_target"] > 10
+
+
+@pytest.mark.parametrize(("factor", "reason"), [(100.0, "over 100× the initial"), (None, "nan")])
+def test_a_loss_that_explodes_is_a_divergence(factor: float | None, reason: str) -> None:
+    # SGD far above the stable learning rate: the loss grows geometrically. With the default
+    # factor it stops while still finite (a loss of 1e18 is not a result); without, at NaN/inf.
+    result = train(spec(lr=50.0, momentum=0.0, max_steps=400, divergence_factor=factor), RecordingSink())
+    assert result.status == "diverged"
+    assert reason in result.reason or (factor is None and "inf" in result.reason)
