@@ -2,29 +2,56 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import optuna
 import pandas as pd
+from scipy import stats
 
-from analysis import tables
-from analysis.fits import CriticalBatchFit, PowerLawFit, fit_critical_batch, fit_lr_exponent
+from analysis import noise, tables
+from analysis.fits import CriticalBatchFit, LrLawFit, PowerLawFit, fit_critical_batch, fit_lr_exponent, fit_lr_law
 from analysis.load import SweepData
+from analysis.noise import NoiseEstimate
 
 NOISE_KEY = "gns/b_simple"
+# A batch size whose fastest run crossed the target by its second evaluation has few points
+# around the crossing: its steps to target rest on one interpolation from the start.
+FEW_EVALUATIONS = 2
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """value = a/b with an approximate interval from the two estimates' log-scale errors."""
+
+    value: float
+    low: float
+    high: float
+    confidence: float
+
+    @property
+    def includes_one(self) -> bool:
+        return self.low <= 1.0 <= self.high
 
 
 @dataclass(frozen=True)
 class NoiseScaleSummary:
-    """B_simple at the best learning rate of each batch size, in examples (median over runs)."""
+    """B_simple (examples) read from every logged measurement (analysis.noise), pooled over runs.
 
-    early: float  # first measurement of each run
-    late: float  # median over the last quarter of each run
-    low: float  # smallest per-run late value
-    high: float  # largest per-run late value
-    n_runs: int
+    early: the first `window` steps of the best-lr runs; late: the last quarter of each of them;
+    near_target: the second half of the way to the target (steps S/2 to S) of the runs that
+    reached it fastest, the runs the critical batch size is fitted to; per_batch: each batch
+    size's best-lr runs over their last quarter. `vs_b_crit` is B_crit / B_simple near the target.
+    """
+
+    window: float
+    early: NoiseEstimate
+    late: NoiseEstimate
+    near_target: NoiseEstimate | None
+    per_batch: dict[int, NoiseEstimate]
+    vs_b_crit: Ratio | None
 
 
 @dataclass(frozen=True)
@@ -38,9 +65,17 @@ class SweepAnalysis:
     fastest: pd.DataFrame  # tables.fastest_to_target, per batch size
     target_points: pd.DataFrame  # the runs behind `fastest`
     critical_batch: CriticalBatchFit | None
+    # How steps to target were read: "interpolated" between the evaluations around the crossing,
+    # or "first evaluation" (stores from before interpolation: on average half an interval late).
+    target_reading: str
+    few_evaluations: list[int]  # batch sizes whose fastest run crossed by its FEW_EVALUATIONS-th evaluation
     lr_scaling: PowerLawFit | None
+    lr_law: LrLawFit | None
+    lr_rule: str  # the sweep's lr scaling rule: the fits use the effective lr when it is not "none"
+    lr_edges: dict[int, str]  # batch size -> "lowest" / "highest" / "only": best lr not bracketed
     run_costs: pd.DataFrame
     noise_scale: NoiseScaleSummary | None
+    noise_note: str  # why noise_scale is missing, when it is
     importances: dict[str, float] | None
     importance_note: str  # why importances are missing, when they are
     best_trial: pd.Series | None  # row of trial_summary
@@ -80,24 +115,106 @@ def _best_trial(summary: pd.DataFrame, score: str, minimize: bool) -> pd.Series 
     return order.iloc[0]
 
 
-def _noise_scale(history: pd.DataFrame, run_ids: list[str]) -> NoiseScaleSummary | None:
-    rows = history[(history["key"] == NOISE_KEY) & history["run_id"].isin(run_ids)]
-    rows = rows[np.isfinite(rows["value"].to_numpy(dtype=float)) & (rows["value"] > 0)]
-    if rows.empty:
-        return None
-    early, late = [], []
-    for _, run in rows.groupby("run_id", observed=True):
-        run = run.sort_values("step")
-        early.append(float(run["value"].iloc[0]))
-        last_quarter = run["step"] >= run["step"].min() + 0.75 * (run["step"].max() - run["step"].min())
-        late.append(float(run.loc[last_quarter, "value"].median()))
-    return NoiseScaleSummary(
-        early=float(np.median(early)),
-        late=float(np.median(late)),
-        low=float(np.min(late)),
-        high=float(np.max(late)),
-        n_runs=len(late),
+def _run_ids_of(trials: pd.DataFrame, points: pd.DataFrame) -> dict[str, float]:
+    """Run id -> steps to target, for the (trial, seed) rows of `points`."""
+    if points.empty:
+        return {}
+    runs = trials.dropna(subset=["run_id"])[["trial", "seed", "run_id"]].merge(
+        points[["trial", "seed", tables.STEPS]], on=["trial", "seed"]
     )
+    return {str(r): float(s) for r, s in zip(runs["run_id"], runs[tables.STEPS], strict=True)}
+
+
+def ratio_interval(
+    numerator: float, log_se_numerator: float, denominator: float, log_se_denominator: float, confidence: float
+) -> Ratio | None:
+    """numerator/denominator with a normal interval on the log scale (independent errors)."""
+    if not (numerator > 0 and denominator > 0 and math.isfinite(log_se_numerator + log_se_denominator)):
+        return None
+    z = float(stats.norm.ppf((1 + confidence) / 2))
+    value = numerator / denominator
+    half = z * math.hypot(log_se_numerator, log_se_denominator)
+    return Ratio(value, value * math.exp(-half), value * math.exp(half), confidence)
+
+
+def _vs_b_crit(fit: CriticalBatchFit | None, near: NoiseEstimate | None) -> Ratio | None:
+    if fit is None or near is None or fit.at_search_edge or not near.defined:
+        return None
+    # The bootstrap interval of B_crit as a log-scale standard error (it is roughly symmetric in log B).
+    z = float(stats.norm.ppf((1 + fit.confidence) / 2))
+    log_se = (math.log(fit.b_crit_high) - math.log(fit.b_crit_low)) / (2 * z)
+    return ratio_interval(fit.b_crit, log_se, near.b_simple, near.log_stderr(), fit.confidence)
+
+
+def _noise_scale(
+    sweep: SweepData, best_runs: dict[int, list[str]], points: pd.DataFrame, fit: CriticalBatchFit | None
+) -> tuple[NoiseScaleSummary | None, str]:
+    recorded = noise.recorded(sweep.trials)
+    all_best = [r for runs in best_runs.values() for r in runs]
+    raw = noise.measurements(sweep.history, [r for r in all_best if r in recorded])
+    if raw.empty:
+        if not noise.measurements(sweep.history, all_best).empty:
+            return None, (
+                "This sweep was recorded before batchscope logged each noise-scale measurement: its smoothed "
+                "values carry no uncertainty, so no noise scale is reported."
+            )
+        return None, "No gradient noise scale was measured at the best learning rates."
+    best = list(raw["run_id"].unique())
+    window = noise.window_of(sweep.trials, best) or float(raw["step"].max())
+    last = raw.groupby("run_id")["step"].transform("max")
+    late = raw[raw["step"] > 0.75 * last]
+    near = None
+    to_target = {r: s for r, s in _run_ids_of(sweep.trials, points).items() if r in recorded}
+    if to_target:
+        fastest = noise.measurements(sweep.history, list(to_target))
+        near = noise.estimate(noise.between(fastest, {r: (s / 2, s) for r, s in to_target.items()}))
+    per_batch = {int(b): noise.estimate(late[late["batch_size"] == b]) for b in sorted(late["batch_size"].unique())}
+    summary = NoiseScaleSummary(
+        window=window,
+        early=noise.estimate(raw[raw["step"] <= window]),
+        late=noise.estimate(late),
+        near_target=near,
+        per_batch=per_batch,
+        vs_b_crit=_vs_b_crit(fit, near),
+    )
+    return summary, ""
+
+
+def _few_evaluations(trials: pd.DataFrame, points: pd.DataFrame) -> list[int]:
+    """Batch sizes whose fastest runs crossed the target by their FEW_EVALUATIONS-th evaluation."""
+    if points.empty or "eval_every" not in trials or "final/steps_to_target_high" not in trials:
+        return []
+    runs = trials.dropna(subset=["run_id"]).merge(points[["trial", "seed"]], on=["trial", "seed"])
+    evals = runs["final/steps_to_target_high"] / pd.to_numeric(runs["eval_every"], errors="coerce")
+    return sorted({int(b) for b, n in zip(runs["batch_size"], evals, strict=True) if n <= FEW_EVALUATIONS})
+
+
+def _lr_column(summary: pd.DataFrame) -> tuple[str, str]:
+    """("effective_lr", rule) when a scaling rule sets the lr from the batch size, else ("lr", "none")."""
+    rules = summary["lr_scaling"].dropna().astype(str).unique() if "lr_scaling" in summary else []
+    rule = rules[0] if len(rules) == 1 else "none"
+    if rule != "none" and "effective_lr" in summary and summary["effective_lr"].notna().any():
+        return "effective_lr", rule
+    return "lr", "none"
+
+
+def _lr_edges(summary: pd.DataFrame, best_lr: pd.DataFrame) -> dict[int, str]:
+    """Batch sizes whose best lr is the lowest or highest tried there: its optimum is not bracketed.
+
+    Every trial that trained counts as tried (a diverged one at a higher lr brackets the optimum
+    from above); only crashes do not.
+    """
+    ran = summary[summary["status"].isin(["ok", "pruned", "diverged", "oom"])] if "status" in summary else summary
+    edges = {}
+    for row in best_lr.itertuples():
+        tried = ran.loc[ran["batch_size"] == row.batch_size, "lr"].to_numpy(dtype=float)
+        if tried.size < 2:
+            edges[int(row.batch_size)] = "only"
+        elif row.lr <= tried.min():
+            edges[int(row.batch_size)] = "lowest"
+        elif row.lr >= tried.max():
+            edges[int(row.batch_size)] = "highest"
+    return edges
 
 
 def _importances(study: optuna.Study) -> tuple[dict[str, float] | None, str]:
@@ -144,9 +261,14 @@ def analyze(sweep: SweepData) -> SweepAnalysis:
             points[tables.STEPS].to_numpy(dtype=float),
             samples_to_target=points[tables.SAMPLES].to_numpy(dtype=float),
         )
-    lr_scaling = None
+    lr_column, lr_rule = _lr_column(summary)
+    lr_scaling = lr_law = None
     if not best_lr.empty:
-        lr_scaling = fit_lr_exponent(best_lr["batch_size"].to_numpy(dtype=float), best_lr["lr"].to_numpy(dtype=float))
+        best_lrs = summary.set_index("trial").loc[best_lr["trial"], lr_column].to_numpy(dtype=float)
+        batch_sizes = best_lr["batch_size"].to_numpy(dtype=float)
+        lr_scaling = fit_lr_exponent(batch_sizes, best_lrs)
+        lr_law = fit_lr_law(batch_sizes, best_lrs)
+    noise_summary, noise_note = _noise_scale(sweep, best_runs, points, critical)
     importances, importance_note = _importances(sweep.study)
     best_trial = _best_trial(summary, score, minimize)
     status_counts = trials.dropna(subset=["run_id"])["status"].value_counts().to_dict() if len(trials) else {}
@@ -160,9 +282,15 @@ def analyze(sweep: SweepData) -> SweepAnalysis:
         fastest=fastest,
         target_points=points,
         critical_batch=critical,
+        target_reading="interpolated" if "final/steps_to_target_low" in trials else "first evaluation",
+        few_evaluations=_few_evaluations(trials, points),
         lr_scaling=lr_scaling,
+        lr_law=lr_law,
+        lr_rule=lr_rule,
+        lr_edges=_lr_edges(summary, best_lr),
         run_costs=tables.run_costs(sweep.history),
-        noise_scale=_noise_scale(sweep.history, [r for ids in best_runs.values() for r in ids]),
+        noise_scale=noise_summary,
+        noise_note=noise_note,
         importances=importances,
         importance_note=importance_note,
         best_trial=best_trial,

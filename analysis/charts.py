@@ -3,6 +3,7 @@ labelled "not enough data" panel for whatever is missing instead of failing."""
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,8 +16,8 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from analysis import style, tables
-from analysis.analyze import NOISE_KEY, SweepAnalysis
+from analysis import noise, style, tables
+from analysis.analyze import SweepAnalysis
 from analysis.fits import CriticalBatchFit
 from analysis.load import SweepData
 from analysis.style import BatchColors, ImageFormat
@@ -209,49 +210,50 @@ def steps_to_target(sweep: SweepData, result: SweepAnalysis, colors: BatchColors
 
 def noise_scale(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) -> Figure:
     fig, axes = style.figure(2)
-    history = sweep.history
-    run_ids = [r for runs in result.best_runs.values() for r in runs]
-    rows = history[(history["key"] == NOISE_KEY) & history["run_id"].isin(run_ids)]
-    rows = rows[np.isfinite(rows["value"].to_numpy(dtype=float)) & (rows["value"] > 0)]
+    history, summary = sweep.history, result.noise_scale
     title_steps, title_loss = "Noise scale B_simple over training", "Noise scale vs validation loss"
-    if rows.empty:
+    if summary is None:
         for ax, title in zip(axes, (title_steps, title_loss), strict=True):
-            style.empty_panel(ax, title, f"Not enough data: no '{NOISE_KEY}' history\nat the best learning rates.")
+            style.empty_panel(ax, title, "Not enough data:\n" + textwrap.fill(result.noise_note, 48))
         return fig
+    run_ids = [r for runs in result.best_runs.values() for r in runs]
+    windows = noise.over_training(noise.measurements(history, run_ids), summary.window)
+    windows = windows[np.isfinite(windows["b_simple"].to_numpy(dtype=float)) & (windows["b_simple"] > 0)]
 
     ax = axes[0]
-    for b, runs in result.best_runs.items():
-        curve = tables.seed_curve(history, runs, NOISE_KEY, max_points=MAX_CURVE_POINTS)
-        curve = curve[curve["mean"] > 0]
-        if curve.empty:
-            continue
-        ax.plot(curve["step"], curve["mean"], color=colors(b), lw=1.4)
-        if (curve["n_runs"] > 1).any():
-            ax.fill_between(curve["step"], curve["low"], curve["high"], color=colors(b), alpha=0.18, lw=0)
+    for (_, b), run in windows.groupby(["run_id", "batch_size"], observed=True):
+        run = run.sort_values("step")
+        se = run["stderr"].fillna(0.0).to_numpy(dtype=float)
+        value = run["b_simple"].to_numpy(dtype=float)
+        ax.plot(run["step"], value, color=colors(float(b)), lw=1.4, marker="o", ms=2.5)
+        ax.fill_between(run["step"], np.maximum(value - se, value * 0.05), value + se, color=colors(float(b)),
+                        alpha=0.18, lw=0)  # fmt: skip
     _b_crit_band(ax, result.critical_batch, vertical=False)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer steps")
-    ax.set_ylabel("B_simple [examples]")
-    ax.set_title(title_steps)
+    ax.set_xlabel("optimizer steps (end of each window)")
+    ax.set_ylabel("B_simple [examples], ± 1 s.e.")
+    ax.set_title(f"{title_steps} (windows of {number(summary.window)} steps)")
     if result.critical_batch is not None:
         ax.legend(loc="lower right")
 
     ax = axes[1]
-    val = history[(history["key"] == "val/loss") & history["run_id"].isin(run_ids)]
-    paired = rows.merge(val[["run_id", "step", "value"]], on=["run_id", "step"], suffixes=("", "_val"))
-    paired = paired[np.isfinite(paired["value_val"].to_numpy(dtype=float))]
+    val = history[(history["key"] == "val/loss") & history["run_id"].isin(run_ids)][["run_id", "step", "value"]]
+    val = val.rename(columns={"value": "val_loss"}).astype({"run_id": str})
+    paired = windows.astype({"run_id": str}).merge(val, on=["run_id", "step"])
+    paired = paired[np.isfinite(paired["val_loss"].to_numpy(dtype=float))]
     if paired.empty:
-        style.empty_panel(ax, title_loss, "Not enough data: no 'val/loss' logged\nat the noise-scale steps.")
+        note = "Not enough data: no 'val/loss' logged\nat the ends of the noise-scale windows."
+        style.empty_panel(ax, title_loss, note)
         return fig
     for b, group in paired.groupby("batch_size", observed=True):
-        group = group.sort_values("step")
-        ax.scatter(group["value_val"], group["value"], s=10, alpha=0.6, color=colors(float(b)))
+        ax.errorbar(group["val_loss"], group["b_simple"], yerr=group["stderr"].fillna(0.0), fmt="o", ms=3,
+                    alpha=0.7, lw=0.8, color=colors(float(b)))  # fmt: skip
     _b_crit_band(ax, result.critical_batch, vertical=False)
     ax.set_yscale("log")
     ax.invert_xaxis()  # training moves to lower loss: read left to right
     ax.set_xlabel("validation loss (training proceeds →)")
-    ax.set_ylabel("B_simple [examples]")
+    ax.set_ylabel("B_simple [examples], ± 1 s.e.")
     ax.set_title(title_loss)
     return fig
 
@@ -274,7 +276,7 @@ def _lr_rows(lrs: np.ndarray) -> tuple[np.ndarray, list[str]]:
 def lr_batch(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) -> Figure:
     fig, axes = style.figure(2)
     summary = _finite(result.trial_summary, "batch_size", "lr")
-    heat_title = "Objective per lr × batch size  (★ best per B, × no value)"
+    heat_title = "Objective per lr × batch size  (★ best per B; ○ ×, –: see caption)"
     ax = axes[0]
     if summary.empty:
         style.empty_panel(ax, heat_title, "Not enough data: no trial has\na batch size and a learning rate.")
@@ -288,41 +290,39 @@ def lr_batch(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) -> Fi
     if best.empty:
         style.empty_panel(ax, title, f"Not enough data: {NO_BEST_LR}")
         return fig
-    ax.scatter(summary["batch_size"], summary["lr"], s=10, color="0.75", label="tried", zorder=2)
+    # The fits are of the effective lr when a scaling rule sets it from the batch size: so is the axis.
+    lr_col = "effective_lr" if result.lr_rule != "none" else "lr"
+    best_lrs = summary.set_index("trial").loc[best["trial"], lr_col].to_numpy(dtype=float)
+    ax.scatter(summary["batch_size"], summary[lr_col], s=10, color="0.75", label="tried", zorder=2)
     ax.scatter(
         best["batch_size"],
-        best["lr"],
+        best_lrs,
         s=60,
         edgecolor="white",
         zorder=4,
         c=[colors(b) for b in best["batch_size"]],
         label="best lr per B",
     )
-    fit = result.lr_scaling
     b = best["batch_size"].to_numpy(dtype=float)
     grid = np.geomspace(b.min() / 1.5, b.max() * 1.5, 100)
-    if fit is not None:
-        pivot_b = float(np.exp(np.log(b).mean()))
-        pivot_lr = float(fit.predict([pivot_b])[0])
-        label = f"fit α = {fit.exponent:.2f}"
-        if np.isfinite(fit.exponent_low):
-            label += f" [{fit.exponent_low:.2f}, {fit.exponent_high:.2f}]"
-            ax.fill_between(
-                grid,
-                pivot_lr * (grid / pivot_b) ** fit.exponent_low,
-                pivot_lr * (grid / pivot_b) ** fit.exponent_high,
-                color=style.FIT_COLOR,
-                alpha=0.10,
-                lw=0,
-            )
-        ax.plot(grid, fit.predict(grid), color=style.FIT_COLOR, lw=1.6, label=label)
-        for alpha, ls, name in ((1.0, "--", "linear, α = 1"), (0.5, ":", "square root, α = 0.5")):
-            ax.plot(grid, pivot_lr * (grid / pivot_b) ** alpha, color=style.REFERENCE_COLOR, ls=ls, lw=1.1, label=name)
-    else:
+    edges = [int(x) in result.lr_edges for x in b]
+    if any(edges):
+        ax.scatter(b[edges], best_lrs[edges], s=150, facecolors="none",
+                   edgecolors="0.3", lw=1.0, zorder=5, label="best at the edge of what was tried")  # fmt: skip
+    law, power = result.lr_law, result.lr_scaling
+    if law is not None:
+        label = f"ε_max/(1 + B_*/B), B_* ≈ {number(law.b_star)}"
+        ax.plot(grid, law.predict(grid), color=style.FIT_COLOR, lw=1.8, label=label)
+        if not law.at_search_edge:
+            ax.axvspan(law.b_star_low, law.b_star_high, color=style.FIT_COLOR, alpha=0.08, lw=0)
+    if power is not None:
+        ax.plot(grid, power.predict(grid), color=style.REFERENCE_COLOR, ls="--",
+                lw=1.0, label=f"one power law B^{power.exponent:.2f}")  # fmt: skip
+    if law is None and power is None:
         ax.text(
             0.03,
             0.04,
-            "α not fitted: one batch size",
+            "lr law not fitted: one batch size",
             transform=ax.transAxes,
             fontsize=8,
             color=style.EMPTY_COLOR,
@@ -330,10 +330,20 @@ def lr_batch(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) -> Fi
         )
     _batch_axis(ax, summary["batch_size"])
     ax.set_yscale("log")
-    ax.set_ylabel("learning rate (base)")
+    ax.set_ylabel("learning rate" if result.lr_rule == "none" else f"effective lr ({result.lr_rule} scaling)")
     ax.set_title(title)
     ax.legend(loc="best")
     return fig
+
+
+def _memory_label(trials: pd.DataFrame) -> str:
+    """What `mem/peak_mb` measured, as the trainer logged it (`memory_measure`)."""
+    kinds = set(trials["memory_measure"].dropna().astype(str)) if "memory_measure" in trials else set()
+    if kinds == {"cuda_max_allocated"}:
+        return "peak CUDA memory allocated [MB]"
+    if kinds == {"process_peak_rss"}:
+        return "peak resident memory of the whole process [MB]\n(CPU: runtime and data too, not the model alone)"
+    return "peak memory [MB] (CUDA: allocated; CPU: whole process)"
 
 
 def _heatmap(ax: Axes, fig: Figure, summary: pd.DataFrame, result: SweepAnalysis) -> None:
@@ -341,13 +351,16 @@ def _heatmap(ax: Axes, fig: Figure, summary: pd.DataFrame, result: SweepAnalysis
     col = np.searchsorted(batch_sizes, summary["batch_size"].to_numpy(dtype=int))
     row, labels = _lr_rows(summary["lr"].to_numpy(dtype=float))
     score = summary[result.score].to_numpy(dtype=float)
+    statuses = summary["status"].astype(str).to_numpy() if "status" in summary else np.full(len(summary), "")
     grid = np.full((len(labels), len(batch_sizes)), np.nan)
-    tried = np.zeros_like(grid, dtype=bool)
+    marks: dict[tuple[int, int], str] = {}
     pick = np.fmin if result.minimize else np.fmax
-    for r, c, s in zip(row, col, score, strict=True):
-        tried[r, c] = True
+    for r, c, s, status in zip(row, col, score, statuses, strict=True):
         if np.isfinite(s):
             grid[r, c] = s if np.isnan(grid[r, c]) else pick(grid[r, c], s)
+        elif (r, c) not in marks or status == "ok":
+            # Completed without a value (the target never reached) is its own mark, not a failure.
+            marks[(r, c)] = "○" if status == "ok" else "–" if status == "pruned" else "×"
     finite = grid[np.isfinite(grid)]
     norm: Normalize
     if finite.size and (finite > 0).all() and finite.max() / finite.min() > 10:
@@ -357,9 +370,10 @@ def _heatmap(ax: Axes, fig: Figure, summary: pd.DataFrame, result: SweepAnalysis
     cmap = "magma_r" if result.minimize else "magma"
     mesh = ax.pcolormesh(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, edgecolors="white", lw=0.5)
     fig.colorbar(mesh, ax=ax, label=result.score_label, fraction=0.05, pad=0.02)
-    # Tried but no objective (diverged, failed, pruned): a cross, so it is not read as "untried".
-    for r, c in zip(*np.nonzero(tried & ~np.isfinite(grid)), strict=True):
-        ax.text(c + 0.5, r + 0.5, "×", ha="center", va="center", color="0.5", fontsize=11)
+    # Tried but no objective value: marked, so it is not read as "untried".
+    for (r, c), mark in marks.items():
+        if not np.isfinite(grid[r, c]):
+            ax.text(c + 0.5, r + 0.5, mark, ha="center", va="center", color="0.5", fontsize=11)
     if finite.size:
         best_rows = (np.nanargmin if result.minimize else np.nanargmax)(
             np.where(np.isfinite(grid), grid, np.inf if result.minimize else -np.inf), axis=0
@@ -468,7 +482,7 @@ def cost(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) -> Figure
     costs = result.run_costs
     for ax, column, title, y_label in (
         (axes[0], "samples_per_s", "Throughput vs batch size", "throughput [examples/s]"),
-        (axes[1], "peak_mb", "Peak memory vs batch size", "peak memory [MB]"),
+        (axes[1], "peak_mb", "Peak memory vs batch size", _memory_label(sweep.trials)),
     ):
         shown = _finite(costs, "batch_size", column)
         if shown.empty:
@@ -654,7 +668,8 @@ CHARTS: tuple[_Spec, ...] = (
         "steps-to-target",
         "Steps and examples to target",
         "Per batch size, the learning rate that reached the target in the fewest steps (small "
-        "dots: seeds). Dotted: perfect scaling (slope −1 for steps, flat for examples). Red: "
+        "dots: seeds; steps interpolated between the evaluations around the crossing). Dotted: "
+        "perfect scaling (slope −1 for steps, flat for examples). Red: "
         "S(B) = S_min(1 + B_crit/B) and E(B) = E_min(1 + B/B_crit) fitted together "
         "(McCandlish et al. 2018), with B_crit and its 95% bootstrap interval.",
         steps_to_target,
@@ -662,17 +677,21 @@ CHARTS: tuple[_Spec, ...] = (
     _Spec(
         "noise-scale",
         "Gradient noise scale",
-        "B_simple = tr(Σ)/|G|² at the best learning rate of each batch size, over training "
-        "(left) and against validation loss (right). The red line is the B_crit fitted from "
-        "steps to target: the two estimate the same batch size.",
+        "B_simple = tr(Σ)/|G|² at the best learning rate of each batch size, over consecutive "
+        "windows of training steps (left) and against validation loss at each window's end (right): "
+        "the ratio of the mean |G|² and tr Σ of every measurement in the window (negative ones "
+        "included), band and bars ± 1 standard error. Red: the B_crit fitted from steps to target, "
+        "which McCandlish et al. predict to be close to the noise scale.",
         noise_scale,
     ),
     _Spec(
         "lr-batch",
         "Learning rate × batch size",
-        "Left: best objective per cell (learning rates binned when not on a grid). Right: the "
-        "best learning rate per batch size, the fitted lr* ∝ B^α with its 95% interval, and "
-        "the linear (α = 1) and square-root (α = 0.5) rules through the same middle point.",
+        "Left: best objective per cell (learning rates binned when not on a grid; ★ best per batch "
+        "size, ○ completed without reaching the target, × diverged, out of memory or failed, – pruned). "
+        "Right: the best learning rate per batch size (the effective lr when a scaling rule is set; "
+        "open rings: the best is at the edge of what was tried), McCandlish et al.'s law "
+        "ε_max/(1 + B_*/B) with its knee B_* and 95% interval, and one power law for comparison.",
         lr_batch,
     ),
     _Spec(

@@ -13,12 +13,10 @@ import numpy as np
 import pandas as pd
 
 from analysis import tables
-from analysis.analyze import SweepAnalysis
+from analysis.analyze import FEW_EVALUATIONS, SweepAnalysis
+from analysis.findings_science import lr_law_sentence, noise_sentence
 from analysis.load import SweepData
 from analysis.text import interval, number
-
-# Scaling rules a measured learning-rate exponent is compared with.
-_RULES = ((1.0, "linear scaling (α = 1)"), (0.5, "square-root scaling (α = 0.5)"))
 
 
 @dataclass(frozen=True)
@@ -82,6 +80,27 @@ def _critical_batch(result: SweepAnalysis) -> str:
         )
     elif not fit.within_measured_range:
         sentence += f" It lies outside the measured batch sizes ({number(low)}–{number(high)}): an extrapolation."
+    return sentence + _target_reading(result)
+
+
+def _target_reading(result: SweepAnalysis) -> str:
+    if result.target_reading == "interpolated":
+        sentence = (
+            " Steps to target are interpolated between the evaluations before and after each crossing "
+            "(the first evaluation past the target is on average half an interval late, which would bias B_crit low)."
+        )
+    else:
+        sentence = (
+            " These runs recorded steps to target at the first evaluation past it (on average half an "
+            "evaluation interval late; most so for large batches), so B_crit is biased low."
+        )
+    if result.few_evaluations:
+        sizes = ", ".join(map(str, result.few_evaluations))
+        sentence += (
+            f" At batch size{'s' * (len(result.few_evaluations) > 1)} {sizes} the target was reached by the "
+            f"{'second' if FEW_EVALUATIONS == 2 else f'{FEW_EVALUATIONS}th'} evaluation: those steps rest on "
+            "few points; evaluate more often (train.eval_every) for a sharper B_crit."
+        )
     return sentence
 
 
@@ -96,58 +115,33 @@ def _quickest(result: SweepAnalysis) -> str:
         f"{int(best['n_runs'])} run{'s' * (int(best['n_runs']) != 1)})"
     )
     if len(shown) > 1:
-        worst = shown.loc[shown[tables.TIME].idxmax()]
-        ratio = worst[tables.TIME] / best[tables.TIME]
-        sentence += (
-            f"; the slowest, batch size {int(worst['batch_size'])}, took {number(worst[tables.TIME])} s ({ratio:.1f}×)"
-        )
+        ranked = shown.sort_values(tables.TIME)
+        second, worst = ranked.iloc[1], ranked.iloc[-1]
+        noise = _time_noise(result, [int(best["batch_size"]), int(second["batch_size"])])
+        ratio = second[tables.TIME] / best[tables.TIME]
+        if math.isfinite(noise) and math.log(ratio) < 2 * noise:
+            sentence += (
+                f"; batch size {int(second['batch_size'])} ({number(second[tables.TIME])} s) is within the timing "
+                f"noise of single runs (step times vary by ±{noise:.0%} within these runs): the two are not told apart"
+            )
+        if len(shown) > 2 or not (math.isfinite(noise) and math.log(ratio) < 2 * noise):
+            ratio = worst[tables.TIME] / best[tables.TIME]
+            sentence += (
+                f"; the slowest, batch size {int(worst['batch_size'])}, took {number(worst[tables.TIME])} s "
+                f"({ratio:.1f}×)"
+            )
     return sentence + "."
 
 
-def _lr_exponent(result: SweepAnalysis) -> str:
-    fit = result.lr_scaling
-    if fit is None:
-        n_b = len(result.best_lr)
-        return f"The learning-rate exponent needs completed trials at 2 or more batch sizes; this sweep has {n_b}."
-    sentence = f"The best learning rate grows as B^{fit.exponent:.2f}"
-    if not math.isfinite(fit.exponent_low):
-        return sentence + " (from 2 batch sizes only: no interval)."
-    sentence += (
-        f" ({fit.confidence:.0%} interval {fit.exponent_low:.2f} to {fit.exponent_high:.2f}, "
-        f"{fit.n_points} batch sizes)"
-    )
-    inside = [name for alpha, name in _RULES if fit.exponent_low <= alpha <= fit.exponent_high]
-    if len(inside) == 2:
-        return (
-            sentence + ": consistent with both linear and square-root scaling; more batch sizes would tell them apart."
-        )
-    if inside:
-        other = next(name for _, name in _RULES if name != inside[0])
-        return sentence + f": consistent with {inside[0]}, not with {other}."
-    nearest = min(_RULES, key=lambda rule: abs(rule[0] - fit.exponent))[1]
-    return sentence + f": neither rule fits; the nearest is {nearest}."
-
-
-def _noise_scale(result: SweepAnalysis) -> str:
-    noise = result.noise_scale
-    if noise is None:
-        return "No gradient noise scale (gns/b_simple) was logged at the best learning rates."
-    spread = f"range over {noise.n_runs} runs {interval(noise.low, noise.high)}" if noise.n_runs > 1 else "1 run"
-    sentence = (
-        f"The gradient noise scale B_simple {'grew' if noise.late >= noise.early else 'fell'} from about "
-        f"{number(noise.early)} examples at the "
-        f"start of training to {number(noise.late)} late in training ({spread})"
-    )
-    fit = result.critical_batch
-    if fit is None:
-        return sentence + "."
-    overlaps = noise.low <= fit.b_crit_high and noise.high >= fit.b_crit_low
-    if overlaps:
-        return sentence + (
-            f", which brackets the fitted B_crit of {number(fit.b_crit)}, as McCandlish et al. "
-            "predict (B_crit ≈ B_simple)."
-        )
-    return sentence + f"; the fitted B_crit of {number(fit.b_crit)} lies outside that range."
+def _time_noise(result: SweepAnalysis, batch_sizes: list[int]) -> float:
+    """Relative timing noise of two runs' times: their step times' variation within each run, combined."""
+    costs = result.run_costs
+    if "step_time_cv" not in costs or costs.empty:
+        return math.nan
+    cv = costs[costs["batch_size"].isin(batch_sizes)].groupby("batch_size", observed=True)["step_time_cv"].median()
+    if len(cv) < 2 or not np.isfinite(cv.to_numpy()).all():
+        return math.nan
+    return float(np.sqrt((cv**2).sum()))
 
 
 def _best_trial(result: SweepAnalysis) -> str:
@@ -155,10 +149,10 @@ def _best_trial(result: SweepAnalysis) -> str:
     if best is None:
         return "No trial completed with an objective value."
     n_runs = int(best.get("n_runs", 0))
+    runs = "one run, so no interval" if n_runs == 1 else f"mean of {n_runs} runs"
     return (
         f"Best trial: #{int(best['trial'])}, batch size {int(best['batch_size'])} and lr "
-        f"{number(best['lr'])}, with {result.score_label} = {number(best[result.score])}"
-        f" (over {n_runs} run{'s' * (n_runs != 1)})."
+        f"{number(best['lr'])}, with {result.score_label} = {number(best[result.score])} ({runs})."
     )
 
 
@@ -168,14 +162,22 @@ def _generalization(sweep: SweepData, result: SweepAnalysis) -> str | None:
     if "final/gen_gap" not in runs or not best_ids:
         return None
     at_best = runs[runs["run_id"].isin(best_ids)].dropna(subset=["final/gen_gap"])
-    gaps = at_best.groupby("batch_size")["final/gen_gap"].mean()
+    grouped = at_best.groupby("batch_size")["final/gen_gap"]
+    gaps, errors, counts = grouped.mean(), grouped.sem(), grouped.count()
     if len(gaps) < 2:
         return None
     small, large = gaps.index.min(), gaps.index.max()
-    return (
-        f"At the best learning rates the generalization gap goes from {number(gaps[small])} at "
-        f"batch size {int(small)} to {number(gaps[large])} at {int(large)}."
+
+    def shown(b: int) -> str:
+        return number(gaps[b]) + (f" ± {number(errors[b])}" if counts[b] > 1 else "")
+
+    sentence = (
+        f"At the best learning rates the generalization gap (validation minus training loss) goes from "
+        f"{shown(small)} at batch size {int(small)} to {shown(large)} at {int(large)}"
     )
+    if (counts[[small, large]] == 1).any():
+        sentence += " (one run per batch size: no interval)"
+    return sentence + "."
 
 
 def _batchnorm(sweep: SweepData) -> str | None:
@@ -215,17 +217,23 @@ def _row(sweep: SweepData, result: SweepAnalysis) -> dict[str, str]:
         row = quick.loc[quick[tables.TIME].idxmin()]
         quickest = f"{int(row['batch_size'])} ({number(row[tables.TIME])} s)"
     alpha = "n/a"
-    if lr_fit is not None:
-        alpha = f"{lr_fit.exponent:.2f}"
-        if np.isfinite(lr_fit.exponent_low):
-            alpha += f" [{lr_fit.exponent_low:.2f}, {lr_fit.exponent_high:.2f}]"
+    law = result.lr_law
+    if law is not None:
+        alpha = f"{law.slope_below:.2f}"
+        if np.isfinite(law.slope_below_low):
+            alpha += f" [{law.slope_below_low:.2f}, {law.slope_below_high:.2f}]"
+    elif lr_fit is not None:
+        alpha = f"{lr_fit.exponent:.2f} (power law)"
+    near = noise.near_target if noise is not None else None
     return {
         "study": sweep.study_name,
         "trials / runs": f"{sweep.trials['trial'].nunique()} / {int(sweep.trials['run_id'].notna().sum())}",
         "B_crit [95%]": (f"{number(fit.b_crit)} [{interval(fit.b_crit_low, fit.b_crit_high)}]" if fit else "n/a"),
         "quickest B (time to target)": quickest,
-        "lr exponent α [95%]": alpha,
-        "B_simple late": f"{number(noise.late)} ({interval(noise.low, noise.high)})" if noise else "n/a",
+        "lr slope below the knee [95%]": alpha,
+        "B_simple near target (± s.e.)": (
+            f"{number(near.b_simple)} ± {number(near.stderr)}" if near is not None and near.defined else "n/a"
+        ),
         "best objective": (
             f"{number(best[result.score])} (#{int(best['trial'])}, B={int(best['batch_size'])})"
             if best is not None
@@ -239,8 +247,8 @@ def findings(sweep: SweepData, result: SweepAnalysis) -> Findings:
         _overview(sweep, result),
         _critical_batch(result),
         _quickest(result),
-        _lr_exponent(result),
-        _noise_scale(result),
+        lr_law_sentence(result.lr_law, result.lr_scaling, result.lr_rule, result.lr_edges, len(result.best_lr)),
+        noise_sentence(result.noise_scale, result.noise_note, result.critical_batch),
         _best_trial(result),
     ]
     for extra in (_generalization(sweep, result), _batchnorm(sweep)):

@@ -90,8 +90,10 @@ def fastest_to_target(trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]
 
 
 def run_costs(history: pd.DataFrame) -> pd.DataFrame:
-    """Per run: batch size, median throughput and step time, and peak memory."""
-    columns = ["run_id", "batch_size", "samples_per_s", "step_time_ms", "peak_mb"]
+    """Per run: batch size, median throughput and step time, peak memory, and how much the step
+    time varied between the run's evaluation windows (its coefficient of variation: how far one
+    run's wall-clock times can be trusted on a shared machine)."""
+    columns = ["run_id", "batch_size", "samples_per_s", "step_time_ms", "peak_mb", "step_time_cv"]
     keys = {
         "perf/samples_per_s": "samples_per_s",
         "perf/step_time_ms": "step_time_ms",
@@ -111,6 +113,9 @@ def run_costs(history: pd.DataFrame) -> pd.DataFrame:
     if "mem/peak_mb" in table:
         peak = rows[rows["key"] == "mem/peak_mb"].groupby(["run_id", "batch_size"], observed=True)
         table["mem/peak_mb"] = peak["value"].max()
+    if "perf/step_time_ms" in table:
+        times = rows[rows["key"] == "perf/step_time_ms"].groupby(["run_id", "batch_size"], observed=True)["value"]
+        table["step_time_cv"] = times.std() / times.mean()
     table = table.rename(columns=keys).reset_index()
     for column in columns:
         if column not in table:

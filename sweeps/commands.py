@@ -59,7 +59,9 @@ def _early_workers(n: int) -> Iterator[list[Any]]:
     try:
         yield workers
     except BaseException:
+        # They have run nothing: stop them at once rather than wait for their imports to finish.
         for w in workers:
+            w.kill()
             w.close()
         raise
 

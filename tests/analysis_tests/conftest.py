@@ -29,6 +29,7 @@ LR_AT_64 = 0.021
 INITIAL_LOSS = 2.3
 LR_TOLERANCE = 0.7  # width, in ln(lr), of the bowl around the best learning rate
 DIVERGENCE_FACTOR = 4.0
+GNS_EVERY = 5  # steps between noise-scale measurements
 SETUP_S = 1.5  # wall time spent before the first step (data, model)
 
 
@@ -123,19 +124,22 @@ def _run_curves(batch_size: int, lr: float, seed: int, spec: SweepSpec, rng: np.
     # Every train_loss_every-th step, and always the last (where a diverged run turns NaN).
     train_logged = np.union1d(np.arange(0, last_step, spec.train_loss_every), [last_step - 1])
     eval_steps = steps[(steps % spec.eval_every == 0) | (steps == last_step)]
-    progress = 1 - (val[eval_steps - 1] - plateau) / (INITIAL_LOSS - plateau)
-    b_simple = spec.b_crit * (0.3 + 0.9 * np.clip(progress, 0, 1))
-    b_simple *= np.exp(rng.normal(0.0, 0.1, size=eval_steps.size))
-    grad_sq = np.exp(-eval_steps / tau) + 0.01
+    # The noise scale, measured every GNS_EVERY steps: unbiased, noisy two-batch estimates of
+    # |G|² and tr Σ around a true B_simple rising from 0.3 to 1.2 B_crit (|G|² reads may go negative).
+    gns_steps = steps[steps % GNS_EVERY == 0]
+    progress = 1 - (val[gns_steps - 1] - plateau) / (INITIAL_LOSS - plateau)
+    true_b_simple = spec.b_crit * (0.3 + 0.9 * np.clip(progress, 0, 1))
+    true_grad_sq = np.exp(-gns_steps / tau) + 0.01
+    grad_sq = true_grad_sq * (1 + rng.normal(0.0, 0.8, size=gns_steps.size))
+    trace = true_b_simple * true_grad_sq * (1 + rng.normal(0.0, 0.3, size=gns_steps.size))
     throughput = batch_size / (step_ms / 1000) * np.exp(rng.normal(0, 0.03, eval_steps.size))
     histories: dict[str, tuple[np.ndarray, np.ndarray]] = {
         "train/loss": (steps[train_logged], train[train_logged]),
         "lr": (eval_steps, np.full(eval_steps.size, lr)),
         "val/loss": (eval_steps, val[eval_steps - 1]),
         "val/acc": (eval_steps, np.clip(1 - 0.35 * val[eval_steps - 1], 0, 1)),
-        "gns/b_simple": (eval_steps, b_simple),
-        "gns/grad_sq": (eval_steps, grad_sq),
-        "gns/trace_sigma": (eval_steps, b_simple * grad_sq),
+        "gns/grad_sq": (gns_steps, grad_sq),
+        "gns/trace_sigma": (gns_steps, trace),
         "perf/samples_per_s": (eval_steps, throughput),
         "perf/step_time_ms": (eval_steps, batch_size / throughput * 1000),
         "mem/peak_mb": (eval_steps, np.full(eval_steps.size, 50 + 0.8 * batch_size)),
@@ -156,11 +160,14 @@ def _run_curves(batch_size: int, lr: float, seed: int, spec: SweepSpec, rng: np.
             "final/best_val_loss": float(val[eval_steps - 1].min()),
             "final/best_val_acc": float(1 - 0.35 * val[eval_steps - 1].min()),
         }
-        steps_to_target = math.ceil(steps_needed)
-        if spec.target_val_loss > plateau and steps_to_target <= last_step:
-            finals["final/steps_to_target"] = steps_to_target
-            finals["final/samples_to_target"] = steps_to_target * batch_size
-            finals["final/time_to_target_s"] = steps_to_target * step_ms / 1000
+        # As the loop logs it: the crossing interpolated, bracketed by the evaluations around it.
+        high = math.ceil(steps_needed / spec.eval_every) * spec.eval_every
+        if spec.target_val_loss > plateau and high <= last_step:
+            finals["final/steps_to_target"] = steps_needed
+            finals["final/steps_to_target_low"] = high - spec.eval_every
+            finals["final/steps_to_target_high"] = high
+            finals["final/samples_to_target"] = steps_needed * batch_size
+            finals["final/time_to_target_s"] = steps_needed * step_ms / 1000
     return {
         "histories": histories,
         "finals": finals,
@@ -190,6 +197,9 @@ def _child_params(batch_size: int, lr: float, seed: int, spec: SweepSpec) -> dic
         "device": "cpu",
         "precision": "fp32",
         "lr_scaling": "none",
+        "eval_every": str(spec.eval_every),
+        "gns_window": str(4 * spec.eval_every),
+        "memory_measure": "process_peak_rss",
     }
 
 

@@ -78,8 +78,11 @@ def test_findings_are_computed_from_the_data(main_report: Path):
     assert b_crit is not None and 100 <= int(b_crit.group(1)) <= 160
     assert "bootstrap interval" in text
     assert re.search(r"Batch size \d+ reached the target in the least wall-clock time", text)
-    assert re.search(r"best learning rate grows as B\^0\.[3-7]\d", text)
-    assert "gradient noise scale B_simple grew from about" in text
+    assert re.search(r"best learning rate rises with the batch size: below the knee it goes as B\^0\.[3-7]\d", text)
+    assert re.search(r"consistent with (both linear and square-root|square-root scaling)", text)
+    assert re.search(r"B_crit is [\d.]+× B_simple near the target \(95% interval", text)
+    assert "gradient noise scale B_simple at the best learning rates was" in text
+    assert "Steps to target are interpolated" in text
     assert re.search(r"Best trial: #\d+", text)
 
 
@@ -148,7 +151,7 @@ def test_one_trial_study_with_a_traversal_name_as_svg(stores: Stores, tmp_path: 
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     page = path.read_text()
     assert "../../etc" in page.replace("&#x27;", "'")
-    assert "needs completed trials at 2 or more batch sizes" in page
+    assert "needs completed trials at 3 or more batch sizes; this sweep has 1" in page
     images = IMG.findall(page)
     assert len(images) == len(CHARTS)
     for mime, data, _ in images:
