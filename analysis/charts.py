@@ -64,6 +64,8 @@ def _batch_axis(ax: Axes, batch_sizes: Sequence[float]) -> None:
             ticks, [str(t) for t in ticks], rotation=45 if crowded else 0, ha="right" if crowded else "center"
         )
         ax.minorticks_off()
+        # The measured range, whatever a fit's interval spans (an unidentified one can reach 1e6).
+        ax.set_xlim(ticks[0] / 1.5, ticks[-1] * 1.5)
     ax.set_xlabel(BATCH_LABEL)
 
 
@@ -315,6 +317,7 @@ def lr_batch(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) -> Fi
         ax.plot(grid, law.predict(grid), color=style.FIT_COLOR, lw=1.8, label=label)
         if not law.at_search_edge:
             ax.axvspan(law.b_star_low, law.b_star_high, color=style.FIT_COLOR, alpha=0.08, lw=0)
+            ax.axvline(law.b_star, color=style.FIT_COLOR, ls=":", lw=1.0)
     if power is not None:
         ax.plot(grid, power.predict(grid), color=style.REFERENCE_COLOR, ls="--",
                 lw=1.0, label=f"one power law B^{power.exponent:.2f}")  # fmt: skip

@@ -31,6 +31,8 @@ def _slope_words(low: float, high: float) -> str:
 
 def _rule_words(estimate: float, low: float, high: float) -> str:
     inside = [name for slope, name in RULES if low <= slope <= high]
+    if len(inside) == 2 and low <= 0:
+        return "too uncertain to tell linear, square-root or no scaling apart"
     if len(inside) == 2:
         return "consistent with both linear and square-root scaling; more batch sizes or seeds would tell them apart"
     if inside:
@@ -123,10 +125,13 @@ def _edge_sentence(edges: dict[int, str]) -> str:
 
 def _estimate(est: NoiseEstimate) -> str:
     if not est.defined:
-        return "undefined (the mean |G|² is not above 0: the gradient is lost in the noise)"
+        return f"undefined over its {est.n} measurements (mean |G|² not above 0: the gradient is lost in the noise)"
     if not math.isfinite(est.stderr):
         return f"{number(est.b_simple)} (1 measurement: no standard error)"
-    return f"{number(est.b_simple)} ± {number(est.stderr)}"
+    shown = f"{number(est.b_simple)} ± {number(est.stderr)}"
+    if est.stderr > 0.5 * est.b_simple:
+        shown += f" (too noisy to use: {est.n} measurements)"
+    return shown
 
 
 def noise_sentence(noise: NoiseScaleSummary | None, note: str, fit: CriticalBatchFit | None) -> str:
@@ -139,6 +144,11 @@ def noise_sentence(noise: NoiseScaleSummary | None, note: str, fit: CriticalBatc
         f"(ratio of the mean |G|² and tr Σ of every measurement, {noise.late.n} in {noise.late.n_runs} "
         f"run{'s' * (noise.late.n_runs != 1)} late; ± one standard error)."
     )
+    if any(not e.defined or e.stderr > 0.5 * e.b_simple for e in (noise.early, noise.late)):
+        sentence += (
+            " For a sharper estimate measure more often (train.gns.every: a smaller n, at some cost in speed) "
+            "or train longer."
+        )
     near = noise.near_target
     if near is None or near.n == 0:
         return sentence + " No measurement lies on the way to the target, so B_crit is not compared with it."

@@ -113,7 +113,8 @@ def test_noise_sentence_gives_every_estimate_with_its_error() -> None:
         per_batch={}, vs_b_crit=Ratio(1.2, 0.8, 1.8, 0.95),
     )  # fmt: skip
     text = noise_sentence(summary, "", fit(180.0, 120.0, 270.0))
-    assert "undefined (the mean |G|² is not above 0" in text  # an undefined window is said, not dropped
+    assert "undefined over its 4 measurements (mean |G|² not above 0" in text  # said, not dropped
+    assert "measure more often (train.gns.every" in text
     assert "150 ± 12 over the last quarter" in text
     assert "Near the target (from half the steps to target to the crossing) it was 150 ± 12" in text
     assert "B_crit is 1.20× B_simple" in text and "consistent with" in text
