@@ -606,7 +606,8 @@ class Sweep:
         by_step: dict[int, dict[str, float]] = {}
         for key in space.TAIL_METRICS:
             for m in self.tracker.client.get_metric_history(run_id, key):
-                by_step.setdefault(m.step, {})[key] = m.value
+                if m.step > 0:  # step 0 is the evaluation at initialization, not one of training's
+                    by_step.setdefault(m.step, {})[key] = m.value
         return [by_step[step] for step in sorted(by_step)]
 
     def _train_seed(

@@ -291,8 +291,11 @@ def train(
         limit = spec.divergence_factor
         if target is not None and state.step == 0:
             # The target metric at initialization: the point the first crossing is interpolated from.
-            start = evaluate(task, task.val_x, task.val_y, autocast)
-            value = start.get(target[0].removeprefix("val/"))
+            # Logged at step 0 (not an evaluation point: no pruning, no objective), so the stores
+            # hold every value the crossing was read from.
+            start = {f"val/{k}": v for k, v in evaluate(task, task.val_x, task.val_y, autocast).items()}
+            emit(0, start)
+            value = start.get(target[0])
             if value is not None and target_reached(target[0], value, target[1]):
                 state.target_step, state.target_time_s, state.target_bracket = 0.0, 0.0, [0, 0]
             elif value is not None:

@@ -141,3 +141,100 @@ def test_report_and_export_name_optunas_best(stores: Path, objective: str | list
     # Parent-run params are kept apart from the trials.
     assert sweep.sweep_params["objective"] == ",".join(objective if isinstance(objective, list) else [objective])
     assert not np.isnan(sweep.trials["objective"].to_numpy(dtype=float)).all()
+
+
+# --- steps to target, B_crit and the noise scale of a real grid sweep, recomputed from MLflow ---
+
+
+@pytest.fixture(scope="module")
+def grid_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real 3 × 3 grid (batch size × lr) that reaches its target at every batch size."""
+    base = tmp_path_factory.mktemp("grid")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)
+        mp.setenv("BATCHSCOPE_ROOT", str(base / "mlruns"))
+        cfg = small_config("grid")
+        cfg["train"].update({"max_steps": 150, "eval_every": 10, "sharpness": {"enabled": False}})
+        cfg["train"]["target"] = {"metric": "val/acc", "value": 0.3}
+        cfg["train"]["gns"] = {"every": 2}
+        cfg["search"].update({"sampler": "grid", "n_trials": 9, "batch_size": {"values": [16, 64, 256]}})
+        cfg["search"]["lr"] = {"values": [0.03, 0.1, 0.3]}
+        assert main(["sweep", str(write_config(base / "grid.yaml", cfg)), "--no-report"]) == 0
+    return base
+
+
+def _grid(grid_store: Path):
+    return load_sweep(
+        "grid",
+        storage=grid_store / "mlruns" / "optuna.journal",
+        tracking_uri=f"sqlite:///{grid_store / 'mlruns' / 'mlflow.db'}",
+    )
+
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_steps_to_target_are_the_crossing_of_the_logged_evaluations(grid_store: Path) -> None:
+    # Recomputed by hand from each run's logged val/acc (step 0 included): the last evaluation
+    # below the target and the first at or above it, interpolated linearly.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{grid_store / 'mlruns' / 'mlflow.db'}")
+    runs = _grid(grid_store).trials.dropna(subset=["run_id"])
+    checked = 0
+    for run_id, steps in zip(runs["run_id"], runs["final/steps_to_target"], strict=True):
+        history = _history(client, str(run_id), "val/acc")
+        assert history[0][0] == 0  # the evaluation at initialization is in the store
+        crossed = next((i for i, (_, v) in enumerate(history) if v >= 0.3), None)
+        if crossed is None:
+            assert math.isnan(steps)
+            continue
+        (s0, v0), (s1, v1) = history[crossed - 1], history[crossed]
+        expected = s0 + (0.3 - v0) / (v1 - v0) * (s1 - s0)
+        assert steps == pytest.approx(expected, rel=1e-9)
+        checked += 1
+    assert checked >= 5
+
+
+def test_b_crit_matches_an_independent_fit_of_the_stored_runs(grid_store: Path) -> None:
+    # The fastest run per batch size straight from the trials table, fitted with scipy's
+    # curve_fit on log S = log S_min + log(1 + B_crit/B): the report's grid search agrees.
+    from scipy.optimize import curve_fit
+
+    sweep = _grid(grid_store)
+    result = analyze(sweep)
+    runs = sweep.trials.dropna(subset=["final/steps_to_target"])
+    fastest = runs.sort_values("final/steps_to_target").groupby("batch_size").head(1)
+    assert len(fastest) == 3 and result.critical_batch is not None
+    b = fastest["batch_size"].to_numpy(dtype=float)
+    log_s = np.log(fastest["final/steps_to_target"].to_numpy(dtype=float))
+
+    def model(batch: np.ndarray, log_s_min: float, log_b_crit: float) -> np.ndarray:
+        return log_s_min + np.log1p(np.exp(log_b_crit) / batch)
+
+    (_, log_b_crit), _ = curve_fit(model, b, log_s, p0=(log_s.min(), np.log(64.0)), maxfev=10_000)
+    assert result.critical_batch.b_crit == pytest.approx(np.exp(log_b_crit), rel=0.05)
+    assert result.target_reading == "interpolated"
+
+
+def test_noise_scale_is_the_ratio_of_means_of_the_stored_measurements(grid_store: Path) -> None:
+    # Late B_simple of the report = mean tr Σ / mean |G|² of every measurement in the last quarter
+    # of the best-lr runs, read straight from MLflow (negative |G|² reads included).
+    from mlflow import MlflowClient
+
+    sweep = _grid(grid_store)
+    result = analyze(sweep)
+    assert result.noise_scale is not None
+    client = MlflowClient(f"sqlite:///{grid_store / 'mlruns' / 'mlflow.db'}")
+    grad_sq, trace = [], []
+    for run_id in (r for runs in result.best_runs.values() for r in runs):
+        g, t = _history(client, run_id, "gns/grad_sq"), _history(client, run_id, "gns/trace_sigma")
+        assert [s for s, _ in g] == [s for s, _ in t] and len(g) >= 30  # every second step
+        last = g[-1][0]
+        grad_sq += [v for s, v in g if s > 0.75 * last]
+        trace += [v for s, v in t if s > 0.75 * last]
+    expected = np.mean(trace) / np.mean(grad_sq)
+    assert result.noise_scale.late.b_simple == pytest.approx(expected, rel=1e-9)
+    assert result.noise_scale.late.n == len(grad_sq)
+    assert 0 < result.noise_scale.late.stderr < result.noise_scale.late.b_simple

@@ -53,7 +53,7 @@ def test_contract_metrics_are_reported_at_each_eval() -> None:
     result = train(spec(target_metric="val/acc", target_value=0.15), sink)
     for key in ("val/loss", "val/acc", "perf/samples_per_s", "mem/peak_mb", "gns/grad_sq", "gns/trace_sigma", "lr"):
         assert key in sink.history, key
-    assert [s for s, _ in sink.history["val/loss"]] == [50, 100, 150]
+    assert [s for s, _ in sink.history["val/loss"]] == [0, 50, 100, 150]  # 0: at initialization, for the target
     for key in (
         "final/train_loss",
         "final/train_acc",
