@@ -72,6 +72,8 @@ class SweepAnalysis:
     lr_scaling: PowerLawFit | None
     lr_law: LrLawFit | None
     lr_rule: str  # the sweep's lr scaling rule: the fits use the effective lr when it is not "none"
+    lr_basis: str  # "fastest": the lr law is fitted to the lr fastest to the target; "objective": the best lr
+    lr_points: pd.DataFrame  # batch_size, trial, lr: the points the lr law is fitted to
     lr_edges: dict[int, str]  # batch size -> "lowest" / "highest" / "only": best lr not bracketed
     run_costs: pd.DataFrame
     noise_scale: NoiseScaleSummary | None
@@ -199,7 +201,8 @@ def _lr_column(summary: pd.DataFrame) -> tuple[str, str]:
 
 
 def _lr_edges(summary: pd.DataFrame, best_lr: pd.DataFrame) -> dict[int, str]:
-    """Batch sizes whose best lr is the lowest or highest tried there: its optimum is not bracketed.
+    """Batch sizes whose chosen lr (best or fastest) is the lowest or highest tried there: its optimum
+    is not bracketed.
 
     Every trial that trained counts as tried (a diverged one at a higher lr brackets the optimum
     from above); only crashes do not.
@@ -262,10 +265,14 @@ def analyze(sweep: SweepData) -> SweepAnalysis:
             samples_to_target=points[tables.SAMPLES].to_numpy(dtype=float),
         )
     lr_column, lr_rule = _lr_column(summary)
+    # The lr law is about the lr that makes the most progress per step (McCandlish et al.'s ε_opt):
+    # the one that reached the target fastest, where 3 batch sizes reached it; else the best by the objective.
+    lr_basis = "fastest" if fastest["batch_size"].nunique() >= 3 else "objective"
+    lr_points = fastest if lr_basis == "fastest" else best_lr
     lr_scaling = lr_law = None
-    if not best_lr.empty:
-        best_lrs = summary.set_index("trial").loc[best_lr["trial"], lr_column].to_numpy(dtype=float)
-        batch_sizes = best_lr["batch_size"].to_numpy(dtype=float)
+    if not lr_points.empty:
+        best_lrs = summary.set_index("trial").loc[lr_points["trial"], lr_column].to_numpy(dtype=float)
+        batch_sizes = lr_points["batch_size"].to_numpy(dtype=float)
         lr_scaling = fit_lr_exponent(batch_sizes, best_lrs)
         lr_law = fit_lr_law(batch_sizes, best_lrs)
     noise_summary, noise_note = _noise_scale(sweep, best_runs, points, critical)
@@ -287,7 +294,9 @@ def analyze(sweep: SweepData) -> SweepAnalysis:
         lr_scaling=lr_scaling,
         lr_law=lr_law,
         lr_rule=lr_rule,
-        lr_edges=_lr_edges(summary, best_lr),
+        lr_basis=lr_basis,
+        lr_points=lr_points[["batch_size", "trial", "lr"]].reset_index(drop=True),
+        lr_edges=_lr_edges(summary, lr_points),
         run_costs=tables.run_costs(sweep.history),
         noise_scale=noise_summary,
         noise_note=noise_note,

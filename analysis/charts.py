@@ -287,8 +287,9 @@ def lr_batch(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) -> Fi
         ax.set_title(heat_title, fontsize=9.5)
 
     ax = axes[1]
-    title = "Best learning rate vs batch size"
-    best = result.best_lr
+    fastest = result.lr_basis == "fastest"
+    title = "Learning rate fastest to the target vs batch size" if fastest else "Best learning rate vs batch size"
+    best = result.lr_points
     if best.empty:
         style.empty_panel(ax, title, f"Not enough data: {NO_BEST_LR}")
         return fig
@@ -303,7 +304,7 @@ def lr_batch(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) -> Fi
         edgecolor="white",
         zorder=4,
         c=[colors(b) for b in best["batch_size"]],
-        label="best lr per B",
+        label="fastest lr per B" if fastest else "best lr per B",
     )
     b = best["batch_size"].to_numpy(dtype=float)
     grid = np.geomspace(b.min() / 1.5, b.max() * 1.5, 100)
@@ -692,7 +693,8 @@ CHARTS: tuple[_Spec, ...] = (
         "Learning rate × batch size",
         "Left: best objective per cell (learning rates binned when not on a grid; ★ best per batch "
         "size, ○ completed without reaching the target, × diverged, out of memory or failed, – pruned). "
-        "Right: the best learning rate per batch size (the effective lr when a scaling rule is set; "
+        "Right: per batch size the lr that reached the target in the fewest steps (where 3 batch sizes "
+        "reached it; else the best by the objective; the effective lr when a scaling rule is set; "
         "open rings: the best is at the edge of what was tried), McCandlish et al.'s law "
         "ε_max/(1 + B_*/B) with its knee B_* and 95% interval, and one power law for comparison.",
         lr_batch,

@@ -247,7 +247,14 @@ def findings(sweep: SweepData, result: SweepAnalysis) -> Findings:
         _overview(sweep, result),
         _critical_batch(result),
         _quickest(result),
-        lr_law_sentence(result.lr_law, result.lr_scaling, result.lr_rule, result.lr_edges, len(result.best_lr)),
+        lr_law_sentence(
+            result.lr_law,
+            result.lr_scaling,
+            result.lr_rule,
+            result.lr_edges,
+            len(result.lr_points),
+            result.lr_basis,
+        ),
         noise_sentence(result.noise_scale, result.noise_note, result.critical_batch),
         _best_trial(result),
     ]

@@ -46,13 +46,18 @@ def _rule_words(estimate: float, low: float, high: float) -> str:
 
 
 def lr_law_sentence(
-    law: LrLawFit | None, power: PowerLawFit | None, rule: str, edges: dict[int, str], n_batch_sizes: int
+    law: LrLawFit | None,
+    power: PowerLawFit | None,
+    rule: str,
+    edges: dict[int, str],
+    n_batch_sizes: int,
+    basis: str = "objective",
 ) -> str:
     """What the best learning rates say about the lr law ε(B) = ε_max/(1 + B_*/B), in words
-    that follow the intervals (McCandlish et al. 2018)."""
-    what = "The best learning rate"
-    if rule != "none":
-        what = f"The best effective learning rate (the base lr scaled by the {rule} rule)"
+    that follow the intervals (McCandlish et al. 2018). `basis`: "fastest" when the points are
+    each batch size's lr that reached the target in the fewest steps, "objective" the best by it."""
+    lr = "learning rate" if rule == "none" else f"effective learning rate (the base lr scaled by the {rule} rule)"
+    what = f"The best {lr}" if basis == "objective" else f"The {lr} that reached the target fastest"
     if law is None:
         if power is None:
             n = n_batch_sizes

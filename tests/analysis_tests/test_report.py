@@ -78,7 +78,11 @@ def test_findings_are_computed_from_the_data(main_report: Path):
     assert b_crit is not None and 100 <= int(b_crit.group(1)) <= 160
     assert "bootstrap interval" in text
     assert re.search(r"Batch size \d+ reached the target in the least wall-clock time", text)
-    assert re.search(r"best learning rate rises with the batch size: below the knee it goes as B\^0\.[3-7]\d", text)
+    assert re.search(
+        r"learning rate that reached the target fastest rises with the batch size: "
+        r"below the knee it goes as B\^0\.[3-7]\d",
+        text,
+    )
     assert re.search(r"consistent with (both linear and square-root|square-root scaling)", text)
     assert re.search(r"B_crit is [\d.]+× B_simple near the target \(95% interval", text)
     assert "gradient noise scale B_simple at the best learning rates was" in text
