@@ -1,6 +1,6 @@
 """Run the benchmarks: `python -m benchmarks [--quick] [--only NAME ...] [--write-readme]`.
 
-Sections (in this order): tracking, gns, startup, efficiency, replay, analysis, gpu. Each prints
+Sections (in this order): tracking, gns, startup, efficiency, replay, analysis, gpu, findings. Each prints
 one table as it finishes; `--write-readme` puts the results into the marked block of
 benchmarks/README.md, replacing only the sections that ran.
 """
@@ -19,7 +19,7 @@ from benchmarks.common import Section, machine, now_text, quiet, run_section
 
 README = Path(__file__).parent / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-NAMES = ("tracking", "gns", "startup", "efficiency", "replay", "analysis", "gpu")
+NAMES = ("tracking", "gns", "startup", "efficiency", "replay", "analysis", "gpu", "findings")
 
 
 def section_function(name: str) -> Callable[[bool], Section]:
@@ -52,6 +52,10 @@ def section_function(name: str) -> Callable[[bool], Section]:
         from benchmarks.gpu import gpu_section
 
         return gpu_section
+    if name == "findings":
+        from benchmarks.findings import findings_section
+
+        return findings_section
     raise ValueError(f"unknown section {name!r}; choose from {', '.join(NAMES)}")
 
 
