@@ -140,7 +140,13 @@ def ratio_interval(
 
 
 def _vs_b_crit(fit: CriticalBatchFit | None, near: NoiseEstimate | None) -> Ratio | None:
-    if fit is None or near is None or fit.at_search_edge or not near.defined:
+    """B_crit / B_simple near the target. Where B_simple has only a lower bound (its mean |G|²
+    is not clear of 0), so does nothing else: the ratio gets only an upper bound (value NaN)."""
+    if fit is None or near is None or fit.at_search_edge:
+        return None
+    if not near.bounded and math.isfinite(near.low) and near.low > 0:
+        return Ratio(math.nan, 0.0, fit.b_crit_high / near.low, fit.confidence)
+    if not near.bounded:
         return None
     # The bootstrap interval of B_crit as a log-scale standard error (it is roughly symmetric in log B).
     z = float(stats.norm.ppf((1 + fit.confidence) / 2))

@@ -220,21 +220,23 @@ def noise_scale(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) ->
         return fig
     run_ids = [r for runs in result.best_runs.values() for r in runs]
     windows = noise.over_training(noise.measurements(history, run_ids), summary.window)
-    windows = windows[np.isfinite(windows["b_simple"].to_numpy(dtype=float)) & (windows["b_simple"] > 0)]
+    # Bounded windows are drawn with their interval; where the mean |G|² cannot be told from 0,
+    # only a lower bound (▲); windows that bound nothing are left out.
+    bounded = windows[np.isfinite(windows["high"].to_numpy(dtype=float)) & (windows["low"] > 0)]
+    floors = windows[~np.isfinite(windows["high"].to_numpy(dtype=float)) & (windows["low"] > 0)]
 
     ax = axes[0]
-    for (_, b), run in windows.groupby(["run_id", "batch_size"], observed=True):
+    for (_, b), run in bounded.groupby(["run_id", "batch_size"], observed=True):
         run = run.sort_values("step")
-        se = run["stderr"].fillna(0.0).to_numpy(dtype=float)
-        value = run["b_simple"].to_numpy(dtype=float)
-        ax.plot(run["step"], value, color=colors(float(b)), lw=1.4, marker="o", ms=2.5)
-        ax.fill_between(run["step"], np.maximum(value - se, value * 0.05), value + se, color=colors(float(b)),
-                        alpha=0.18, lw=0)  # fmt: skip
+        ax.plot(run["step"], run["b_simple"], color=colors(float(b)), lw=1.4, marker="o", ms=2.5)
+        ax.fill_between(run["step"], run["low"], run["high"], color=colors(float(b)), alpha=0.18, lw=0)
+    for b, run in floors.groupby("batch_size", observed=True):
+        ax.scatter(run["step"], run["low"], marker="^", s=22, color=colors(float(b)), alpha=0.8, zorder=3)
     _b_crit_band(ax, result.critical_batch, vertical=False)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("optimizer steps (end of each window)")
-    ax.set_ylabel("B_simple [examples], ± 1 s.e.")
+    ax.set_ylabel("B_simple [examples], 95% interval")
     ax.set_title(f"{title_steps} (windows of {number(summary.window)} steps)")
     if result.critical_batch is not None:
         ax.legend(loc="lower right")
@@ -242,20 +244,21 @@ def noise_scale(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) ->
     ax = axes[1]
     val = history[(history["key"] == "val/loss") & history["run_id"].isin(run_ids)][["run_id", "step", "value"]]
     val = val.rename(columns={"value": "val_loss"}).astype({"run_id": str})
-    paired = windows.astype({"run_id": str}).merge(val, on=["run_id", "step"])
+    paired = bounded.astype({"run_id": str}).merge(val, on=["run_id", "step"])
     paired = paired[np.isfinite(paired["val_loss"].to_numpy(dtype=float))]
     if paired.empty:
-        note = "Not enough data: no 'val/loss' logged\nat the ends of the noise-scale windows."
+        note = "Not enough data: no bounded window ends\nat a 'val/loss' evaluation."
         style.empty_panel(ax, title_loss, note)
         return fig
     for b, group in paired.groupby("batch_size", observed=True):
-        ax.errorbar(group["val_loss"], group["b_simple"], yerr=group["stderr"].fillna(0.0), fmt="o", ms=3,
+        errors = np.stack([group["b_simple"] - group["low"], group["high"] - group["b_simple"]])
+        ax.errorbar(group["val_loss"], group["b_simple"], yerr=np.clip(errors, 0, None), fmt="o", ms=3,
                     alpha=0.7, lw=0.8, color=colors(float(b)))  # fmt: skip
     _b_crit_band(ax, result.critical_batch, vertical=False)
     ax.set_yscale("log")
     ax.invert_xaxis()  # training moves to lower loss: read left to right
     ax.set_xlabel("validation loss (training proceeds →)")
-    ax.set_ylabel("B_simple [examples], ± 1 s.e.")
+    ax.set_ylabel("B_simple [examples], 95% interval")
     ax.set_title(title_loss)
     return fig
 
@@ -684,7 +687,8 @@ CHARTS: tuple[_Spec, ...] = (
         "B_simple = tr(Σ)/|G|² at the best learning rate of each batch size, over consecutive "
         "windows of training steps (left) and against validation loss at each window's end (right): "
         "the ratio of the mean |G|² and tr Σ of every measurement in the window (negative ones "
-        "included), band and bars ± 1 standard error. Red: the B_crit fitted from steps to target, "
+        "included), band and bars its 95% interval (Fieller's; ▲: only a lower bound, where the mean |G|² "
+        "cannot be told from 0). Red: the B_crit fitted from steps to target, "
         "which McCandlish et al. predict to be close to the noise scale.",
         noise_scale,
     ),

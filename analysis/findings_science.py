@@ -11,7 +11,7 @@ import math
 
 from analysis.analyze import NoiseScaleSummary, Ratio
 from analysis.fits import CriticalBatchFit, LrLawFit, PowerLawFit
-from analysis.noise import NoiseEstimate
+from analysis.noise import CONFIDENCE, NoiseEstimate
 from analysis.text import interval, number
 
 # Scaling rules a measured learning-rate slope is compared with.
@@ -129,14 +129,19 @@ def _edge_sentence(edges: dict[int, str]) -> str:
 
 
 def _estimate(est: NoiseEstimate) -> str:
-    if not est.defined:
-        return f"undefined over its {est.n} measurements (mean |G|² not above 0: the gradient is lost in the noise)"
-    if not math.isfinite(est.stderr):
-        return f"{number(est.b_simple)} (1 measurement: no standard error)"
-    shown = f"{number(est.b_simple)} ± {number(est.stderr)}"
-    if est.stderr > 0.5 * est.b_simple:
-        shown += f" (too noisy to use: {est.n} measurements)"
-    return shown
+    if est.n < 2:
+        return f"not measured well enough ({est.n} measurement{'s' * (est.n != 1)}: no interval)"
+    if est.bounded:
+        shown = f"{number(est.b_simple)} ({CONFIDENCE:.0%} interval {interval(est.low, est.high)})"
+        if est.high > 3 * est.low:
+            shown += f" (imprecise: {est.n} measurements)"
+        return shown
+    if math.isfinite(est.low) and est.low > 0:
+        return (
+            f"at least {number(est.low)} ({CONFIDENCE:.0%} lower bound from {est.n} measurements; their mean |G|² "
+            "is not distinguishable from 0, so there is no upper bound)"
+        )
+    return f"not determined by its {est.n} measurements (their mean |G|² is lost in the noise)"
 
 
 def noise_sentence(noise: NoiseScaleSummary | None, note: str, fit: CriticalBatchFit | None) -> str:
@@ -147,9 +152,9 @@ def noise_sentence(noise: NoiseScaleSummary | None, note: str, fit: CriticalBatc
         f"The gradient noise scale B_simple at the best learning rates was {_estimate(noise.early)} examples over "
         f"the first {number(noise.window)} steps and {_estimate(noise.late)} over the last quarter of training "
         f"(ratio of the mean |G|² and tr Σ of every measurement, {noise.late.n} in {noise.late.n_runs} "
-        f"run{'s' * (noise.late.n_runs != 1)} late; ± one standard error)."
+        f"run{'s' * (noise.late.n_runs != 1)} late; Fieller's interval)."
     )
-    if any(not e.defined or e.stderr > 0.5 * e.b_simple for e in (noise.early, noise.late)):
+    if any(not e.bounded or e.high > 3 * e.low for e in (noise.early, noise.late)):
         sentence += (
             " For a sharper estimate measure more often (train.gns.every: a smaller n, at some cost in speed) "
             "or train longer."
@@ -166,6 +171,13 @@ def vs_b_crit_sentence(ratio: Ratio | None, fit: CriticalBatchFit | None) -> str
         return "There is no fitted B_crit to compare it with."
     if ratio is None:
         return "B_crit or B_simple is not identified, so the two are not compared."
+    if math.isnan(ratio.value):
+        verdict = (
+            "so B_crit is smaller than B_simple there"
+            if ratio.high < 1
+            else "which does not test B_crit ≈ B_noise (McCandlish et al.) either way"
+        )
+        return f"With only a lower bound on B_simple, B_crit is at most {ratio.high:.2f}× B_simple, {verdict}."
     caveat = (
         " B_simple equals the noise scale B_noise only for a well-conditioned Hessian (McCandlish et al. 2018), "
         "so this compares B_crit with an approximation of B_noise."

@@ -6,7 +6,9 @@ appendix A). The training loop logs each measurement's two-batch estimates of |G
 as they came out (`gns/grad_sq`, `gns/trace_sigma` at the measuring step; negative ones
 included: they are noise around a small true value, and dropping them would bias |G|²
 upwards). Here any set of measurements becomes one estimate: the ratio of the means, as in
-the paper's appendix, with the delta method's standard error. The loop's own `gns/b_simple`
+the paper's appendix, with the delta method's standard error and Fieller's interval (which,
+unlike the delta method, admits that B_simple has no upper bound when the mean |G|² cannot be
+told from 0: late in training at small batches). The loop's own `gns/b_simple`
 (over its last `gns_window` steps) is for watching a run in MLflow; reports use this.
 
 Stores written before batchscope logged every measurement hold smoothed values at evaluation
@@ -20,28 +22,77 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 GRAD_SQ = "gns/grad_sq"
 TRACE = "gns/trace_sigma"
 RAW_COLUMNS = ["run_id", "batch_size", "step", "grad_sq", "trace_sigma"]
 
 
+CONFIDENCE = 0.95
+
+
 @dataclass(frozen=True)
 class NoiseEstimate:
-    """B_simple from `n` measurements over `n_runs` runs, and its standard error (NaN: undefined)."""
+    """B_simple from `n` measurements over `n_runs` runs, its delta-method standard error, and
+    Fieller's interval (`low`, `high` at CONFIDENCE): `high` is inf when the mean |G|² is not
+    distinguishable from 0, and `low` is then a lower bound (NaN: not even that)."""
 
     b_simple: float
     stderr: float
     n: int
     n_runs: int
+    low: float = math.nan
+    high: float = math.nan
 
     @property
     def defined(self) -> bool:
         return math.isfinite(self.b_simple)
 
+    @property
+    def bounded(self) -> bool:
+        """Whether the interval is finite: the mean |G|² is clear of 0 and the delta method holds."""
+        return self.defined and math.isfinite(self.low) and math.isfinite(self.high)
+
     def log_stderr(self) -> float:
-        """Standard error of ln B_simple (delta method), for ratios with other estimates."""
-        return self.stderr / self.b_simple if self.defined and self.b_simple > 0 else math.nan
+        """Standard error of ln B_simple, from the interval (for ratios with other estimates)."""
+        if not (self.bounded and self.low > 0):
+            return math.nan
+        return (math.log(self.high) - math.log(self.low)) / (2 * _z(CONFIDENCE))
+
+
+def _z(confidence: float) -> float:
+    return float(stats.norm.ppf((1 + confidence) / 2))
+
+
+def fieller_interval(
+    grad_sq: np.ndarray, trace_sigma: np.ndarray, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """Fieller's interval for mean(tr Σ)/mean(|G|²) (Fieller 1954): every R with
+    (t̄ − R·ḡ)² ≤ z²·Var(t̄ − R·ḡ), the means' variances and covariance from the measurements.
+
+    Unlike the delta method it stays honest when the mean |G|² is near 0 (late in training,
+    when B_simple is many times the batch size): the interval then has no upper end, and
+    (low, inf) is returned; (nan, nan) when the measurements bound nothing.
+    """
+    g, t = np.asarray(grad_sq, dtype=float), np.asarray(trace_sigma, dtype=float)
+    n = g.size
+    if n < 2:
+        return math.nan, math.nan
+    cov = np.cov(np.stack([g, t]), ddof=1) / n
+    v_g, v_t, c = float(cov[0, 0]), float(cov[1, 1]), float(cov[0, 1])
+    # Student's t for the few measurements a window may hold.
+    g_mean, t_mean, z2 = float(g.mean()), float(t.mean()), float(stats.t.ppf((1 + confidence) / 2, df=n - 1)) ** 2
+    a = g_mean**2 - z2 * v_g  # > 0 exactly when the mean |G|² is z standard errors clear of 0
+    b = t_mean * g_mean - z2 * c
+    disc = b**2 - a * (t_mean**2 - z2 * v_t)
+    if a > 0 and disc >= 0:
+        root = math.sqrt(disc)
+        return (b - root) / a, (b + root) / a
+    if a < 0 and disc >= 0 and t_mean > 0:
+        # Outside the two roots: of the two rays, the one with positive B_simple is [larger root, inf).
+        return max((b + math.sqrt(disc)) / a, (b - math.sqrt(disc)) / a), math.inf
+    return math.nan, math.nan
 
 
 def ratio_of_means(grad_sq: np.ndarray, trace_sigma: np.ndarray) -> tuple[float, float]:
@@ -63,8 +114,10 @@ def ratio_of_means(grad_sq: np.ndarray, trace_sigma: np.ndarray) -> tuple[float,
 
 def estimate(raw: pd.DataFrame) -> NoiseEstimate:
     """One estimate from all the measurements in `raw` (rows of `measurements`)."""
-    b, se = ratio_of_means(raw["grad_sq"].to_numpy(), raw["trace_sigma"].to_numpy())
-    return NoiseEstimate(b, se, len(raw), int(raw["run_id"].nunique()) if len(raw) else 0)
+    g, t = raw["grad_sq"].to_numpy(dtype=float), raw["trace_sigma"].to_numpy(dtype=float)
+    b, se = ratio_of_means(g, t)
+    low, high = fieller_interval(g, t)
+    return NoiseEstimate(b, se, len(raw), int(raw["run_id"].nunique()) if len(raw) else 0, low, high)
 
 
 def recorded(trials: pd.DataFrame) -> set[str]:
@@ -103,9 +156,9 @@ def between(raw: pd.DataFrame, run_steps: dict[str, tuple[float, float]]) -> pd.
 
 def over_training(raw: pd.DataFrame, window: float) -> pd.DataFrame:
     """Per run, B_simple over consecutive windows of `window` steps: run_id, batch_size, step
-    (the window's end), b_simple, stderr, n. Windows whose mean |G|² is not positive are kept
-    with NaN (undefined there), not dropped."""
-    columns = ["run_id", "batch_size", "step", "b_simple", "stderr", "n"]
+    (the window's end), b_simple, stderr, low, high (Fieller's interval), n. Windows whose mean
+    |G|² is not positive are kept with NaN (undefined there), not dropped."""
+    columns = ["run_id", "batch_size", "step", "b_simple", "stderr", "low", "high", "n"]
     if raw.empty:
         return pd.DataFrame(columns=columns)
     if not window > 0:
@@ -114,8 +167,9 @@ def over_training(raw: pd.DataFrame, window: float) -> pd.DataFrame:
     for (run_id, batch_size), run in raw.groupby(["run_id", "batch_size"], observed=True, sort=False):
         bins = np.ceil(run["step"].to_numpy(dtype=float) / window)
         for index, part in run.groupby(bins, sort=True):
-            b, se = ratio_of_means(part["grad_sq"].to_numpy(), part["trace_sigma"].to_numpy())
-            rows.append((run_id, batch_size, float(index) * window, b, se, len(part)))
+            g, t = part["grad_sq"].to_numpy(dtype=float), part["trace_sigma"].to_numpy(dtype=float)
+            b, se = ratio_of_means(g, t)
+            rows.append((run_id, batch_size, float(index) * window, b, se, *fieller_interval(g, t), len(part)))
     return pd.DataFrame(rows, columns=columns)
 
 

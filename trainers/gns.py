@@ -14,6 +14,7 @@ device until the loop's next logging point reads them back with the losses.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -125,11 +126,17 @@ class NoiseScaleWindow:
         return rows
 
     def read(self, step: int) -> dict[str, float]:
-        """B_simple over the measurements in (step − window, step] and its standard error."""
+        """B_simple over the measurements in (step − window, step] and its standard error; nothing
+        when the window's mean |G|² is not 2 standard errors above 0 (the reports then give a lower bound)."""
         self._kept = [m for m in self._kept if m[0] > step - self.window]
         if not self._kept:
             return {}
-        ratio, stderr = ratio_of_means([m[1] for m in self._kept], [m[2] for m in self._kept])
+        grad_sq = [m[1] for m in self._kept]
+        if len(grad_sq) >= 2 and statistics.fmean(grad_sq) < 2 * statistics.stdev(grad_sq) / math.sqrt(len(grad_sq)):
+            # The mean |G|² is within 2 standard errors of 0: B_simple has no upper bound at this
+            # precision (late in training at small batches), and the delta method's error means nothing.
+            return {}
+        ratio, stderr = ratio_of_means(grad_sq, [m[2] for m in self._kept])
         out: dict[str, float] = {}
         if math.isfinite(ratio):
             out["gns/b_simple"] = ratio

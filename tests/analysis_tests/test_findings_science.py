@@ -91,7 +91,7 @@ def fit(b_crit: float, low: float, high: float) -> CriticalBatchFit:
 )
 def test_b_crit_against_b_simple_can_come_out_either_way(b_crit: float, b_simple: float, verdict: str) -> None:
     f = fit(b_crit, b_crit / 1.5, b_crit * 1.5)
-    near = NoiseEstimate(b_simple, 0.1 * b_simple, 40, 5)
+    near = NoiseEstimate(b_simple, 0.1 * b_simple, 40, 5, 0.8 * b_simple, 1.2 * b_simple)
     ratio = ratio_interval(f.b_crit, math.log(1.5) / 1.96, near.b_simple, near.log_stderr(), 0.95)
     assert ratio is not None and ratio.value == pytest.approx(b_crit / b_simple)
     text = vs_b_crit_sentence(ratio, f)
@@ -106,18 +106,30 @@ def test_ratio_interval_combines_both_errors_on_the_log_scale() -> None:
     assert ratio_interval(200.0, math.nan, 100.0, 0.2, 0.95) is None
 
 
-def test_noise_sentence_gives_every_estimate_with_its_error() -> None:
-    est = NoiseEstimate(150.0, 12.0, 30, 3)
+def test_noise_sentence_gives_every_estimate_with_its_interval() -> None:
+    est = NoiseEstimate(150.0, 12.0, 30, 3, 128.0, 176.0)
     summary = NoiseScaleSummary(
         window=200.0, early=NoiseEstimate(math.nan, math.nan, 4, 3), late=est, near_target=est,
         per_batch={}, vs_b_crit=Ratio(1.2, 0.8, 1.8, 0.95),
     )  # fmt: skip
     text = noise_sentence(summary, "", fit(180.0, 120.0, 270.0))
-    assert "undefined over its 4 measurements (mean |G|² not above 0" in text  # said, not dropped
+    assert "not determined by its 4 measurements" in text  # said, not dropped
     assert "measure more often (train.gns.every" in text
-    assert "150 ± 12 over the last quarter" in text
-    assert "Near the target (from half the steps to target to the crossing) it was 150 ± 12" in text
+    assert "150 (95% interval 128–176) over the last quarter" in text
+    assert "Near the target (from half the steps to target to the crossing) it was 150 (95% interval 128–176)" in text
     assert "B_crit is 1.20× B_simple" in text and "consistent with" in text
     assert (
         noise_sentence(None, "No gradient noise scale was measured.", None) == "No gradient noise scale was measured."
     )
+
+
+@pytest.mark.parametrize(("b_crit_high", "verdict"), [(400.0, "does not test"), (250.0, "B_crit is smaller")])
+def test_with_only_a_lower_bound_on_b_simple_the_comparison_is_one_sided(b_crit_high: float, verdict: str) -> None:
+    near = NoiseEstimate(2000.0, 5000.0, 12, 3, 300.0, math.inf)
+    summary = NoiseScaleSummary(
+        window=200.0, early=near, late=near, near_target=near, per_batch={},
+        vs_b_crit=Ratio(math.nan, 0.0, b_crit_high / 300.0, 0.95),
+    )  # fmt: skip
+    text = noise_sentence(summary, "", fit(200.0, 150.0, b_crit_high))
+    assert "at least 300 (95% lower bound from 12 measurements" in text
+    assert verdict in text
