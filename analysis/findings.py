@@ -122,7 +122,7 @@ def _quickest(result: SweepAnalysis) -> str:
         if math.isfinite(noise) and math.log(ratio) < 2 * noise:
             sentence += (
                 f"; batch size {int(second['batch_size'])} ({number(second[tables.TIME])} s) is within the timing "
-                f"noise of single runs (step times vary by ±{noise:.0%} within these runs): the two are not told apart"
+                f"noise of these runs (step times vary by ±{noise:.0%} within them): the two are not told apart"
             )
         if len(shown) > 2 or not (math.isfinite(noise) and math.log(ratio) < 2 * noise):
             ratio = worst[tables.TIME] / best[tables.TIME]
@@ -278,6 +278,14 @@ def per_batch_table(result: SweepAnalysis) -> pd.DataFrame:
     )[["batch_size", "fastest lr", "steps to target", "time to target [s]"]]
     costs = result.run_costs.groupby("batch_size", observed=True)["samples_per_s"].median()
     table = best.merge(fastest, on="batch_size", how="outer")
+    if result.lr_rule != "none":
+        # The searched lr is the base one; what each batch size trained with is scaled by the rule.
+        effective = result.trial_summary.set_index("trial")["effective_lr"]
+        lr_trials = result.fastest if result.lr_basis == "fastest" else result.best_lr
+        by_batch = dict(zip(lr_trials["batch_size"], effective.reindex(lr_trials["trial"]).to_numpy(), strict=True))
+        which = "fastest" if result.lr_basis == "fastest" else "best"
+        table[f"{which} lr, effective ({result.lr_rule})"] = table["batch_size"].map(by_batch)
+        table = table.rename(columns={"best lr": "best lr (base)", "fastest lr": "fastest lr (base)"})
     table["throughput [examples/s]"] = table["batch_size"].map(costs)
     table = table.sort_values("batch_size").reset_index(drop=True)
     return table.rename(columns={"batch_size": "batch size"})

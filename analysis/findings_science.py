@@ -132,14 +132,12 @@ def _estimate(est: NoiseEstimate) -> str:
     if est.n < 2:
         return f"not measured well enough ({est.n} measurement{'s' * (est.n != 1)}: no interval)"
     if est.bounded:
-        shown = f"{number(est.b_simple)} ({CONFIDENCE:.0%} interval {interval(est.low, est.high)})"
-        if est.high > 3 * est.low:
-            shown += f" (imprecise: {est.n} measurements)"
-        return shown
+        imprecise = f"; imprecise: {est.n} measurements" if est.high > 3 * est.low else ""
+        return f"{number(est.b_simple)} examples ({CONFIDENCE:.0%} interval {interval(est.low, est.high)}{imprecise})"
     if math.isfinite(est.low) and est.low > 0:
         return (
-            f"at least {number(est.low)} ({CONFIDENCE:.0%} lower bound from {est.n} measurements; their mean |G|² "
-            "is not distinguishable from 0, so there is no upper bound)"
+            f"at least {number(est.low)} examples ({CONFIDENCE:.0%} lower bound from {est.n} measurements; their "
+            "mean |G|² is not distinguishable from 0, so there is no upper bound)"
         )
     return f"not determined by its {est.n} measurements (their mean |G|² is lost in the noise)"
 
@@ -149,10 +147,11 @@ def noise_sentence(noise: NoiseScaleSummary | None, note: str, fit: CriticalBatc
     if noise is None:
         return note
     sentence = (
-        f"The gradient noise scale B_simple at the best learning rates was {_estimate(noise.early)} examples over "
+        f"The gradient noise scale B_simple at the best learning rates was {_estimate(noise.early)} over "
         f"the first {number(noise.window)} steps and {_estimate(noise.late)} over the last quarter of training "
-        f"(ratio of the mean |G|² and tr Σ of every measurement, {noise.late.n} in {noise.late.n_runs} "
-        f"run{'s' * (noise.late.n_runs != 1)} late; Fieller's interval)."
+        f"(the ratio of the mean |G|² and tr Σ of every measurement, {noise.late.n} in {noise.late.n_runs} "
+        f"run{'s' * (noise.late.n_runs != 1)} late, batch sizes weighted by the precision of their reads; "
+        "Fieller's interval)."
     )
     if any(not e.bounded or e.high > 3 * e.low for e in (noise.early, noise.late)):
         sentence += (

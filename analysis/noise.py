@@ -65,58 +65,111 @@ def _z(confidence: float) -> float:
     return float(stats.norm.ppf((1 + confidence) / 2))
 
 
+@dataclass(frozen=True)
+class _Moments:
+    """Means of |G|² and tr Σ reads, their variances and covariance as means, degrees of freedom."""
+
+    g: float
+    t: float
+    var_g: float
+    var_t: float
+    cov: float
+    df: int
+
+
+def _moments(grad_sq: np.ndarray, trace_sigma: np.ndarray, groups: np.ndarray | None = None) -> _Moments | None:
+    """Plain means, or with `groups` (the batch size of each read) inverse-variance weighted ones.
+
+    A two-batch |G|² read's variance grows like (tr Σ/B)² when the noise dominates: pooled plainly,
+    the reads of batch 16 would drown the far more precise ones of batch 1024. Each group's reads
+    are weighted by the inverse of their observed |G|² variance; groups with one read are left out.
+    """
+    g, t = np.asarray(grad_sq, dtype=float), np.asarray(trace_sigma, dtype=float)
+    if g.shape != t.shape:
+        raise ValueError(f"need one tr(Σ) per |G|² estimate, got shapes {g.shape} and {t.shape}.")
+    keys = np.zeros(g.size) if groups is None else np.asarray(groups)
+    parts = []
+    for key in np.unique(keys):
+        gk, tk = g[keys == key], t[keys == key]
+        if gk.size < 2:
+            continue
+        cov = np.cov(np.stack([gk, tk]), ddof=1)
+        parts.append((gk.size, gk.mean(), tk.mean(), cov))
+    if not parts:
+        return None
+    # Weight of each group's mean: its reads' count over their |G|² variance (plain means: the count).
+    weights = np.array([n if groups is None else n / max(c[0, 0], 1e-300) for n, _, _, c in parts])
+    weights = weights / weights.sum()
+    var = sum(w**2 * c / n for w, (n, _, _, c) in zip(weights, parts, strict=True))
+    return _Moments(
+        g=float(sum(w * gm for w, (_, gm, _, _) in zip(weights, parts, strict=True))),
+        t=float(sum(w * tm for w, (_, _, tm, _) in zip(weights, parts, strict=True))),
+        var_g=float(var[0, 0]),
+        var_t=float(var[1, 1]),
+        cov=float(var[0, 1]),
+        df=sum(n - 1 for n, _, _, _ in parts),
+    )
+
+
 def fieller_interval(
-    grad_sq: np.ndarray, trace_sigma: np.ndarray, confidence: float = CONFIDENCE
+    grad_sq: np.ndarray,
+    trace_sigma: np.ndarray,
+    confidence: float = CONFIDENCE,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Fieller's interval for mean(tr Σ)/mean(|G|²) (Fieller 1954): every R with
-    (t̄ − R·ḡ)² ≤ z²·Var(t̄ − R·ḡ), the means' variances and covariance from the measurements.
+    (t̄ − R·ḡ)² ≤ z²·Var(t̄ − R·ḡ), the means' variances and covariance from the measurements
+    (weighted by group with `groups`, see `_moments`).
 
     Unlike the delta method it stays honest when the mean |G|² is near 0 (late in training,
     when B_simple is many times the batch size): the interval then has no upper end, and
     (low, inf) is returned; (nan, nan) when the measurements bound nothing.
     """
-    g, t = np.asarray(grad_sq, dtype=float), np.asarray(trace_sigma, dtype=float)
-    n = g.size
-    if n < 2:
+    m = _moments(grad_sq, trace_sigma, groups)
+    if m is None:
         return math.nan, math.nan
-    cov = np.cov(np.stack([g, t]), ddof=1) / n
-    v_g, v_t, c = float(cov[0, 0]), float(cov[1, 1]), float(cov[0, 1])
-    # Student's t for the few measurements a window may hold.
-    g_mean, t_mean, z2 = float(g.mean()), float(t.mean()), float(stats.t.ppf((1 + confidence) / 2, df=n - 1)) ** 2
-    a = g_mean**2 - z2 * v_g  # > 0 exactly when the mean |G|² is z standard errors clear of 0
-    b = t_mean * g_mean - z2 * c
-    disc = b**2 - a * (t_mean**2 - z2 * v_t)
+    z2 = float(stats.t.ppf((1 + confidence) / 2, df=max(m.df, 1))) ** 2  # Student's t: windows hold few reads
+    a = m.g**2 - z2 * m.var_g  # > 0 exactly when the mean |G|² is z standard errors clear of 0
+    b = m.t * m.g - z2 * m.cov
+    disc = b**2 - a * (m.t**2 - z2 * m.var_t)
     if a > 0 and disc >= 0:
         root = math.sqrt(disc)
         return (b - root) / a, (b + root) / a
-    if a < 0 and disc >= 0 and t_mean > 0:
+    if a < 0 and disc >= 0 and m.t > 0:
         # Outside the two roots: of the two rays, the one with positive B_simple is [larger root, inf).
         return max((b + math.sqrt(disc)) / a, (b - math.sqrt(disc)) / a), math.inf
     return math.nan, math.nan
 
 
-def ratio_of_means(grad_sq: np.ndarray, trace_sigma: np.ndarray) -> tuple[float, float]:
-    """mean(tr Σ)/mean(|G|²) and its delta-method standard error, sqrt(Var(t − R·g)/n)/|ḡ|.
+def ratio_of_means(
+    grad_sq: np.ndarray, trace_sigma: np.ndarray, groups: np.ndarray | None = None
+) -> tuple[float, float]:
+    """mean(tr Σ)/mean(|G|²) and its delta-method standard error, sqrt(Var(t̄ − R·ḡ))/|ḡ|.
 
-    The same estimator as the training loop's (trainers.gns.ratio_of_means; analysis does not
-    import trainers). NaN when the mean |G|² is not positive; NaN error below 2 measurements.
+    Without `groups`, the same estimator as the training loop's (trainers.gns.ratio_of_means;
+    analysis does not import trainers). NaN when the mean |G|² is not positive; NaN error below
+    2 measurements.
     """
     g, t = np.asarray(grad_sq, dtype=float), np.asarray(trace_sigma, dtype=float)
     if g.shape != t.shape:
         raise ValueError(f"need one tr(Σ) per |G|² estimate, got shapes {g.shape} and {t.shape}.")
-    if g.size == 0 or not g.mean() > 0:
-        return math.nan, math.nan
-    ratio = float(t.mean() / g.mean())
-    if g.size < 2:
+    m = _moments(g, t, groups)
+    if m is None:
+        ratio = float(t.mean() / g.mean()) if g.size == 1 and g.mean() > 0 else math.nan
         return ratio, math.nan
-    return ratio, float(np.std(t - ratio * g, ddof=1) / math.sqrt(g.size) / g.mean())
+    if not m.g > 0:
+        return math.nan, math.nan
+    ratio = m.t / m.g
+    return ratio, math.sqrt(max(m.var_t - 2 * ratio * m.cov + ratio**2 * m.var_g, 0.0)) / m.g
 
 
 def estimate(raw: pd.DataFrame) -> NoiseEstimate:
-    """One estimate from all the measurements in `raw` (rows of `measurements`)."""
+    """One estimate from all the measurements in `raw` (rows of `measurements`); several batch
+    sizes are pooled with inverse-variance weights (`_moments`)."""
     g, t = raw["grad_sq"].to_numpy(dtype=float), raw["trace_sigma"].to_numpy(dtype=float)
-    b, se = ratio_of_means(g, t)
-    low, high = fieller_interval(g, t)
+    groups = raw["batch_size"].to_numpy(dtype=float) if raw["batch_size"].nunique() > 1 else None
+    b, se = ratio_of_means(g, t, groups)
+    low, high = fieller_interval(g, t, groups=groups)
     return NoiseEstimate(b, se, len(raw), int(raw["run_id"].nunique()) if len(raw) else 0, low, high)
 
 

@@ -115,8 +115,8 @@ def test_noise_sentence_gives_every_estimate_with_its_interval() -> None:
     text = noise_sentence(summary, "", fit(180.0, 120.0, 270.0))
     assert "not determined by its 4 measurements" in text  # said, not dropped
     assert "measure more often (train.gns.every" in text
-    assert "150 (95% interval 128–176) over the last quarter" in text
-    assert "Near the target (from half the steps to target to the crossing) it was 150 (95% interval 128–176)" in text
+    assert "150 examples (95% interval 128–176) over the last quarter" in text
+    assert "Near the target (from half the steps to target to the crossing) it was 150 examples (95% interval" in text
     assert "B_crit is 1.20× B_simple" in text and "consistent with" in text
     assert (
         noise_sentence(None, "No gradient noise scale was measured.", None) == "No gradient noise scale was measured."
@@ -131,5 +131,5 @@ def test_with_only_a_lower_bound_on_b_simple_the_comparison_is_one_sided(b_crit_
         vs_b_crit=Ratio(math.nan, 0.0, b_crit_high / 300.0, 0.95),
     )  # fmt: skip
     text = noise_sentence(summary, "", fit(200.0, 150.0, b_crit_high))
-    assert "at least 300 (95% lower bound from 12 measurements" in text
+    assert "at least 300 examples (95% lower bound from 12 measurements" in text
     assert verdict in text

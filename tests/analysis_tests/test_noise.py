@@ -72,3 +72,20 @@ def test_estimate_and_windows_read_every_measurement() -> None:
     windows = over_training(raw, 10)
     assert sorted(windows["step"].unique()) == [10.0, 20.0]
     assert (windows["n"] == 10).all()
+
+
+def test_batch_sizes_are_pooled_by_the_precision_of_their_reads() -> None:
+    # 300 reads at batch 16 whose |G|² noise is 20× that of 30 reads at batch 1024 (same truth, 200):
+    # weighted by inverse variance the pooled interval is about as narrow as the precise group's
+    # alone, where a plain mean would be ruled by the noisy reads. Both cover the truth.
+    rng = np.random.default_rng(4)
+    g_small, t_small = draws(rng, 300, 6.0)
+    g_big, t_big = draws(rng, 30, 0.3)
+    rows = [("s", 16, i, g, t) for i, (g, t) in enumerate(zip(g_small, t_small, strict=True))]
+    rows += [("b", 1024, i, g, t) for i, (g, t) in enumerate(zip(g_big, t_big, strict=True))]
+    raw = pd.DataFrame(rows, columns=["run_id", "batch_size", "step", "grad_sq", "trace_sigma"])
+    pooled, big_alone = estimate(raw), estimate(raw[raw["batch_size"] == 1024])
+    plain = fieller_interval(raw["grad_sq"].to_numpy(), raw["trace_sigma"].to_numpy())
+    assert pooled.bounded and pooled.low <= 200.0 <= pooled.high
+    assert pooled.high - pooled.low <= 1.1 * (big_alone.high - big_alone.low)
+    assert not math.isfinite(plain[1]) or plain[1] - plain[0] > 2 * (pooled.high - pooled.low)

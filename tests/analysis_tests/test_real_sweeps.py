@@ -219,22 +219,31 @@ def test_b_crit_matches_an_independent_fit_of_the_stored_runs(grid_store: Path) 
 
 
 def test_noise_scale_is_the_ratio_of_means_of_the_stored_measurements(grid_store: Path) -> None:
-    # Late B_simple of the report = mean tr Σ / mean |G|² of every measurement in the last quarter
-    # of the best-lr runs, read straight from MLflow (negative |G|² reads included).
+    # Late B_simple of the report, recomputed straight from MLflow: per batch size the mean tr Σ
+    # over the mean |G|² of every measurement in the last quarter of its best-lr run (negative |G|²
+    # reads included); pooled over batch sizes with inverse-variance weights n_B / Var(|G|² reads).
     from mlflow import MlflowClient
 
     sweep = _grid(grid_store)
     result = analyze(sweep)
     assert result.noise_scale is not None
     client = MlflowClient(f"sqlite:///{grid_store / 'mlruns' / 'mlflow.db'}")
-    grad_sq, trace = [], []
-    for run_id in (r for runs in result.best_runs.values() for r in runs):
+    means = {}
+    for batch_size, run_ids in result.best_runs.items():
+        (run_id,) = run_ids
         g, t = _history(client, run_id, "gns/grad_sq"), _history(client, run_id, "gns/trace_sigma")
         assert [s for s, _ in g] == [s for s, _ in t] and len(g) >= 30  # every second step
         last = g[-1][0]
-        grad_sq += [v for s, v in g if s > 0.75 * last]
-        trace += [v for s, v in t if s > 0.75 * last]
-    expected = np.mean(trace) / np.mean(grad_sq)
-    assert result.noise_scale.late.b_simple == pytest.approx(expected, rel=1e-9)
-    assert result.noise_scale.late.n == len(grad_sq)
-    assert 0 < result.noise_scale.late.stderr < result.noise_scale.late.b_simple
+        late_g = np.array([v for s, v in g if s > 0.75 * last])
+        late_t = np.array([v for s, v in t if s > 0.75 * last])
+        per_batch = result.noise_scale.per_batch[batch_size]
+        assert per_batch.n == late_g.size
+        if late_g.mean() > 0:
+            assert per_batch.b_simple == pytest.approx(late_t.mean() / late_g.mean(), rel=1e-9)
+        means[batch_size] = (late_g.size / late_g.var(ddof=1), late_g.mean(), late_t.mean())
+    weights = np.array([w for w, _, _ in means.values()])
+    pooled = (weights @ [t for _, _, t in means.values()]) / (weights @ [g for _, g, _ in means.values()])
+    late = result.noise_scale.late
+    assert late.b_simple == pytest.approx(pooled, rel=1e-9)
+    assert late.n == sum(result.noise_scale.per_batch[b].n for b in means)
+    assert late.low < late.b_simple and (late.high > late.b_simple)
