@@ -122,6 +122,8 @@ def convergence(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) ->
                 style.empty_panel(ax, title, empty_message)
                 continue
             for b, curve in curves.items():
+                if x_scale == "log":
+                    curve = curve[curve[x] > 0]  # the evaluation at initialization (step 0) has no place on a log axis
                 ax.plot(curve[x], curve["mean"], color=colors(b), lw=1.4)
                 if (curve["n_runs"] > 1).any():
                     ax.fill_between(curve[x], curve["low"], curve["high"], color=colors(b), alpha=0.18, lw=0)
