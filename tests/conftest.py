@@ -67,6 +67,19 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
+def run_sweeps(base: Path, configs: list[dict]) -> Path:
+    """Run each config as `batchscope sweep` with its stores in `base/mlruns` (for module-scoped
+    fixtures, which cannot use `workdir`); each config is written to `base/<study>.yaml`."""
+    from sweeps.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)
+        mp.setenv("BATCHSCOPE_ROOT", str(base / "mlruns"))
+        for cfg in configs:
+            assert main(["sweep", str(write_config(base / f"{cfg['study']}.yaml", cfg)), "--no-report"]) == 0
+    return base
+
+
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 

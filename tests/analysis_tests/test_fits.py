@@ -136,20 +136,15 @@ def _law(eps_max: float, b_star: float):
     return lambda b: eps_max / (1 + b_star / b)
 
 
+# (ε_max, B_*, noise in ln lr, points per batch size). Over 200 draws each, B_* is off by more than
+# 15% in 1–3.5% of the draws with 4 points per batch size at noise 0.1, and in 0.5% with one point
+# at noise 0.05; with one point at noise 0.1 it is 25–30%, too few points for this check. Each
+# interval misses the truth in ~6% of draws with 32 points, ~11% with 8 (see the coverage test below).
+LAW_CASES = [(0.1, 256.0, 0.1, 4), (0.02, 64.0, 0.1, 4), (3e-3, 512.0, 0.1, 4), (0.01, 100.0, 0.05, 1)]
+
+
 @pytest.mark.parametrize("rng_seed", [1, 2])
-@pytest.mark.parametrize(
-    ("eps_max", "b_star", "noise", "seeds"),
-    [
-        # Over 200 draws each, B_* is off by more than 15% in 1–3.5% of the draws with 4 points
-        # per batch size at noise 0.1, and in 0.5% with one point at noise 0.05; with one point
-        # at noise 0.1 it is 25–30%, too few points for this check. Each interval misses the
-        # truth in ~6% of draws with 32 points, ~11% with 8 (see the coverage test below).
-        (0.1, 256.0, 0.1, 4),
-        (0.02, 64.0, 0.1, 4),
-        (3e-3, 512.0, 0.1, 4),
-        (0.01, 100.0, 0.05, 1),
-    ],
-)
+@pytest.mark.parametrize(("eps_max", "b_star", "noise", "seeds"), LAW_CASES)
 def test_lr_law_recovered_within_15_percent(eps_max, b_star, noise, seeds, rng_seed):
     batch_sizes, best_lrs = _lr_points(_law(eps_max, b_star), noise=noise, seeds=seeds, rng_seed=rng_seed)
     fit = fit_lr_law(batch_sizes, best_lrs)
@@ -216,19 +211,10 @@ def test_lr_law_slope_below_is_one_on_the_law(b_star, n_below):
     assert fit.slope_identified
 
 
+# The recovery cases. Seen: 0.99 [0.92, 1.07], 1.04 [0.97, 1.13]; 1.03 [0.89, 1.18], 1.11 [0.97, 1.27];
+# 0.99 [0.93, 1.05], 1.03 [0.98, 1.11]; 0.97 [0.88, 1.08], 0.94 [0.80, 1.10] (seeds 1, 2).
 @pytest.mark.parametrize("rng_seed", [1, 2])
-@pytest.mark.parametrize(
-    ("eps_max", "b_star", "noise", "seeds"),
-    [
-        # The recovery cases above. Seen: 0.99 [0.92, 1.07], 1.04 [0.97, 1.13]; 1.03 [0.89, 1.18],
-        # 1.11 [0.97, 1.27]; 0.99 [0.93, 1.05], 1.03 [0.98, 1.11]; 0.97 [0.88, 1.08],
-        # 0.94 [0.80, 1.10] (seeds 1, 2).
-        (0.1, 256.0, 0.1, 4),
-        (0.02, 64.0, 0.1, 4),
-        (3e-3, 512.0, 0.1, 4),
-        (0.01, 100.0, 0.05, 1),
-    ],
-)
+@pytest.mark.parametrize(("eps_max", "b_star", "noise", "seeds"), LAW_CASES)
 def test_lr_law_slope_below_is_near_one_on_noisy_points_of_the_law(eps_max, b_star, noise, seeds, rng_seed):
     batch_sizes, best_lrs = _lr_points(_law(eps_max, b_star), noise=noise, seeds=seeds, rng_seed=rng_seed)
     fit = fit_lr_law(batch_sizes, best_lrs)

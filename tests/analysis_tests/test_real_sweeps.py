@@ -18,9 +18,8 @@ import pytest
 from analysis.analyze import analyze
 from analysis.load import export_sweep, load_sweep
 from analysis.report import build_report
-from sweeps.cli import main
 from sweeps.stores import journal_storage
-from tests.conftest import small_config, write_config
+from tests.conftest import run_sweeps, small_config
 
 OBJECTIVES: list[str | list[str]] = [
     "val_acc",
@@ -38,19 +37,15 @@ def _name(objective: str | list[str]) -> str:
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One store with one short real sweep per objective (6 trials each, random sampler)."""
-    base = tmp_path_factory.mktemp("objectives")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(base)
-        mp.setenv("BATCHSCOPE_ROOT", str(base / "mlruns"))
-        for objective in OBJECTIVES:
-            cfg = small_config(_name(objective))
-            cfg["train"].update({"max_steps": 40, "eval_every": 10, "sharpness": {"enabled": False}})
-            cfg["train"]["target"] = {"metric": "val/acc", "value": 0.2}
-            cfg["search"].update({"n_trials": 6, "objective": objective, "seed": 3})
-            cfg["search"]["lr"] = {"low": 0.01, "high": 5.0, "log": True}  # some trials diverge
-            path = write_config(base / f"{_name(objective)}.yaml", cfg)
-            assert main(["sweep", str(path), "--no-report"]) == 0
-    return base
+    configs = []
+    for objective in OBJECTIVES:
+        cfg = small_config(_name(objective))
+        cfg["train"].update({"max_steps": 40, "eval_every": 10, "sharpness": {"enabled": False}})
+        cfg["train"]["target"] = {"metric": "val/acc", "value": 0.2}
+        cfg["search"].update({"n_trials": 6, "objective": objective, "seed": 3})
+        cfg["search"]["lr"] = {"low": 0.01, "high": 5.0, "log": True}  # some trials diverge
+        configs.append(cfg)
+    return run_sweeps(tmp_path_factory.mktemp("objectives"), configs)
 
 
 def _study(stores: Path, objective: str | list[str]) -> optuna.Study:
@@ -149,18 +144,13 @@ def test_report_and_export_name_optunas_best(stores: Path, objective: str | list
 @pytest.fixture(scope="module")
 def grid_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real 3 × 3 grid (batch size × lr) that reaches its target at every batch size."""
-    base = tmp_path_factory.mktemp("grid")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(base)
-        mp.setenv("BATCHSCOPE_ROOT", str(base / "mlruns"))
-        cfg = small_config("grid")
-        cfg["train"].update({"max_steps": 150, "eval_every": 10, "sharpness": {"enabled": False}})
-        cfg["train"]["target"] = {"metric": "val/acc", "value": 0.3}
-        cfg["train"]["gns"] = {"every": 2}
-        cfg["search"].update({"sampler": "grid", "n_trials": 9, "batch_size": {"values": [16, 64, 256]}})
-        cfg["search"]["lr"] = {"values": [0.03, 0.1, 0.3]}
-        assert main(["sweep", str(write_config(base / "grid.yaml", cfg)), "--no-report"]) == 0
-    return base
+    cfg = small_config("grid")
+    cfg["train"].update({"max_steps": 150, "eval_every": 10, "sharpness": {"enabled": False}})
+    cfg["train"]["target"] = {"metric": "val/acc", "value": 0.3}
+    cfg["train"]["gns"] = {"every": 2}
+    cfg["search"].update({"sampler": "grid", "n_trials": 9, "batch_size": {"values": [16, 64, 256]}})
+    cfg["search"]["lr"] = {"values": [0.03, 0.1, 0.3]}
+    return run_sweeps(tmp_path_factory.mktemp("grid"), [cfg])
 
 
 def _grid(grid_store: Path):

@@ -11,26 +11,23 @@ from __future__ import annotations
 
 import copy
 import statistics
-from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
 
-from tests.trainers_tests.test_noise_scale import exact_b_simple, half_squared_error, linear_regression, mlp_problem
+from tests.trainers_tests.test_noise_scale import (  # one_thread: the same autouse fixture here
+    exact_b_simple,
+    half_squared_error,
+    linear_regression,
+    mlp_problem,
+    one_thread,  # noqa: F401
+)
 from trainers.loop import train
 from trainers.spec import RecordingSink, TrainSpec
 from trainers.task import LossFn, Task
 
 SEEDS = range(20)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def in_loop_reads(
