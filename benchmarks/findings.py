@@ -731,7 +731,7 @@ def noise_part(run: NoiseRun) -> Part:
         "Mean raw |G|² / its s.e.: how far the window's |G|² is from zero in its own noise; where it is below "
         "about 3 the ratio's denominator is mostly noise and the delta method's s.e. (a linearisation around "
         f"the ratio read) is no longer a guide. {negative:.0%} of the raw |G|² reads over the run are negative. "
-        "The loop therefore reads nothing where the window's |G|² is within 2 s.e. of 0 (“not read”), and the "
+        "The loop therefore reads nothing where the window's |G|² is within 3 s.e. of 0 (“not read”), and the "
         "report gives Fieller's 95% interval over the same measurements (`analysis.noise.fieller_interval`), "
         "which has no upper end there (“≥”: a lower bound).",
         f"The old reading: bias-corrected EMAs (β = 0.95) of the same {len(raw):,} raw measurements from step 1, "
@@ -743,7 +743,7 @@ def noise_part(run: NoiseRun) -> Part:
     not_read = sum(not math.isfinite(r.loop) for r in rows)
     verdict = (
         f"the report's interval holds the exact noise scale at {in_fieller} of {len(rows)} steps; the loop reads "
-        f"{len(rows) - not_read} (none where its window's |G|² is within 2 s.e. of 0), and where its s.e. is within "
+        f"{len(rows) - not_read} (none where its window's |G|² is within 3 s.e. of 0), and where its s.e. is within "
         f"±{BELIEVABLE_SE:.0%} the exact value is within 2 s.e. at {covered} of {len(judged)}"
     )
     met = in_fieller >= COVERAGE * len(rows) and (not judged or covered >= COVERAGE * len(judged))
