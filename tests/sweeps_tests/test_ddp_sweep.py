@@ -54,7 +54,9 @@ def test_sweep_with_two_processes_per_trial_fills_the_stores_as_the_contract_say
         tail = [v for _, v in evals[-4:]]
         assert run.data.metrics["final/tail_val_loss"] == pytest.approx(sum(tail) / len(tail))
         assert run.data.metrics["final/tail_val_loss"] == pytest.approx(t.value)
-        for key in HISTORIES | {"gns/b_simple"}:
+        # The raw noise-scale measurements (in HISTORIES); the windowed gns/b_simple only where its
+        # mean |G|² is 3 s.e. clear of 0, which a run this short need not reach.
+        for key in HISTORIES:
             assert client.get_metric_history(run.info.run_id, key), key
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert steps == list(range(1, STEPS + 1))  # every step once, from rank 0 only

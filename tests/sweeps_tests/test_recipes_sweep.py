@@ -88,7 +88,8 @@ def test_charlm_trial_logs_tokens_and_perplexity(workdir: Path) -> None:
     assert run.data.params["tokens_per_batch"] == str(16 * 16)
     assert "final/val_ppl" in run.data.metrics
     client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/ppl")] == [3, 6]
+    # Step 0: the evaluation at initialization that anchors steps to target.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/ppl")] == [0, 3, 6]
 
 
 def test_user_recipe_by_import_path_trial_is_tracked(workdir: Path) -> None:
