@@ -66,7 +66,8 @@ def _critical_batch(result: SweepAnalysis) -> str:
         f"The critical batch size is about {number(fit.b_crit)} examples "
         f"({fit.confidence:.0%} bootstrap interval {interval(fit.b_crit_low, fit.b_crit_high)}), "
         f"fitted to the steps to target of the fastest learning rate at {n_b} batch sizes "
-        f"(S_min ≈ {number(fit.s_min)} steps, E_min ≈ {number(fit.e_min)} examples): below it, "
+        f"(S_min ≈ {number(fit.s_min)} steps, {interval(fit.s_min_low, fit.s_min_high)}; E_min ≈ "
+        f"{number(fit.e_min)} examples, {interval(fit.e_min_low, fit.e_min_high)}): below it, "
         "doubling the batch size nearly halves the steps; above it, the returns diminish."
     )
     low, high = fit.batch_size_range
@@ -262,6 +263,17 @@ def findings(sweep: SweepData, result: SweepAnalysis) -> Findings:
         if extra:
             sentences.append(extra)
     return Findings(sentences=sentences, row=_row(sweep, result))
+
+
+def per_batch_note(result: SweepAnalysis) -> str:
+    """Why the per-batch table's numbers carry no interval of their own."""
+    runs = int(result.trial_summary["n_runs"].max()) if "n_runs" in result.trial_summary else 1
+    each = "one run" if runs <= 1 else f"the mean of its {runs} runs (seeds)"
+    return (
+        f"Each row is one trial per column (the best by the objective, and the fastest to the target): {each}, "
+        "so no interval of its own; the spread over seeds and learning rates is in the steps-to-target chart "
+        "and in the critical batch size's bootstrap interval. Throughput: the median over the batch size's runs."
+    )
 
 
 def per_batch_table(result: SweepAnalysis) -> pd.DataFrame:

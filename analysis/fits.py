@@ -69,6 +69,11 @@ class CriticalBatchFit:
     n_points: int
     batch_size_range: tuple[float, float]
     at_search_edge: bool  # the best B_crit is at the edge of the search: not identified
+    # Bootstrap intervals of S_min and E_min (from the same replicates as B_crit's).
+    s_min_low: float = float("nan")
+    s_min_high: float = float("nan")
+    e_min_low: float = float("nan")
+    e_min_high: float = float("nan")
 
     @property
     def e_min(self) -> float:
@@ -259,6 +264,8 @@ def fit_critical_batch(
 
     knee = _fit_knee(b, log_s, sign=1.0, n_bootstrap=n_bootstrap, seed=seed)
     low, high = _interval(knee.boot_log_knee, knee.log_knee, confidence)
+    s_low, s_high = _interval(knee.boot_intercept, knee.intercept, confidence)
+    e_low, e_high = _interval(knee.boot_intercept + knee.boot_log_knee, knee.intercept + knee.log_knee, confidence)
     return CriticalBatchFit(
         s_min=float(np.exp(knee.intercept)),
         b_crit=float(np.exp(knee.log_knee)),
@@ -268,6 +275,10 @@ def fit_critical_batch(
         n_points=int(b.size),
         batch_size_range=(float(b.min()), float(b.max())),
         at_search_edge=knee.at_search_edge,
+        s_min_low=float(np.exp(s_low)),
+        s_min_high=float(np.exp(s_high)),
+        e_min_low=float(np.exp(e_low)),
+        e_min_high=float(np.exp(e_high)),
     )
 
 

@@ -25,7 +25,7 @@ import pandas as pd
 from analysis import tables
 from analysis.analyze import SweepAnalysis, analyze
 from analysis.charts import Chart, render_charts, render_comparison
-from analysis.findings import Findings, findings, per_batch_table
+from analysis.findings import Findings, findings, per_batch_note, per_batch_table
 from analysis.load import ReadMethod, SweepData, load_sweep
 from analysis.paths import child_dir, safe_name
 from analysis.stores import DEFAULT_JOURNAL, DEFAULT_TRACKING_UI, DEFAULT_TRACKING_URI, StorageLike, redact_url
@@ -317,7 +317,8 @@ def _study_section(report: StudyReport, index: int, tracking_ui: str, *, heading
     parts.append("</ul>")
     per_batch = per_batch_table(report.analysis)
     if not per_batch.empty:
-        parts.append("<h3>Per batch size</h3>" + _frame_table(per_batch))
+        note = f"<p class='meta'>{html.escape(per_batch_note(report.analysis))}</p>"
+        parts.append("<h3>Per batch size</h3>" + _frame_table(per_batch) + note)
     parts.append("<h3>Charts</h3>")
     parts += [_figure(chart, f"{anchor}-{chart.name}") for chart in report.charts]
     parts.append(f"<h3>Trials ({len(sweep.trials)} rows; click a header to sort)</h3>")
@@ -388,7 +389,7 @@ def _markdown(reports: list[StudyReport]) -> str:
         lines += [f"- {_md(sentence)}" for sentence in report.findings.sentences]
         per_batch = per_batch_table(report.analysis)
         if not per_batch.empty:
-            lines += ["", "### Per batch size", "", _md_table(per_batch)]
+            lines += ["", "### Per batch size", "", _md_table(per_batch), "", per_batch_note(report.analysis)]
         lines += ["", f"Charts and the full trial table: `{REPORT_FILE}`.", ""]
     return "\n".join(lines)
 

@@ -42,6 +42,9 @@ def test_critical_batch_recovered_within_10_percent(s_min, b_crit, noise, seeds)
     assert fit.b_crit_low <= b_crit <= fit.b_crit_high
     assert fit.b_crit_low < fit.b_crit < fit.b_crit_high
     assert fit.within_measured_range and not fit.at_search_edge
+    # S_min and E_min have their bootstrap intervals too, around the estimates.
+    assert fit.s_min_low <= fit.s_min <= fit.s_min_high and fit.s_min_low < fit.s_min_high
+    assert fit.e_min_low <= fit.e_min <= fit.e_min_high and fit.e_min_low < fit.e_min_high
 
 
 def test_critical_batch_curves_follow_the_model():
