@@ -359,9 +359,10 @@ def _html(reports: list[StudyReport], comparison: Chart | None, tracking_ui: str
 
 
 def _md(value: object) -> str:
-    """Store text for Markdown: HTML-escaped (renderers show entities as text) and pipes
-    escaped so a name cannot break a table."""
-    return _e(value).replace("|", "\\|").replace("\n", " ")
+    """Store text for Markdown: <, > and & HTML-escaped (renderers show entities as text; quotes
+    need none outside HTML attributes, and stay readable) and pipes escaped so a name cannot
+    break a table."""
+    return html.escape(str(value), quote=False).replace("|", "\\|").replace("\n", " ")
 
 
 def _md_table(frame: pd.DataFrame) -> str:
