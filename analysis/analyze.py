@@ -16,7 +16,6 @@ from analysis.fits import CriticalBatchFit, LrLawFit, PowerLawFit, fit_critical_
 from analysis.load import SweepData
 from analysis.noise import NoiseEstimate
 
-NOISE_KEY = "gns/b_simple"
 # A batch size whose fastest run crossed the target by its second evaluation has few points
 # around the crossing: its steps to target rest on one interpolation from the start.
 FEW_EVALUATIONS = 2
@@ -73,7 +72,8 @@ class SweepAnalysis:
     lr_law: LrLawFit | None
     lr_rule: str  # the sweep's lr scaling rule: the fits use the effective lr when it is not "none"
     lr_basis: str  # "fastest": the lr law is fitted to the lr fastest to the target; "objective": the best lr
-    lr_points: pd.DataFrame  # batch_size, trial, lr: the points the lr law is fitted to
+    lr_column: str  # "effective_lr" under a scaling rule, else "lr": what the lr law is fitted to
+    lr_points: pd.DataFrame  # batch_size, trial, lr (base), fitted_lr (of lr_column): the law's points
     lr_edges: dict[int, str]  # batch size -> "lowest" / "highest" / "only": best lr not bracketed
     run_costs: pd.DataFrame
     noise_scale: NoiseScaleSummary | None
@@ -274,13 +274,14 @@ def analyze(sweep: SweepData) -> SweepAnalysis:
     # The lr law is about the lr that makes the most progress per step (McCandlish et al.'s ε_opt):
     # the one that reached the target fastest, where 3 batch sizes reached it; else the best by the objective.
     lr_basis = "fastest" if fastest["batch_size"].nunique() >= 3 else "objective"
-    lr_points = fastest if lr_basis == "fastest" else best_lr
+    chosen = fastest if lr_basis == "fastest" else best_lr
+    lr_points = chosen[["batch_size", "trial", "lr"]].reset_index(drop=True)
+    lr_points["fitted_lr"] = summary.set_index("trial")[lr_column].reindex(lr_points["trial"]).to_numpy(dtype=float)
     lr_scaling = lr_law = None
     if not lr_points.empty:
-        best_lrs = summary.set_index("trial").loc[lr_points["trial"], lr_column].to_numpy(dtype=float)
         batch_sizes = lr_points["batch_size"].to_numpy(dtype=float)
-        lr_scaling = fit_lr_exponent(batch_sizes, best_lrs)
-        lr_law = fit_lr_law(batch_sizes, best_lrs)
+        lr_scaling = fit_lr_exponent(batch_sizes, lr_points["fitted_lr"].to_numpy())
+        lr_law = fit_lr_law(batch_sizes, lr_points["fitted_lr"].to_numpy())
     noise_summary, noise_note = _noise_scale(sweep, best_runs, points, critical)
     importances, importance_note = _importances(sweep.study)
     best_trial = _best_trial(summary, score, minimize)
@@ -301,7 +302,8 @@ def analyze(sweep: SweepData) -> SweepAnalysis:
         lr_law=lr_law,
         lr_rule=lr_rule,
         lr_basis=lr_basis,
-        lr_points=lr_points[["batch_size", "trial", "lr"]].reset_index(drop=True),
+        lr_column=lr_column,
+        lr_points=lr_points,
         lr_edges=_lr_edges(summary, lr_points),
         run_costs=tables.run_costs(sweep.history),
         noise_scale=noise_summary,

@@ -299,9 +299,8 @@ def lr_batch(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) -> Fi
         style.empty_panel(ax, title, f"Not enough data: {NO_BEST_LR}")
         return fig
     # The fits are of the effective lr when a scaling rule sets it from the batch size: so is the axis.
-    lr_col = "effective_lr" if result.lr_rule != "none" else "lr"
-    best_lrs = summary.set_index("trial").loc[best["trial"], lr_col].to_numpy(dtype=float)
-    ax.scatter(summary["batch_size"], summary[lr_col], s=10, color="0.75", label="tried", zorder=2)
+    best_lrs = best["fitted_lr"].to_numpy(dtype=float)
+    ax.scatter(summary["batch_size"], summary[result.lr_column], s=10, color="0.75", label="tried", zorder=2)
     ax.scatter(
         best["batch_size"],
         best_lrs,

@@ -292,9 +292,7 @@ def per_batch_table(result: SweepAnalysis) -> pd.DataFrame:
     table = best.merge(fastest, on="batch_size", how="outer")
     if result.lr_rule != "none":
         # The searched lr is the base one; what each batch size trained with is scaled by the rule.
-        effective = result.trial_summary.set_index("trial")["effective_lr"]
-        lr_trials = result.fastest if result.lr_basis == "fastest" else result.best_lr
-        by_batch = dict(zip(lr_trials["batch_size"], effective.reindex(lr_trials["trial"]).to_numpy(), strict=True))
+        by_batch = dict(zip(result.lr_points["batch_size"], result.lr_points["fitted_lr"], strict=True))
         which = "fastest" if result.lr_basis == "fastest" else "best"
         table[f"{which} lr, effective ({result.lr_rule})"] = table["batch_size"].map(by_batch)
         table = table.rename(columns={"best lr": "best lr (base)", "fastest lr": "fastest lr (base)"})

@@ -29,7 +29,7 @@ def _slope_words(low: float, high: float) -> str:
     return "shows no clear trend with the batch size (the interval includes 0)"
 
 
-def _rule_words(estimate: float, low: float, high: float) -> str:
+def _rule_words(low: float, high: float) -> str:
     inside = [name for slope, name in RULES if low <= slope <= high]
     if len(inside) == 2 and low <= 0:
         return "too uncertain to tell linear, square-root or no scaling apart"
@@ -75,7 +75,7 @@ def lr_law_sentence(
         sentence += (
             f": below the knee it goes as B^{law.slope_below:.2f} ({law.confidence:.0%} interval "
             f"{law.slope_below_low:.2f} to {law.slope_below_high:.2f}), "
-            + _rule_words(law.slope_below, law.slope_below_low, law.slope_below_high)
+            + _rule_words(law.slope_below_low, law.slope_below_high)
         )
     else:
         sentence += f": below the knee it goes as B^{law.slope_below:.2f} (3 batch sizes: no interval)"

@@ -79,7 +79,7 @@ class NoiseScaleWindow:
     whatever the measuring cadence, rather than an average over a number of measurements.
     """
 
-    def __init__(self, device: torch.device, window: int, population: int | None = None) -> None:
+    def __init__(self, window: int, population: int | None = None) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1 step, got {window=}.")
         if population is not None and population < 2:
@@ -88,7 +88,6 @@ class NoiseScaleWindow:
         # Batches drawn without replacement from N examples: E|G_B|² = |G|² + tr(Σ)/B · (N−B)/(N−1).
         # The two-batch |G|² estimate is then low by tr(Σ)/(N−1) and tr(Σ) high by N/(N−1): corrected below.
         self.population = population
-        self._device = device
         self._pending_steps: list[int] = []
         self._pending: list[torch.Tensor] = []  # |G|², tr(Σ) of each pending measurement, in turn
         self._kept: list[tuple[int, float, float]] = []  # (step, |G|², tr Σ) within the window

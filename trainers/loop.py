@@ -229,7 +229,7 @@ def train(
         params = [p for p in model.parameters() if p.requires_grad]
         batcher = DeviceBatcher(task.num_train, B, device, seed=spec.seed)
         gns_window = spec.gns_window or 4 * spec.eval_every
-        noise = NoiseScaleWindow(device, gns_window, population=task.num_train)
+        noise = NoiseScaleWindow(gns_window, population=task.num_train)
         if gns_on:
             resolved["gns_window"] = gns_window
         scaler = precision.scaler

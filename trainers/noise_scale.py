@@ -175,19 +175,9 @@ def measure_noise_scale(
                 for _ in range(drawn - len(g_small_sq)):
                     idx = torch.randint(len(x), (b_big,), generator=gen).to(x.device)
                     xb, yb = x[idx].to(device), y[idx].to(device)
-                    for p in params:
-                        p.grad = None
-                    _mean_loss(model, loss_fn, xb[:b_small], yb[:b_small]).backward()
-                    small_sqs.append(grad_sq_norm(params))
-                    # Re-weight the small-batch mean so that, with the rest added, .grad is
-                    # the mean over the whole big batch: the small batch is nested in the big one.
-                    for p in params:
-                        if p.grad is not None:
-                            p.grad.mul_(b_small / b_big)
-                    for lo, hi in rest:
-                        loss = _mean_loss(model, loss_fn, xb[lo:hi], yb[lo:hi])
-                        (loss * ((hi - lo) / b_big)).backward()
-                    big_sqs.append(grad_sq_norm(params))
+                    small_sq, big_sq = _pair_norms(model, loss_fn, params, xb, yb, b_small, rest)
+                    small_sqs.append(small_sq)
+                    big_sqs.append(big_sq)
                 # Host sync, once per round: the round's per-batch norms, in fp64 for the statistics.
                 g_small_sq = torch.cat([g_small_sq, torch.stack(small_sqs).double().cpu()])
                 g_big_sq = torch.cat([g_big_sq, torch.stack(big_sqs).double().cpu()])
@@ -204,6 +194,32 @@ def measure_noise_scale(
     if n_batches is not None:
         return estimate
     return replace(estimate, precision_reached=estimate.rel_stderr <= rel_precision)
+
+
+def _pair_norms(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: list[nn.Parameter],
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    b_small: int,
+    rest: list[tuple[int, int]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """|G_small|² of the first b_small examples and |G_big|² of the whole batch, on the device."""
+    b_big = len(xb)
+    for p in params:
+        p.grad = None
+    _mean_loss(model, loss_fn, xb[:b_small], yb[:b_small]).backward()
+    small_sq = grad_sq_norm(params)
+    # Re-weight the small-batch mean so that, with the rest added, .grad is the mean over
+    # the whole big batch: the small batch is nested in the big one.
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(b_small / b_big)
+    for lo, hi in rest:
+        loss = _mean_loss(model, loss_fn, xb[lo:hi], yb[lo:hi])
+        (loss * ((hi - lo) / b_big)).backward()
+    return small_sq, grad_sq_norm(params)
 
 
 def _mean_loss(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,6 @@ from torch import nn
 
 from trainers.gns import NoiseScaleWindow, grad_sq_norm, ratio_of_means, two_batch_estimates
 
-CPU = torch.device("cpu")
-
 
 def expected_sq_norm(grad_sq: float, trace_sigma: float, batch_size: float) -> float:
     return grad_sq + trace_sigma / batch_size
@@ -97,7 +95,7 @@ def read_back(noise: NoiseScaleWindow) -> list[tuple[int, float, float]]:
 
 def test_each_measurement_is_logged_as_measured_at_its_step() -> None:
     # The raw two-batch estimates come back per measurement, negative |G|² included.
-    noise = NoiseScaleWindow(CPU, window=100)
+    noise = NoiseScaleWindow(window=100)
     feed(noise, 3, grad_sq=2.0, trace_sigma=50.0)
     feed(noise, 7, grad_sq=-0.5, trace_sigma=10.0)
     rows = read_back(noise)
@@ -110,7 +108,7 @@ def test_each_measurement_is_logged_as_measured_at_its_step() -> None:
 def test_window_reads_the_ratio_of_means_of_its_steps() -> None:
     # Measurements at steps 10, 20, 30 with window 15 at step 30: only 20 and 30 count, and
     # B_simple = mean tr Σ / mean |G|² = (10 + 12)/(1 + 1.2) = 10.
-    noise = NoiseScaleWindow(CPU, window=15)
+    noise = NoiseScaleWindow(window=15)
     feed(noise, 10, grad_sq=5.0, trace_sigma=1.0)
     feed(noise, 20, grad_sq=1.0, trace_sigma=10.0)
     feed(noise, 30, grad_sq=1.2, trace_sigma=12.0)
@@ -123,7 +121,7 @@ def test_window_reads_the_ratio_of_means_of_its_steps() -> None:
 
 def test_negative_reads_stay_in_the_means() -> None:
     # A negative |G|² estimate is noise, not an error: dropping it would bias |G|² upwards.
-    noise = NoiseScaleWindow(CPU, window=100)
+    noise = NoiseScaleWindow(window=100)
     reads = [1.0, -0.2, 1.2, 1.0, 1.1, 0.9]  # mean 5/6, 3.9 standard errors above 0
     for step, g in enumerate(reads, start=1):
         feed(noise, step, grad_sq=g, trace_sigma=40.0)
@@ -134,7 +132,7 @@ def test_negative_reads_stay_in_the_means() -> None:
 def test_a_window_whose_gradient_is_lost_in_the_noise_reads_nothing() -> None:
     # Mean |G|² = 0.5 with a standard error of 0.87: B_simple has no upper bound at this precision,
     # and a ratio with a delta-method error would look precise while meaning nothing.
-    noise = NoiseScaleWindow(CPU, window=100)
+    noise = NoiseScaleWindow(window=100)
     for step, g in enumerate([2.0, -1.0, 2.0, -1.0], start=1):
         feed(noise, step, grad_sq=g, trace_sigma=40.0)
     read_back(noise)
@@ -143,7 +141,7 @@ def test_a_window_whose_gradient_is_lost_in_the_noise_reads_nothing() -> None:
 
 def test_an_undefined_window_reads_no_b_simple() -> None:
     # Mean |G|² ≤ 0 over the window: B_simple is undefined and not logged.
-    noise = NoiseScaleWindow(CPU, window=100)
+    noise = NoiseScaleWindow(window=100)
     feed(noise, 1, grad_sq=-1.0, trace_sigma=10.0)
     feed(noise, 2, grad_sq=0.5, trace_sigma=10.0)
     read_back(noise)
@@ -153,7 +151,7 @@ def test_an_undefined_window_reads_no_b_simple() -> None:
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 def test_non_finite_measurements_are_dropped(bad: float) -> None:
     # An fp16 step whose gradient overflowed is not a read of the noise.
-    noise = NoiseScaleWindow(CPU, window=100)
+    noise = NoiseScaleWindow(window=100)
     feed(noise, 1, grad_sq=1.0, trace_sigma=10.0)
     noise.update(torch.tensor(bad), torch.tensor(1.0), 4, 32, 2)
     assert [r[0] for r in read_back(noise)] == [1]
@@ -161,15 +159,15 @@ def test_non_finite_measurements_are_dropped(bad: float) -> None:
 
 
 def test_nothing_measured_reads_nothing() -> None:
-    assert NoiseScaleWindow(CPU, window=10).read(5) == {}
+    assert NoiseScaleWindow(window=10).read(5) == {}
 
 
 def test_the_window_survives_a_checkpoint() -> None:
-    noise = NoiseScaleWindow(CPU, window=100)
+    noise = NoiseScaleWindow(window=100)
     feed(noise, 1, grad_sq=1.0, trace_sigma=10.0)
     feed(noise, 2, grad_sq=3.0, trace_sigma=50.0)
     read_back(noise)
-    restored = NoiseScaleWindow(CPU, window=100)
+    restored = NoiseScaleWindow(window=100)
     restored.load_state_dict(noise.state_dict())
     assert restored.read(2) == pytest.approx(noise.read(2))
 
@@ -196,4 +194,4 @@ def test_ratio_of_means_stderr_is_the_delta_method() -> None:
 @pytest.mark.parametrize("window", [0, -3])
 def test_window_must_be_positive(window: int) -> None:
     with pytest.raises(ValueError, match=f"window={window}"):
-        NoiseScaleWindow(CPU, window=window)
+        NoiseScaleWindow(window=window)
