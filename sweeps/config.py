@@ -6,14 +6,17 @@ anything is created on disk.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -43,12 +46,41 @@ def _to_float(value: Any) -> Any:
     return value
 
 
+# Bounds on what a config can mean. Past them a number is a typo, and it would run until killed
+# (or take the machine's memory) instead of being refused in one line.
+# numpy takes seeds in [0, 2**32 - 1], and the recipes seed numpy with them.
+SEED_MAX = 2**32 - 1
+# Examples in one step: 2**8 times the largest batches of Shallue et al. 2019 (2**16).
+MAX_BATCH = 2**24
+# Steps in one run: a thousand times a long language-model pre-training (about 10**6 steps).
+MAX_STEPS = 10**9
+# Epochs in one run: ten times the longest runs on tiny data (grokking studies reach about 10**5).
+MAX_EPOCHS = 10**6
+# A batch may span several epochs (trainers.data.DeviceBatcher), so a search space may reach past
+# the training set (a power-of-two grid overshoots it, memory probes go further); past this many
+# copies of every example in each step the batch size no longer means anything.
+MAX_BATCH_PER_TRAIN_SET = 1024
+# Trials in one study: a million real training runs of a second or more each is weeks of compute.
+MAX_TRIALS = 10**6
+
+
+def _seed_in_range(seed: int) -> int:
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"a seed must be between 0 and 2**32 - 1 = {SEED_MAX} (numpy's range), got {seed}")
+    return seed
+
+
 Float = Annotated[float, BeforeValidator(_to_float)]
 PositiveInt = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, AfterValidator(_seed_in_range)]
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan=False: an inf or nan (YAML's .inf, .nan) is refused wherever a number is read,
+    # rather than training to a "divergence" or a target that can never hold.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 # ---- trainer ---------------------------------------------------------------
@@ -89,8 +121,8 @@ class Target(_Strict):
 
 class LrScaling(_Strict):
     rule: Literal["none", "linear", "sqrt"] = "none"
-    reference_batch: PositiveInt = 128
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    reference_batch: BatchSize = 128
+    warmup_steps: Annotated[int, Field(ge=0, le=MAX_STEPS)] = 0
 
 
 class NoiseScaleConfig(_Strict):
@@ -98,22 +130,23 @@ class NoiseScaleConfig(_Strict):
     # Measure on every n-th step, or "auto": chosen per run from a few timed steps so that measuring
     # costs about `max_overhead` of the training time (without accumulation a measuring step splits
     # its batch in two: nearly free on a GPU-bound model, about a second step on a small CPU model).
-    every: PositiveInt | Literal["auto"] = "auto"
+    every: Steps | Literal["auto"] = "auto"
     max_overhead: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.02
     # B_simple at an evaluation is the ratio of the means of |G|² and tr(Σ) measured over this many
     # last steps, with its standard error; the same window in every trial. auto: 4 × eval_every.
-    window: PositiveInt | Literal["auto"] = "auto"
+    window: Steps | Literal["auto"] = "auto"
 
 
 class SharpnessConfig(_Strict):
     enabled: bool = True
-    iters: PositiveInt = 20
+    # Power iteration converges in tens of products; 10,000 is a typo's bound, not a tuning one.
+    iters: Annotated[int, Field(ge=1, le=10_000)] = 20
     tol: Annotated[Float, Field(gt=0.0)] = 1e-3
 
 
 class CheckpointConfig(_Strict):
     # Save every n steps and/or every m minutes (at the next evaluation point); null for neither.
-    every_steps: PositiveInt | None = None
+    every_steps: Steps | None = None
     every_minutes: Annotated[Float, Field(gt=0.0)] | None = 5.0
     # Checkpoints of finished trials: keep the best trial's, all, or none. Kept final weights go to MLflow.
     keep: Literal["best", "all", "none"] = "best"
@@ -130,20 +163,21 @@ class TrainConfig(_Strict):
     momentum: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.9
     weight_decay: Annotated[Float, Field(ge=0.0)] = 0.0
     # The budget: exactly one of steps, samples or epochs (default 1000 steps).
-    max_steps: PositiveInt | None = None
-    max_samples: PositiveInt | None = None
-    max_epochs: Annotated[Float, Field(gt=0.0)] | None = None
-    eval_every: PositiveInt = 50
-    log_every: PositiveInt = 10
+    # Checked against MAX_STEPS for the smallest batch by SweepConfig (samples and epochs need it).
+    max_steps: Steps | None = None
+    max_samples: Annotated[int, Field(ge=1, le=MAX_STEPS * MAX_BATCH)] | None = None
+    max_epochs: Annotated[Float, Field(gt=0.0, le=MAX_EPOCHS)] | None = None
+    eval_every: Steps = 50
+    log_every: Steps = 10
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     target: Target | None = None
     lr_scaling: LrScaling = LrScaling()
-    seeds: Annotated[list[int], Field(min_length=1)] = [0]
+    seeds: Annotated[list[Seed], Field(min_length=1)] = [0]
     # Split batches into micro-batches of this size (gradient accumulation, same effective batch);
     # `auto`: only batches that do not fit memory are split, at the size AutoBatch measures.
-    micro_batch_size: PositiveInt | Literal["auto"] | None = None
+    micro_batch_size: BatchSize | Literal["auto"] | None = None
     # For `batchscope train`: the batch size, or `auto` for the largest that fits (AutoBatch).
-    batch_size: PositiveInt | Literal["auto"] | None = None
+    batch_size: BatchSize | Literal["auto"] | None = None
     gns: NoiseScaleConfig = NoiseScaleConfig()
     sharpness: SharpnessConfig = SharpnessConfig()
     compile: bool = False
@@ -173,7 +207,7 @@ class TrainConfig(_Strict):
     def steps_for(self, batch_size: int, num_train: int) -> int:
         """The step budget for one batch size (a sample or epoch budget gives larger batches fewer steps)."""
         if self.max_samples is not None:
-            return max(1, math.ceil(self.max_samples / batch_size))
+            return max(1, -(-self.max_samples // batch_size))  # integer ceil: no float overflow
         if self.max_epochs is not None:
             return max(1, math.ceil(self.max_epochs * num_train / batch_size))
         return self.max_steps or 1000
@@ -183,7 +217,7 @@ class TrainConfig(_Strict):
 
 
 class BatchValues(_Strict):
-    values: Annotated[list[PositiveInt], Field(min_length=1)]
+    values: Annotated[list[BatchSize], Field(min_length=1)]
 
     @field_validator("values")
     @classmethod
@@ -199,8 +233,8 @@ class BatchValues(_Strict):
 class BatchRange(_Strict):
     """Powers of two from `low` to `high`; `high: auto` is the largest batch that fits (AutoBatch)."""
 
-    low: PositiveInt
-    high: PositiveInt | Literal["auto"]
+    low: BatchSize
+    high: BatchSize | Literal["auto"]
     log: Literal[True] = True
 
     @model_validator(mode="after")
@@ -227,13 +261,21 @@ class BatchRange(_Strict):
 class LrValues(_Strict):
     values: Annotated[list[Annotated[Float, Field(gt=0.0)]], Field(min_length=1)]
 
+    @field_validator("values")
+    @classmethod
+    def _distinct(cls, values: list[float]) -> list[float]:
+        # A repeated value would train the same (batch size, lr) twice under the grid sampler.
+        if len(set(values)) != len(values):
+            raise ValueError(f"learning rates must be distinct, got {values}")
+        return values
+
 
 class LrRange(_Strict):
     low: Annotated[Float, Field(gt=0.0)]
     high: Annotated[Float, Field(gt=0.0)]
     log: bool = True
-    # Only for the grid sampler: how many (log-)evenly spaced values to try.
-    grid_points: Annotated[int, Field(ge=2)] = 5
+    # Only for the grid sampler: how many (log-)evenly spaced values to try (every one at every batch size).
+    grid_points: Annotated[int, Field(ge=2, le=1000)] = 5
 
     @model_validator(mode="after")
     def _order(self) -> LrRange:
@@ -271,12 +313,12 @@ class SearchConfig(_Strict):
     lr: LrSpace = LrRange(low=1e-3, high=1.0)
     sampler: Literal["tpe", "grid", "random"] = "tpe"
     pruner: Literal["none", "median", "successive_halving", "hyperband"] = "none"
-    n_trials: PositiveInt = 24
+    n_trials: Annotated[int, Field(ge=1, le=MAX_TRIALS)] = 24
     # What Optuna optimizes; two names give a Pareto front (no pruning then).
     objective: Objective | Annotated[list[Objective], Field(min_length=1, max_length=2)] = "val_loss"
     # val_loss / val_acc: the mean over each run's last N evaluations (1: the final evaluation alone).
     objective_evals: PositiveInt = 4
-    seed: int | None = 0
+    seed: Seed | None = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchConfig:
@@ -309,6 +351,14 @@ class ReportConfig(_Strict):
     # Write the comparison report when the sweep ends.
     auto: bool = True
     out_dir: str = "reports"
+
+    @field_validator("out_dir")
+    @classmethod
+    def _a_folder_name(cls, out_dir: str) -> str:
+        # Checked now: the report is written after the sweep, when a bad path would only be a warning.
+        if not out_dir.strip() or "\x00" in out_dir:
+            raise ValueError(f"give a folder for the report, got {out_dir!r}")
+        return out_dir
 
 
 class HeartbeatConfig(_Strict):
@@ -350,6 +400,8 @@ class SweepConfig(_Strict):
     def _device(cls, device: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        if device.startswith("cuda"):
+            _check_cuda(device)
         return device
 
     @model_validator(mode="after")
@@ -362,8 +414,7 @@ class SweepConfig(_Strict):
                 f"choose one of: {', '.join(recipe.metrics)}"
             )
         nproc = self.train.distributed.nproc
-        bs = self.search.batch_size
-        sizes = bs.values if isinstance(bs, BatchValues) else ([bs.low] if bs.high == "auto" else bs.choices())
+        sizes = self.searched_batch_sizes()
         odd = [b for b in sizes if b % nproc]
         if nproc > 1 and odd:
             raise ValueError(
@@ -375,15 +426,140 @@ class SweepConfig(_Strict):
             raise ValueError(f"objective {sorted(needs_target)[0]} needs train.target to be set")
         return self
 
+    @model_validator(mode="after")
+    def _within_bounds(self) -> SweepConfig:
+        num_train = train_size_without_torch(self.trainer)
+        if num_train is not None and num_train < 1:
+            raise ValueError(
+                f"trainer: these options of recipe {self.trainer.recipe!r} leave no training examples; "
+                "give it more data or a larger training split"
+            )
+        sizes = self.searched_batch_sizes()
+        fixed = self.train.batch_size
+        named = [("search.batch_size", max(sizes))] + ([("train.batch_size", fixed)] if isinstance(fixed, int) else [])
+        for field, batch in named:
+            problem = _batch_problem(batch, num_train)
+            if problem:
+                raise ValueError(f"{field}: {problem}")
+        # The smallest batch takes the most steps under a sample or epoch budget.
+        problem = _budget_problem(self.train, min(sizes), num_train)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def searched_batch_sizes(self) -> list[int]:
+        """The batch sizes the search may try (with `high: auto`, its low end only: the rest is measured)."""
+        bs = self.search.batch_size
+        if isinstance(bs, BatchValues):
+            return list(bs.values)
+        return [bs.low] if bs.high == "auto" else bs.choices()
+
+
+# ---- bounds that need more than one field ------------------------------------------
+
+# Recipes whose training-set size follows from their options alone. cifar10 and charlm count
+# their data files (their modules import torch), which validation does not do: their batches
+# are bounded by MAX_BATCH only.
+_SIZE_FROM_OPTIONS = frozenset({"mnist1d", "digits"})
+
+
+def train_size_without_torch(trainer: TrainerConfig) -> int | None:
+    """The training-set size where the options give it without reading data, else None."""
+    recipe = get_recipe(trainer.recipe)
+    if trainer.recipe not in _SIZE_FROM_OPTIONS or recipe.num_train is None:
+        return None
+    return int(recipe.num_train(recipe.options.model_validate(trainer.options)))
+
+
+def _batch_problem(batch_size: int, num_train: int | None) -> str | None:
+    if batch_size > MAX_BATCH:
+        return f"a batch size must be at most 2**24 = {MAX_BATCH:,}, got {batch_size:,}"
+    if num_train is not None and batch_size > MAX_BATCH_PER_TRAIN_SET * num_train:
+        return (
+            f"a batch of {batch_size:,} repeats each of the {num_train:,} training examples more than "
+            f"{MAX_BATCH_PER_TRAIN_SET} times per step; at most {MAX_BATCH_PER_TRAIN_SET * num_train:,} here"
+        )
+    return None
+
+
+def _budget_problem(train: TrainConfig, batch_size: int, num_train: int | None) -> str | None:
+    """Whether a sample or epoch budget means more than MAX_STEPS steps at this batch size."""
+    if train.max_samples is not None:
+        field, value = "max_samples", f"{train.max_samples:,}"
+    elif train.max_epochs is not None and num_train is not None:
+        field, value = "max_epochs", f"{train.max_epochs:g}"
+    else:
+        return None  # max_steps is bounded by its own field; epochs of unknown data cannot be counted
+    steps = train.steps_for(batch_size, num_train or 1)
+    if steps <= MAX_STEPS:
+        return None
+    return (
+        f"train.{field}: {value} is {steps:.3g} steps at batch size {batch_size}; "
+        f"a run may take at most {MAX_STEPS:,} steps: lower train.{field}"
+    )
+
+
+def check_batch_size(cfg: SweepConfig, batch_size: int, source: str) -> None:
+    """A batch size given outside the config (`batchscope train --batch-size`), held to the config's bounds."""
+    num_train = train_size_without_torch(cfg.trainer)
+    problem = _batch_problem(batch_size, num_train) or _budget_problem(cfg.train, batch_size, num_train)
+    if problem:
+        raise UserError(f"{source} {batch_size}: {problem}")
+
+
+# ---- the device, checked here rather than when the first trial starts ------------------
+
+
+@functools.cache
+def torch_has_gpu_support() -> bool:
+    """Whether the installed PyTorch was built with CUDA or ROCm, read from torch/version.py.
+
+    Without either, torch.cuda.is_available() is False: a config that names no CUDA device is
+    checked without importing torch (1–2 s of start-up).
+    """
+    found = importlib.util.find_spec("torch")
+    locations = list(found.submodule_search_locations or []) if found is not None else []
+    try:
+        text = (Path(locations[0]) / "version.py").read_text(encoding="utf-8")
+    except (IndexError, OSError, UnicodeDecodeError):
+        return True  # cannot tell: ask torch itself
+    builds = dict(re.findall(r"^(cuda|hip)\b[^=\n]*=\s*(.*?)\s*$", text, flags=re.MULTILINE))
+    return builds.get("cuda") != "None" or builds.get("hip") != "None"
+
+
+def cuda_device_count() -> int:
+    """CUDA (or ROCm) devices on this machine; torch is imported only when its build has GPU support."""
+    if not torch_has_gpu_support():
+        return 0
+    import torch
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def _check_cuda(device: str) -> None:
+    count = cuda_device_count()
+    if count == 0:
+        raise ValueError(f"{device!r}: there is no CUDA device on this machine; set device: auto or cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise ValueError(
+            f"{device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}; "
+            "set device: cuda, cuda:N with N below that, or auto"
+        )
+
 
 # ---- loading -----------------------------------------------------------------
 
 
-def _format_error(err: Mapping[str, Any]) -> str:
+def _location(err: Mapping[str, Any]) -> str:
     loc = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith("function-"))
     # Pydantic names union members in the path (tags, types); drop those for readability.
     loc = re.sub(r"\.by-(values|range)(?=\.|$)", "", loc)
-    loc = re.sub(r"\.(list\[.*?\]|str|int|float|literal\[.*?\])(?=\.|$)", "", loc)
+    return re.sub(r"\.(list\[.*?\]|str|int|float|literal\[.*?\]|constrained-\w+)(?=\.|$)", "", loc)
+
+
+def _format_error(err: Mapping[str, Any]) -> str:
+    loc = _location(err)
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
         msg = "unknown key (check the spelling; see sweeps/configs/ for the keys)"
@@ -400,11 +576,54 @@ def validate(raw: Any, source: str) -> SweepConfig:
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as exc:
-        errors = exc.errors()
-        # Union types produce one error per member; report the most specific first.
-        first = _format_error(errors[0])
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise UserError(f"{source}: {first}{more}") from None
+        raise UserError(f"{source}: {_one_line(exc.errors())}") from None
+
+
+def _one_line(errors: Sequence[Mapping[str, Any]]) -> str:
+    first = _format_error(errors[0])
+    loc = _location(errors[0])
+    # A union (`every: 10 | auto`) gives one error per member at the same place: say the alternatives.
+    alternatives = [e for e in errors[1:] if _location(e) == loc and e.get("type") == "literal_error"]
+    if alternatives and len(alternatives) == len(errors) - 1:
+        return first + "".join(f", or {str(e['msg']).removeprefix('Input should be ')}" for e in alternatives)
+    return first + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Hashable, first_line: int, second_line: int) -> None:
+        super().__init__(f"the key {key!r} is given twice, on lines {first_line} and {second_line}; keep one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error
+    (PyYAML keeps the last one without a word: `study:` twice silently renames the study)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: dict[Hashable, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then overriding a key is what merge keys are for
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            if isinstance(key, Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
+    except (ValueError, RecursionError) as exc:
+        # Not YAMLError: an integer of thousands of digits (Python's int() limit), or nesting deeper
+        # than the recursion limit. Neither is a sweep config.
+        problem = str(exc).split(";")[0] if isinstance(exc, ValueError) else "nested too deeply"
+        raise yaml.YAMLError(problem) from None
+
+
+# A sweep config is a page of YAML; a bigger file is the wrong file (a dataset, a checkpoint).
+_MAX_CONFIG_BYTES = 1_000_000
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -413,18 +632,30 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {str(p)!r} does not exist; give the path to a sweep YAML (see sweeps/configs/)")
     if p.is_dir():
         raise UserError(f"config {str(p)!r} is a folder; give the path to a sweep YAML file")
+    if not p.is_file():
+        # A FIFO or a device (/dev/zero) would block or never end.
+        raise UserError(f"config {str(p)!r} is not a regular file; give the path to a sweep YAML file")
     try:
+        size = p.stat().st_size
+        if size > _MAX_CONFIG_BYTES:
+            raise UserError(
+                f"config file {str(p)!r} is {size:,} bytes, not a sweep config (at most {_MAX_CONFIG_BYTES:,})"
+            )
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"config file {str(p)!r} cannot be read: {exc}") from None
+    if "\x00" in text:
+        raise UserError(f"config file {str(p)!r} is binary, not YAML; give the path to a sweep YAML file")
     try:
-        raw = yaml.safe_load(text)
+        raw = _parse_yaml(text)
+    except _DuplicateKey as exc:
+        raise UserError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(exc, "problem", None) or "invalid YAML"
+        problem = getattr(exc, "problem", None) or str(exc) or "invalid YAML"
         raise UserError(f"{p}: bad YAML{where}: {problem}") from None
     if raw is None:
         raise UserError(f"{p}: the file is empty; a sweep config needs at least `study:`")
@@ -450,7 +681,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             raise UserError(f"--set {item!r}: the key {key!r} is not a dotted path like train.max_steps")
         _check_key_exists(parts, item)
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = _parse_yaml(text) if text.strip() else None
+        except _DuplicateKey as exc:
+            raise UserError(f"--set {item!r}: {exc}") from None
         except yaml.YAMLError:
             value = text
         node = out
