@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from sweeps.errors import UserError
 
@@ -25,8 +28,69 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (its own print the usage first), exit code 2 as before."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _whole_number(low: int, high: int | Callable[[], int] | None = None, why: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], checked as the command line is read
+    (before any worker starts); `high` may be computed when first needed."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        top = high() if callable(high) else high
+        if value < low or (top is not None and value > top):
+            bound = f"at least {low}" if top is None else f"between {low} and {top:,}"
+            raise argparse.ArgumentTypeError(f"must be {bound}{why}, got {text}")
+        return value
+
+    return whole_number
+
+
+def _positive_number(high: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite number above 0 (float() also reads 'inf' and 'nan')."""
+
+    def positive_number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0 and (high is None or value <= high)):
+            bound = "" if high is None else f" and at most {high:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0{bound}, got {text}")
+        return value
+
+    return positive_number
+
+
+def _config_limit(name: str) -> Callable[[], int]:
+    """A bound from sweeps.config, imported only when an argument needs it (it builds the models)."""
+    return lambda: int(getattr(importlib.import_module("sweeps.config"), name))
+
+
+def _max_workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 4 * cpus
+
+
+# Each trial worker is a training process with its own PyTorch; past a few per core they only wait
+# for each other (and hold memory), so more is a typo.
+_WORKERS = _whole_number(1, _max_workers, " (4 per CPU core here)")
+_TRIALS = _whole_number(1, _config_limit("MAX_TRIALS"))
+_BATCH = _whole_number(1, _config_limit("MAX_BATCH"))
+_SEED = _whole_number(0, _config_limit("SEED_MAX"), " (numpy's seed range)")
+# Timed passes or batch pairs: a million is hours of measuring; more is a typo.
+_REPEATS = 10**6
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="batchscope",
         description="Which batch size, with which learning rate, and what does it cost? "
         "Optuna sweeps of real PyTorch training, tracked in MLflow.",
@@ -35,17 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run or continue a batch-size × learning-rate sweep")
     _add_config_args(p)
-    p.add_argument("--n-trials", type=int, default=None, help="total trials for the study (default: search.n_trials)")
+    p.add_argument(
+        "--n-trials", type=_TRIALS, default=None, help="total trials for the study (default: search.n_trials)"
+    )
     p.add_argument("--force", action="store_true", help="continue a study even though its config changed")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    p.add_argument("--workers", type=int, default=1, help="trials run at a time on this machine (default 1)")
+    p.add_argument("--workers", type=_WORKERS, default=1, help="trials run at a time on this machine (default 1)")
 
     p = sub.add_parser("worker", help="join a shared study (PostgreSQL + MLflow server) and run its trials")
     _add_config_args(p)
     p.add_argument("--storage", default=None, help="Optuna storage URL shared by all workers, e.g. postgresql://...")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking server, e.g. http://mlflow:5000")
-    p.add_argument("--workers", type=int, default=1, help="trials at a time in this process (default 1)")
-    p.add_argument("--n-trials", type=int, default=None, help="total trials for the study across all workers")
+    p.add_argument("--workers", type=_WORKERS, default=1, help="trials at a time in this process (default 1)")
+    p.add_argument("--n-trials", type=_TRIALS, default=None, help="total trials for the study across all workers")
 
     p = sub.add_parser("server", help="start an MLflow tracking server (PostgreSQL backend), or check one")
     p.add_argument("--backend-store-uri", default=None, help="e.g. postgresql://user@host/mlflow")
@@ -56,9 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="one tracked training run, without Optuna")
     _add_config_args(p)
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the search space's middle value)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the geometric middle of the range)")
-    p.add_argument("--seed", type=int, default=None, help="seed (default: the first of train.seeds)")
+    p.add_argument(
+        "--batch-size", type=_BATCH, default=None, help="batch size (default: the search space's middle value)"
+    )
+    p.add_argument(
+        "--lr", type=_positive_number(), default=None, help="learning rate (default: the geometric middle of the range)"
+    )
+    p.add_argument("--seed", type=_SEED, default=None, help="seed (default: the first of train.seeds)")
 
     p = sub.add_parser("status", help="a table of a study's trials")
     p.add_argument("study", nargs="?", default=None, help="study name (default: list the studies)")
@@ -66,25 +136,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("autobatch", help="find the largest batch size that fits in memory, and show how")
     _add_config_args(p)
-    p.add_argument("--fraction", type=float, default=0.9, help="share of free memory to use (default 0.9)")
-    p.add_argument("--budget-mb", type=float, default=None, help="a peak-memory budget in MB instead of --fraction")
-    p.add_argument("--max-batch", type=int, default=65536, help="largest batch size to consider (default 65536)")
+    p.add_argument(
+        "--fraction", type=_positive_number(1.0), default=0.9, help="share of free memory to use (default 0.9)"
+    )
+    p.add_argument(
+        "--budget-mb", type=_positive_number(), default=None, help="a peak-memory budget in MB instead of --fraction"
+    )
+    p.add_argument("--max-batch", type=_BATCH, default=65536, help="largest batch size to consider (default 65536)")
 
     p = sub.add_parser("throughput", help="inference throughput and latency across batch sizes, logged to MLflow")
     _add_config_args(p)
     p.add_argument("--checkpoint", default=None, help="an MLflow run id with weights/model.pt, or a weights file")
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256,512,1024", help="comma-separated batch sizes")
-    p.add_argument("--iters", type=int, default=50, help="timed forward passes per batch size (default 50)")
+    p.add_argument(
+        "--iters", type=_whole_number(2, _REPEATS), default=50, help="timed forward passes per batch size (default 50)"
+    )
 
     p = sub.add_parser("noise-scale", help="measure the gradient noise scale B_simple of the config's model")
     _add_config_args(p)
     p.add_argument("--checkpoint", default=None, help="weights to load (a state_dict .pt or a batchscope checkpoint)")
-    p.add_argument("--b-small", type=int, default=None, help="small batch size (default: b_big / 8)")
-    p.add_argument("--b-big", type=int, default=None, help="big batch size (default: 512, at most the training set)")
-    p.add_argument("--batches", type=int, default=None, help="a fixed number of batch pairs (default: see --precision)")
-    p.add_argument("--precision", type=float, default=0.1, help="target relative std. error of B_simple (default 0.1)")
-    p.add_argument("--max-batches", type=int, default=1024, help="most batch pairs for --precision (default 1024)")
-    p.add_argument("--seed", type=int, default=None, help="seed for the model's initialization and the batches")
+    p.add_argument("--b-small", type=_BATCH, default=None, help="small batch size (default: b_big / 8)")
+    p.add_argument("--b-big", type=_BATCH, default=None, help="big batch size (default: 512, at most the training set)")
+    p.add_argument(
+        "--batches",
+        type=_whole_number(2, _REPEATS, " (two or more give an uncertainty)"),
+        default=None,
+        help="a fixed number of batch pairs (default: see --precision)",
+    )
+    p.add_argument(
+        "--precision",
+        type=_positive_number(),
+        default=0.1,
+        help="target relative std. error of B_simple (default 0.1)",
+    )
+    p.add_argument(
+        "--max-batches",
+        type=_whole_number(1, _REPEATS),
+        default=1024,
+        help="most batch pairs for --precision (default 1024)",
+    )
+    p.add_argument("--seed", type=_SEED, default=None, help="seed for the model's initialization and the batches")
 
     p = sub.add_parser("report", help="write the comparison report of one or more studies (HTML + Markdown)")
     p.add_argument("studies", nargs="+", metavar="STUDY", help="study name(s); several are compared side by side")
@@ -113,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad argument (said on one line by _Parser): a code, not a raise
+        return exc.code if isinstance(exc.code, int) else 2
     from rich.console import Console
 
     err = Console(stderr=True)

@@ -256,6 +256,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     import math as _m
 
+    from sweeps.config import check_batch_size
+
+    if args.batch_size is not None:  # its range and --lr's, --seed's are checked by the parser
+        check_batch_size(cfg, args.batch_size, "--batch-size")
     bs = args.batch_size if args.batch_size is not None else cfg.train.batch_size
     max_micro = None
     if bs == "auto" or cfg.train.micro_batch_size == "auto":
@@ -269,14 +273,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if bs is None:
         choices = cfg.search.batch_choices()
         bs = choices[len(choices) // 2]
-    if bs < 1:
-        raise UserError(f"--batch-size must be at least 1, got {bs}")
     lr = args.lr
     if lr is None:
         lrs = cfg.search.lr_choices()
         lr = lrs[len(lrs) // 2] if lrs else _m.sqrt(cfg.search.lr.low * cfg.search.lr.high)  # type: ignore[union-attr]
-    if not lr > 0:
-        raise UserError(f"--lr must be positive, got {lr}")
     seed = cfg.train.seeds[0] if args.seed is None else args.seed
     from sweeps.single import train_once
 
@@ -294,11 +294,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_autobatch(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    if not 0 < args.fraction <= 1:
-        raise UserError(f"--fraction must be in (0, 1], got {args.fraction}")
-    if args.budget_mb is not None and args.budget_mb <= 0:
-        raise UserError(f"--budget-mb must be positive, got {args.budget_mb}")
+    cfg = load_config(args.config, args.overrides)  # --fraction, --budget-mb, --max-batch: checked by the parser
     from sweeps.memory import probe_lr
     from sweeps.runner import make_spec
     from trainers.autobatch import AutoBatchError, find_batch_size
@@ -318,14 +314,14 @@ def cmd_autobatch(args: argparse.Namespace) -> int:
 
 def cmd_throughput(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    from sweeps.config import MAX_BATCH
+
     try:
         sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise UserError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
-    if args.iters < 2:
-        raise UserError(f"--iters must be at least 2, got {args.iters}")
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
+        raise UserError(f"--batch-sizes must be integers from 1 to 2**24 = {MAX_BATCH:,}, got {args.batch_sizes!r}")
     from sweeps.runner import make_spec
     from sweeps.single import log_throughput, resolve_weights
     from trainers.throughput import inference_table, measure_inference
@@ -341,6 +337,9 @@ def cmd_throughput(args: argparse.Namespace) -> int:
 
 def cmd_noise_scale(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    min_batches = 32  # (--batches, --precision and --seed are held to their ranges by the parser)
+    if args.max_batches < min_batches:
+        raise UserError(f"--max-batches must be at least {min_batches}, got {args.max_batches}")
     import torch
 
     from trainers.device import resolve_device, seed_everything
@@ -365,13 +364,6 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
         raise UserError(
             f"need 1 ≤ --b-small < --b-big ≤ {n} (the training set), got --b-small {b_small} and --b-big {b_big}"
         )
-    if args.batches is not None and args.batches < 2:
-        raise UserError(f"--batches must be at least 2 to give an uncertainty, got {args.batches}")
-    if not args.precision > 0:
-        raise UserError(f"--precision must be positive, got {args.precision}")
-    min_batches = 32
-    if args.max_batches < min_batches:
-        raise UserError(f"--max-batches must be at least {min_batches}, got {args.max_batches}")
     est = measure_noise_scale(
         task.model,
         task.loss_fn,

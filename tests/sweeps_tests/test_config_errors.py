@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,9 +15,42 @@ import pytest
 from sweeps.cli import main
 from tests.conftest import small_config, write_config
 
+# Loose: the errors come in well under a second, but this machine may be busy.
+TIME_BOUND_S = 30
+
 
 def _bad(**kw: object) -> dict:
     return small_config(**kw)
+
+
+def _at(*pairs: tuple[str, object]) -> dict:
+    """small_config with values set at dotted paths (`("search.lr.high", inf)`); None deletes the key."""
+    cfg = copy.deepcopy(small_config())
+    for dotted, value in pairs:
+        *sections, key = dotted.split(".")
+        node = cfg
+        for name in sections:
+            node = node.setdefault(name, {})
+        if value is None:
+            node.pop(key, None)
+        else:
+            node[key] = value
+    return cfg
+
+
+def _refused_in_one_line(workdir: Path, capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run the command in-process; assert exit code 2, one line, no traceback, nothing created, fast."""
+    before = set(workdir.iterdir())
+    start = time.perf_counter()
+    code = main(argv)
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert set(workdir.iterdir()) == before  # nothing created: no mlruns/, no reports/
+    assert elapsed < TIME_BOUND_S
+    return err
 
 
 CASES = [
@@ -36,6 +73,56 @@ CASES = [
     ("two budgets", _bad(train__max_samples=1000), ["max_steps", "max_samples"]),
     ("bad device", _bad(device="tpu"), ["device", "tpu"]),
     ("missing study", {k: v for k, v in small_config().items() if k != "study"}, ["study", "required"]),
+    # Non-finite numbers, wherever a number is read.
+    ("lr high inf", _at(("search.lr.high", math.inf)), ["search.lr.high", "finite"]),
+    ("lr low nan", _at(("search.lr.low", math.nan)), ["search.lr.low", "finite"]),
+    ("lr values inf", _at(("search.lr", {"values": [0.1, math.inf]})), ["search.lr.values", "finite"]),
+    ("max_epochs inf", _at(("train.max_steps", None), ("train.max_epochs", math.inf)), ["train.max_epochs", "finite"]),
+    ("target nan", _at(("train.target.value", math.nan)), ["train.target.value", "finite"]),
+    ("target inf", _at(("train.target.value", math.inf)), ["train.target.value", "finite"]),
+    ("weight decay inf", _at(("train.weight_decay", math.inf)), ["train.weight_decay", "finite"]),
+    ("momentum nan", _at(("train.momentum", math.nan)), ["train.momentum", "finite"]),
+    ("divergence inf", _at(("train.divergence_factor", math.inf)), ["train.divergence_factor", "finite"]),
+    ("gns overhead nan", _at(("train.gns", {"max_overhead": math.nan})), ["train.gns.max_overhead", "finite"]),
+    ("sharpness tol inf", _at(("train.sharpness.tol", math.inf)), ["train.sharpness.tol", "finite"]),
+    ("memory limit inf", _at(("train.memory_limit_mb", math.inf)), ["train.memory_limit_mb", "finite"]),
+    ("checkpoint minutes inf", _at(("train.checkpoint", {"every_minutes": math.inf})), ["every_minutes", "finite"]),
+    # Seeds: numpy's range.
+    ("search seed -1", _at(("search.seed", -1)), ["search.seed", "2**32 - 1", "-1"]),
+    ("search seed 2**64", _at(("search.seed", 2**64)), ["search.seed", "2**32 - 1", str(2**64)]),
+    ("train seed -1", _at(("train.seeds", [0, -1])), ["train.seeds.1", "2**32 - 1"]),
+    ("train seed 2**32", _at(("train.seeds", [2**32])), ["train.seeds.0", "2**32 - 1"]),
+    # Budgets and batch sizes beyond what a config can mean.
+    ("max_steps 10**15", _at(("train.max_steps", 10**15)), ["train.max_steps", "1000000000"]),
+    (
+        "max_samples 10**15 steps",
+        _at(("train.max_steps", None), ("train.max_samples", 10**16)),
+        ["train.max_samples", "batch size 16", "1,000,000,000 steps"],
+    ),
+    ("max_epochs 10**7", _at(("train.max_steps", None), ("train.max_epochs", 10**7)), ["train.max_epochs", "1000000"]),
+    ("batch 10**12", _at(("search.batch_size", {"values": [16, 10**12]})), ["search.batch_size", "16777216"]),
+    (
+        "batch range 2**40",
+        _at(("search.batch_size", {"low": 16, "high": 2**40})),
+        ["search.batch_size.high", "16777216"],
+    ),
+    ("micro batch 10**12", _at(("train.micro_batch_size", 10**12)), ["train.micro_batch_size", "16777216"]),
+    # 1200 samples × 0.8 = 960 training examples: a batch of 2**20 repeats each over 1024 times.
+    ("batch past the data", _at(("search.batch_size", {"values": [16, 2**20]})), ["search.batch_size", "983,040"]),
+    ("train batch past the data", _at(("train.batch_size", 2**20)), ["train.batch_size", "983,040"]),
+    ("no training examples", _at(("trainer.train_split", 1e-4)), ["trainer", "no training examples"]),
+    ("n_trials 10**12", _at(("search.n_trials", 10**12)), ["search.n_trials", "1000000"]),
+    ("grid points 10**9", _at(("search.lr.grid_points", 10**9)), ["search.lr.grid_points", "1000"]),
+    ("sharpness iters 10**12", _at(("train.sharpness.iters", 10**12)), ["train.sharpness.iters", "10000"]),
+    ("warmup 10**15", _at(("train.lr_scaling", {"warmup_steps": 10**15})), ["warmup_steps", "1000000000"]),
+    ("gns every 0", _at(("train.gns", {"every": 0})), ["train.gns.every", "'auto'"]),
+    # Other slips.
+    ("eval_every negative", _at(("train.eval_every", -5)), ["train.eval_every", "-5"]),
+    ("log_every zero", _at(("train.log_every", 0)), ["train.log_every", "0"]),
+    ("empty batch list", _at(("search.batch_size", {"values": []})), ["search.batch_size.values", "at least 1"]),
+    ("lr as text", _at(("search.lr.low", "fast")), ["search.lr.low", "'fast'"]),
+    ("repeated lr", _at(("search.lr", {"values": [0.1, 0.1]})), ["search.lr.values", "distinct"]),
+    ("empty report folder", _at(("report.out_dir", "")), ["report.out_dir"]),
 ]
 
 
@@ -44,14 +131,84 @@ def test_bad_config_is_one_clear_line(
     workdir: Path, capsys: pytest.CaptureFixture[str], name: str, cfg: dict, fragments: list[str]
 ) -> None:
     path = write_config(workdir / "bad.yaml", cfg)
-    code = main(["sweep", str(path)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
+    err = _refused_in_one_line(workdir, capsys, ["sweep", str(path)])
     for fragment in fragments:
         assert fragment in err, (fragment, err)
-    assert not (workdir / "mlruns").exists()  # nothing created
+
+
+def test_full_batch_and_a_grid_past_the_training_set_are_allowed() -> None:
+    from sweeps.config import validate
+
+    # 960 training examples: the whole set, and the power of two above it (the batch spans two epochs).
+    cfg = validate(_at(("search.batch_size", {"values": [16, 960, 1024]})), "x")
+    assert cfg.searched_batch_sizes() == [16, 960, 1024]
+
+
+def _cuda_devices() -> int:
+    from sweeps.config import cuda_device_count
+
+    return cuda_device_count()
+
+
+def test_cuda_without_a_cuda_device_is_refused(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if _cuda_devices():
+        pytest.skip("this machine has a CUDA device")
+    path = write_config(workdir / "bad.yaml", _at(("device", "cuda")))
+    err = _refused_in_one_line(workdir, capsys, ["sweep", str(path)])
+    assert "no CUDA device" in err and "auto or cpu" in err
+
+
+def test_a_cuda_index_past_the_devices_is_refused(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    n = _cuda_devices()
+    path = write_config(workdir / "bad.yaml", _at(("device", f"cuda:{n}")))
+    err = _refused_in_one_line(workdir, capsys, ["sweep", str(path)])
+    assert f"cuda:{n}" in err
+    assert ("no CUDA device" in err) if n == 0 else (f"{n} CUDA device(s)" in err)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("study: a\nsearch: {n_trials: 2}\nstudy: b\n", ["'study'", "lines 1 and 3"]),
+        ("study: a\ntrain:\n  max_steps: 5\n  eval_every: 5\n  max_steps: 6\n", ["'max_steps'", "lines 3 and 5"]),
+        ("study: a\nsearch: {n_trials: " + "9" * 5000 + "}\n", ["bad YAML", "digits"]),
+        ("study: a\nx: " + "[" * 100_000 + "]" * 100_000 + "\n", ["bad YAML", "nested too deeply"]),
+        ("study: \x00\x01\n", ["binary"]),
+    ],
+    ids=["duplicate key", "duplicate nested key", "endless integer", "deep nesting", "binary"],
+)
+def test_bad_yaml_file_is_one_line(
+    workdir: Path, capsys: pytest.CaptureFixture[str], text: str, fragments: list[str]
+) -> None:
+    path = workdir / "bad.yaml"
+    path.write_text(text)
+    err = _refused_in_one_line(workdir, capsys, ["sweep", str(path)])
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def test_a_merge_key_may_be_overridden(workdir: Path) -> None:
+    from sweeps.config import read_yaml
+
+    # `<<:` then the same key is what YAML merge keys are for: not a duplicate.
+    path = workdir / "merge.yaml"
+    path.write_text("study: a\ntrain:\n  <<: {max_steps: 5, eval_every: 5}\n  max_steps: 6\n")
+    assert read_yaml(path)["train"] == {"max_steps": 6, "eval_every": 5}
+
+
+@pytest.mark.parametrize(("kind", "fragment"), [("folder", "folder"), ("fifo", "not a regular file"), ("big", "bytes")])
+def test_a_config_path_that_is_not_a_config_file(
+    workdir: Path, capsys: pytest.CaptureFixture[str], kind: str, fragment: str
+) -> None:
+    path = workdir / kind
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)  # reading it would block forever
+    else:
+        path.write_text("study: a\n" + "#\n" * 600_000)
+    err = _refused_in_one_line(workdir, capsys, ["sweep", str(path)])
+    assert fragment in err, err
 
 
 @pytest.mark.parametrize(
@@ -80,13 +237,55 @@ def test_missing_file(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None
         ("nonsense", "KEY=VALUE"),
         ("search.batch_size.foo=1", "foo"),
         ("train.max_steps=-5", "train.max_steps"),
+        ("search.lr.high=.inf", "search.lr.high"),
+        ("train.target.value=.nan", "train.target.value"),
+        ("search.seed=-1", "search.seed"),
+        ("train.max_steps=1000000000000000", "train.max_steps"),
+        ("search.batch_size={values: [1], values: [2]}", "'values' is given twice"),
+        ("device=cuda:99", "cuda:99"),
     ],
 )
 def test_bad_override(workdir: Path, capsys: pytest.CaptureFixture[str], override: str, fragment: str) -> None:
     path = write_config(workdir / "ok.yaml", small_config())
-    assert main(["sweep", str(path), "--set", override]) == 2
-    assert fragment in capsys.readouterr().err
-    assert not (workdir / "mlruns").exists()
+    err = _refused_in_one_line(workdir, capsys, ["sweep", str(path), "--set", override])
+    assert fragment in err, err
+
+
+BIG = str(10**12)
+
+COMMAND_LINE_CASES = [
+    # (command and its arguments after the config, expected fragments of the message)
+    (["train", "--lr", "inf"], ["--lr", "finite", "inf"]),
+    (["train", "--lr", "nan"], ["--lr", "finite", "nan"]),
+    (["train", "--lr", "abc"], ["--lr", "'abc'"]),
+    (["train", "--seed", "-1"], ["--seed", "4,294,967,295"]),
+    (["train", "--seed", str(2**64)], ["--seed", "4,294,967,295"]),
+    (["train", "--batch-size", BIG], ["--batch-size", "16,777,216"]),
+    (["train", "--batch-size", "0"], ["--batch-size", "0"]),
+    (["train", "--batch-size", str(2**20)], ["--batch-size", "960 training examples", "983,040"]),
+    (["sweep", "--workers", "0"], ["--workers", "between 1 and"]),
+    (["sweep", "--workers", "100000"], ["--workers", "per CPU core"]),
+    (["sweep", "--n-trials", "0"], ["--n-trials", "between 1 and"]),
+    (["worker", "--workers", "0"], ["--workers", "between 1 and"]),
+    (["autobatch", "--fraction", "nan"], ["--fraction", "at most 1"]),
+    (["autobatch", "--budget-mb", "inf"], ["--budget-mb", "finite"]),
+    (["autobatch", "--max-batch", BIG], ["--max-batch", "16,777,216"]),
+    (["throughput", "--batch-sizes", f"1,{BIG}"], ["--batch-sizes", "16,777,216"]),
+    (["throughput", "--iters", BIG], ["--iters", "1,000,000"]),
+    (["noise-scale", "--seed", "-1"], ["--seed", "4,294,967,295"]),
+    (["noise-scale", "--precision", "inf"], ["--precision", "finite"]),
+    (["noise-scale", "--batches", "1"], ["--batches", "uncertainty"]),
+]
+
+
+@pytest.mark.parametrize(("args", "fragments"), COMMAND_LINE_CASES, ids=[" ".join(a) for a, _ in COMMAND_LINE_CASES])
+def test_bad_command_line_number(
+    workdir: Path, capsys: pytest.CaptureFixture[str], args: list[str], fragments: list[str]
+) -> None:
+    path = write_config(workdir / "ok.yaml", small_config())
+    err = _refused_in_one_line(workdir, capsys, [args[0], str(path), *args[1:]])
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
 
 
 def test_real_process_exits_2_without_traceback(workdir: Path) -> None:
@@ -97,6 +296,30 @@ def test_real_process_exits_2_without_traceback(workdir: Path) -> None:
     assert proc.returncode == 2
     assert "train.max_steps" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "text", "fragment"),
+    [
+        (["sweep", "bad.yaml"], "study: a\nsearch: {lr: {low: 0.01, high: .inf}}\n", "search.lr.high"),
+        (["sweep", "bad.yaml"], "study: a\nstudy: b\n", "lines 1 and 2"),
+        (["sweep", "bad.yaml", "--workers", "100000"], "study: a\n", "--workers"),
+        (["train", "bad.yaml", "--batch-size", BIG], "study: a\n", "--batch-size"),
+    ],
+    ids=["inf", "duplicate key", "workers", "batch size"],
+)
+def test_real_process_refuses_in_one_line_and_creates_nothing(
+    workdir: Path, argv: list[str], text: str, fragment: str
+) -> None:
+    (workdir / "bad.yaml").write_text(text)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "sweeps.cli", *argv], capture_output=True, text=True, cwd=workdir)
+    assert time.perf_counter() - start < TIME_BOUND_S
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert fragment in proc.stderr
+    assert [p.name for p in workdir.iterdir()] == ["bad.yaml"]
 
 
 def test_shipped_configs_validate() -> None:
