@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import math
 import re
+import stat
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -172,7 +173,8 @@ class TrainConfig(_Strict):
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     target: Target | None = None
     lr_scaling: LrScaling = LrScaling()
-    seeds: Annotated[list[Seed], Field(min_length=1)] = [0]
+    # Each seed is a whole training run of every trial: a thousand is already weeks of repeats.
+    seeds: Annotated[list[Seed], Field(min_length=1, max_length=1000)] = [0]
     # Split batches into micro-batches of this size (gradient accumulation, same effective batch);
     # `auto`: only batches that do not fit memory are split, at the size AutoBatch measures.
     micro_batch_size: BatchSize | Literal["auto"] | None = None
@@ -551,6 +553,13 @@ def _check_cuda(device: str) -> None:
 # ---- loading -----------------------------------------------------------------
 
 
+def _off_the_mark(err: Mapping[str, Any]) -> bool:
+    """A union member of another kind than the value given (a name, for a list of names): its
+    error says least about what is wrong, so it comes after the others (a stable sort)."""
+    kind_mismatch = err.get("type") == "literal_error" or str(err.get("type", "")).endswith("_type")
+    return kind_mismatch and isinstance(err.get("input"), list | dict)
+
+
 def _location(err: Mapping[str, Any]) -> str:
     loc = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith("function-"))
     # Pydantic names union members in the path (tags, types); drop those for readability.
@@ -580,12 +589,14 @@ def validate(raw: Any, source: str) -> SweepConfig:
 
 
 def _one_line(errors: Sequence[Mapping[str, Any]]) -> str:
+    errors = sorted(errors, key=_off_the_mark)
     first = _format_error(errors[0])
     loc = _location(errors[0])
     # A union (`every: 10 | auto`) gives one error per member at the same place: say the alternatives.
     alternatives = [e for e in errors[1:] if _location(e) == loc and e.get("type") == "literal_error"]
     if alternatives and len(alternatives) == len(errors) - 1:
-        return first + "".join(f", or {str(e['msg']).removeprefix('Input should be ')}" for e in alternatives)
+        names = [str(e["msg"]).removeprefix("Input should be ") for e in alternatives]
+        return first + "".join(f", or {'one of ' if ' or ' in n else ''}{n}" for n in names)
     return first + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
 
 
@@ -628,15 +639,21 @@ _MAX_CONFIG_BYTES = 1_000_000
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"config file {str(p)!r} does not exist; give the path to a sweep YAML (see sweeps/configs/)")
-    if p.is_dir():
+    try:
+        info = p.stat()
+    except FileNotFoundError:
+        raise UserError(
+            f"config file {str(p)!r} does not exist; give the path to a sweep YAML (see sweeps/configs/)"
+        ) from None
+    except OSError as exc:  # a name too long, a symlink loop, a folder we may not enter
+        raise UserError(f"config file {str(p)!r} cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
         raise UserError(f"config {str(p)!r} is a folder; give the path to a sweep YAML file")
-    if not p.is_file():
+    if not stat.S_ISREG(info.st_mode):
         # A FIFO or a device (/dev/zero) would block or never end.
         raise UserError(f"config {str(p)!r} is not a regular file; give the path to a sweep YAML file")
     try:
-        size = p.stat().st_size
+        size = info.st_size
         if size > _MAX_CONFIG_BYTES:
             raise UserError(
                 f"config file {str(p)!r} is {size:,} bytes, not a sweep config (at most {_MAX_CONFIG_BYTES:,})"

@@ -122,6 +122,12 @@ CASES = [
     ("empty batch list", _at(("search.batch_size", {"values": []})), ["search.batch_size.values", "at least 1"]),
     ("lr as text", _at(("search.lr.low", "fast")), ["search.lr.low", "'fast'"]),
     ("repeated lr", _at(("search.lr", {"values": [0.1, 0.1]})), ["search.lr.values", "distinct"]),
+    ("a thousand and one seeds", _at(("train.seeds", list(range(1001)))), ["train.seeds", "at most 1000"]),
+    (
+        "three objectives",
+        _at(("search.objective", ["val_loss", "val_acc", "steps_to_target"])),
+        ["search.objective", "at most 2", "or one of 'val_loss'"],
+    ),
     ("empty report folder", _at(("report.out_dir", "")), ["report.out_dir"]),
 ]
 
@@ -196,7 +202,16 @@ def test_a_merge_key_may_be_overridden(workdir: Path) -> None:
     assert read_yaml(path)["train"] == {"max_steps": 6, "eval_every": 5}
 
 
-@pytest.mark.parametrize(("kind", "fragment"), [("folder", "folder"), ("fifo", "not a regular file"), ("big", "bytes")])
+@pytest.mark.parametrize(
+    ("kind", "fragment"),
+    [
+        ("folder", "folder"),
+        ("fifo", "not a regular file"),
+        ("big", "bytes"),
+        ("loop", "symbolic links"),
+        ("long name", "too long"),
+    ],
+)
 def test_a_config_path_that_is_not_a_config_file(
     workdir: Path, capsys: pytest.CaptureFixture[str], kind: str, fragment: str
 ) -> None:
@@ -205,8 +220,12 @@ def test_a_config_path_that_is_not_a_config_file(
         path.mkdir()
     elif kind == "fifo":
         os.mkfifo(path)  # reading it would block forever
-    else:
+    elif kind == "big":
         path.write_text("study: a\n" + "#\n" * 600_000)
+    elif kind == "loop":
+        path.symlink_to(path)
+    else:
+        path = workdir / ("x" * 300 + ".yaml")
     err = _refused_in_one_line(workdir, capsys, ["sweep", str(path)])
     assert fragment in err, err
 
