@@ -7,6 +7,7 @@ Optuna state says so; running the same command again continues the study.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -22,16 +23,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
 import trainers
-from sweeps import memory, space
+from sweeps import diskspace, memcap, memory, space
 from sweeps.config import SweepConfig, config_to_dict
 from sweeps.errors import UserError
 from sweeps.stores import Stores, check_tracking, open_storage, quiet_libraries, redact, resolve, root_dir, safe_name
 from sweeps.tracking import REASON, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker
-from sweeps.worker import MEMORY_ENV, Job, TrialError, TrialWorker, WorkerDied
+from sweeps.worker import Job, TrialError, TrialWorker, WorkerDied
 from trainers.recipes import get_recipe
 from trainers.spec import CheckpointPolicy, TrainResult, TrainSpec
 
@@ -98,18 +100,25 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+# How long a RUNNING trial that names no worker yet counts as alive: the window between
+# claiming a queued trial and recording its owner (new trials are created with theirs).
+UNOWNED_GRACE_S = 60.0
+
+
 def _worker_alive(worker: str | None, started: Any = None) -> bool:
     """A trial's worker on this machine is alive if its process is; other hosts are trusted (heartbeat).
 
-    A trial with no worker yet was asked for a moment ago by someone, or by a process killed right
-    after asking: give it a minute before calling it dead.
+    A trial with no worker yet was claimed a moment ago by someone, or by a process killed right
+    after claiming it: give it a minute before calling it dead, whatever the storage (another
+    sweep on the same journal would otherwise fail a live trial).
     """
     if not worker or ":" not in worker:
         if started is None:
             return False
         import datetime
 
-        return bool(datetime.datetime.now() - started < datetime.timedelta(seconds=60))
+        now = datetime.datetime.now(started.tzinfo) if started.tzinfo else datetime.datetime.now()
+        return bool(now - started < datetime.timedelta(seconds=UNOWNED_GRACE_S))
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname():
         return True
@@ -120,6 +129,49 @@ def _worker_alive(worker: str | None, started: Any = None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def ask_owned(study: optuna.Study, storage: optuna.storages.BaseStorage, owner: Mapping[str, Any]) -> optuna.Trial:
+    """`study.ask()`, with the trial's owner (`worker`, `sampler_seed`) written with the trial.
+
+    `study.ask()` creates the trial and a later `set_user_attr` names its worker; between the
+    two writes another sweep on the same study saw a RUNNING trial with no live worker and
+    failed it (1 pair in 13). A new trial is created here with its owner in the same write;
+    a queued one (a retry) is claimed atomically and named at once, and `_worker_alive` gives
+    an unnamed trial a grace period for the moment in between.
+    """
+    import datetime
+
+    from optuna.trial import FrozenTrial
+
+    # Study.ask() drops the study's trial cache so that the sampler sees every trial so far.
+    local = getattr(study, "_thread_local", None)
+    if local is not None and hasattr(local, "cached_all_trials"):
+        local.cached_all_trials = None
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for waiting in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if not storage.set_trial_state_values(waiting._trial_id, state=TrialState.RUNNING):
+                continue
+        except UpdateFinishedTrialError:
+            continue
+        for key, value in owner.items():
+            storage.set_trial_user_attr(waiting._trial_id, key, value)
+        return optuna.Trial(study, waiting._trial_id)
+    template = FrozenTrial(
+        number=-1,
+        state=TrialState.RUNNING,
+        value=None,
+        datetime_start=datetime.datetime.now(datetime.timezone.utc),
+        datetime_complete=None,
+        params={},
+        distributions={},
+        user_attrs=dict(owner),
+        system_attrs={},
+        intermediate_values={},
+        trial_id=-1,
+    )
+    return optuna.Trial(study, storage.create_new_trial(study_id, template_trial=template))
 
 
 class Sweep:
@@ -137,6 +189,20 @@ class Sweep:
         quiet_libraries()
         self.cfg = cfg
         self.stores = stores or resolve(cfg.storage, cfg.tracking_uri)
+        self.checkpoint_dir = root_dir() / "checkpoints" / safe_name(cfg.study)
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.memory_limit_mb: float | None = None  # decided in run(), for the trials at a time
+        try:
+            self._open(force)
+        except Exception as exc:
+            if diskspace.is_disk_full(exc):
+                raise diskspace.disk_full_error(self._local_stores() or {"a store": Path(".")}, None, 0) from None
+            raise
+
+    def _open(self, force: bool) -> None:
+        """Open (or create) both stores, the study, its experiment and its parent run."""
+        cfg = self.cfg
         # Remote stores are checked before anything local is created.
         check_tracking(self.stores, create=False)
         self.storage = open_storage(self.stores, heartbeat=cfg.heartbeat.model_dump())
@@ -146,16 +212,13 @@ class Sweep:
         if isinstance(storage, optuna.storages.RDBStorage) and storage.heartbeat_interval is not None:
             self._heartbeat = True
             storage.failed_trial_callback = self._on_stale
-        self.study = self._create_or_load(force)
         self.tracker = Tracker(self.stores.tracking_uri, self.stores.artifact_root)
+        self.study = self._create_or_load(force)
         self.experiment_id = self.tracker.experiment_id(cfg.study)
         self.parent_run_id = self.tracker.sweep_run(
             self.experiment_id, cfg.study, self._sweep_params(), self._common_tags()
         )
         self.commit = git_commit()
-        self.checkpoint_dir = root_dir() / "checkpoints" / safe_name(cfg.study)
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
 
     # ---- study ---------------------------------------------------------------
     def _create_or_load(self, force: bool) -> optuna.Study:
@@ -184,6 +247,9 @@ class Sweep:
                         f"study {cfg.study!r} optimizes {old_dirs}, not {dirs}; --force cannot change "
                         "the objective of an existing study: use a new study name"
                     )
+        self.sampler_seed = space.process_seed(cfg.search.seed)
+        if existing is None and not force:
+            self._refuse_lost_study()
         # `auto` batch sizes: measured once per study, then remembered with it.
         remembered = existing.user_attrs.get(memory.ATTR) if existing is not None else None
         cfg, self.max_micro, record = memory.resolve(cfg, remembered)
@@ -191,7 +257,7 @@ class Sweep:
         study = optuna.create_study(
             study_name=cfg.study,
             storage=self.storage,
-            sampler=space.make_sampler(cfg.search),
+            sampler=space.make_sampler(cfg.search, self.sampler_seed),
             pruner=space.make_pruner(cfg, _num_train(cfg) if cfg.train.max_epochs is not None else None),
             directions=dirs,  # type: ignore[arg-type]
             load_if_exists=True,
@@ -202,6 +268,30 @@ class Sweep:
             study.set_user_attr(FINGERPRINT_ATTR, fp)
             study.set_user_attr("batchscope.config", config_to_dict(cfg) | {"storage": None, "tracking_uri": None})
         return study
+
+    def _refuse_lost_study(self) -> None:
+        """A new Optuna study whose MLflow experiment already holds trial runs: the study's storage
+        was emptied or replaced (a journal cut to zero, another storage URL). Starting over would
+        repeat trial numbers beside the old runs without a word."""
+        from mlflow.entities.view_type import ViewType
+
+        exp = self.tracker.client.get_experiment_by_name(self.cfg.study)
+        if exp is None:
+            return
+        runs = self.tracker.client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`{TRIAL}` LIKE '%'", run_view_type=ViewType.ALL, max_results=1
+        )
+        if not runs:
+            return
+        known = optuna.get_all_study_summaries(self.storage, include_best_trial=False)
+        if self.cfg.study not in {s.study_name for s in known}:
+            # (Checked again: a peer starting at the same moment may have created it meanwhile.)
+            raise UserError(
+                f"study {self.cfg.study!r} is not in the Optuna storage {self.stores.storage_label}, but its "
+                "MLflow experiment already has trial runs: the storage was emptied or replaced. Restore it, "
+                f"run `batchscope doctor {self.cfg.study}`, use a new study name (--set study={self.cfg.study}-2), "
+                "or --force to start a new study beside the old runs"
+            )
 
     def _sweep_params(self) -> dict[str, Any]:
         c = self.cfg
@@ -235,34 +325,34 @@ class Sweep:
         return len(self.study.get_trials(deepcopy=False, states=FINISHED_STATES))
 
     # ---- recovery --------------------------------------------------------------
-    def recover(self) -> int:
+    def recover(self, *, close_runs: bool = False) -> int:
         """Fail trials whose worker died and queue them to re-run with the same parameters.
 
         Local workers are checked by process id; with a database storage, workers on
-        other machines are checked by Optuna's heartbeat. Their MLflow runs end KILLED.
+        other machines are checked by Optuna's heartbeat. Their MLflow runs end KILLED, and
+        with `close_runs` (when a sweep starts) so does any trial run left RUNNING whose trial
+        has ended (a sweep stopped by a full disk ended the trial but could not end its run).
         """
         recovered = 0
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            # With a shared database a peer may have just asked for a trial: grace for one without a worker.
-            started = t.datetime_start if self._heartbeat else None
-            if not _worker_alive(t.user_attrs.get("worker"), started) and self._fail_and_requeue(t):
+            # A peer may have just claimed a trial and not named itself yet: grace for one without a worker.
+            if not _worker_alive(t.user_attrs.get("worker"), t.datetime_start) and self._fail_and_requeue(t):
                 recovered += 1
         if self._heartbeat:
             # Optuna fails trials whose heartbeat stopped and calls _on_stale for each.
             recovered += len(optuna.storages.fail_stale_trials(self.study) or ())
-        if recovered:
-            running = {
-                rid
-                for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                for rid in t.user_attrs.get("mlflow_run_ids", [])
-            }
-            self.tracker.close_stale_runs(self.experiment_id, lambda run_id: run_id in running)
+        if recovered or close_runs:
+            live = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            running = {rid for t in live for rid in t.user_attrs.get("mlflow_run_ids", [])}
+            # A live trial's newest run may not be recorded on it yet: its trial number keeps it.
+            numbers = {str(t.number) for t in live}
+            self.tracker.close_stale_runs(
+                self.experiment_id, lambda run_id, number: run_id in running or number in numbers
+            )
         return recovered
 
     def _fail_and_requeue(self, t: optuna.trial.FrozenTrial) -> bool:
         """Mark a dead worker's trial failed; False if another process got there first."""
-        from optuna.exceptions import UpdateFinishedTrialError
-
         reason = _stopped_reason(t, "its worker stopped")
         try:
             if "mlflow_run_id" not in t.user_attrs:
@@ -325,7 +415,7 @@ class Sweep:
             raise UserError(f"--workers must be at least 1, got {workers}")
         reporter = reporter or QuietReporter()
         total = self.total_trials(n_trials)
-        recovered = self.recover()
+        recovered = self.recover(close_runs=True)
         if recovered:
             reporter.message(f"{recovered} trial(s) left running by a stopped sweep will be re-run")
         reporter.sweep_started(self.cfg.study, self.finished_count(), total)
@@ -333,14 +423,9 @@ class Sweep:
         self._lock = threading.Lock()
         self._outcomes: list[TrialOutcome] = []
         self._errors: list[BaseException] = []
-        # A worker started early (before the config was read) already has its imports done;
-        # one that must run with settings from the config (a memory cap) is started afresh.
-        if self._worker_env():
-            for early in self._prestarted:
-                early.close()
-            self._prestarted = []
+        self.memory_limit_mb = self._memory_cap(workers)
         slots = [*self._prestarted[:workers]]
-        slots += [TrialWorker(env=self._worker_env()) for _ in range(workers - len(slots))]
+        slots += [TrialWorker() for _ in range(workers - len(slots))]
         for extra in self._prestarted[workers:]:
             extra.close()
         self._prestarted = []
@@ -374,7 +459,13 @@ class Sweep:
             if self._errors and status == "FINISHED":
                 status = "FAILED"
             if not shared or (status == "FINISHED" and self.finished_count() >= total):
-                self.tracker.client.set_terminated(self.parent_run_id, status=status)
+                try:
+                    self.tracker.client.set_terminated(self.parent_run_id, status=status)
+                except Exception as exc:
+                    # The disk is full: the parent run stays RUNNING and is taken up again on resume.
+                    if not diskspace.is_disk_full(exc):
+                        raise
+                    self._errors.append(self._disk_full_error(total))
         if self._errors:
             raise self._errors[0]
         return SweepSummary(
@@ -399,9 +490,33 @@ class Sweep:
         while not all(done.is_set() or t.ident is None for t, done in zip(threads, self._slot_done, strict=True)):
             time.sleep(0.05)
 
-    def _worker_env(self) -> dict[str, str]:
-        limit = self.cfg.train.memory_limit_mb
-        return {MEMORY_ENV: str(limit)} if limit is not None else {}
+    def _local_stores(self) -> dict[str, Path]:
+        """The stores (and checkpoints) kept on this machine's disks, by name."""
+        paths: dict[str, Path] = {}
+        if "://" not in self.stores.storage_url:
+            paths["the Optuna journal"] = Path(self.stores.storage_url)
+        if self.stores.tracking_uri.startswith("sqlite:///"):
+            paths["the MLflow store"] = Path(self.stores.tracking_uri.removeprefix("sqlite:///"))
+        if self.stores.artifact_root and self.stores.artifact_root.startswith("file://"):
+            paths["MLflow's artifacts"] = Path(self.stores.artifact_root.removeprefix("file://"))
+        if self.cfg.train.checkpoint.every_steps is not None or self.cfg.train.checkpoint.every_minutes is not None:
+            paths["the checkpoints"] = self.checkpoint_dir
+        return paths
+
+    def _disk_full_error(self, total: int) -> UserError:
+        where = self._local_stores()
+        try:
+            trials = len(self.study.get_trials(deepcopy=False))
+            left = max(0, total - self.finished_count())
+        except Exception:  # the storage itself may be what cannot be read now
+            trials, left = 0, 0
+        per_trial = diskspace.used_bytes(where.values()) / trials if trials and where else None
+        return diskspace.disk_full_error(where or {"a store": Path(".")}, per_trial, left)
+
+    def _memory_cap(self, workers: int) -> float | None:
+        """Each CPU trial's memory cap in MB: `train.memory_limit_mb`, else a share of the memory
+        available now split between the `workers` trials at a time (sweeps.memcap); none on a GPU."""
+        return memory_cap(self.cfg, workers)
 
     def _slot_loop(self, slot: int, total: int, reporter: Reporter) -> None:
         consecutive_crashes = 0
@@ -412,13 +527,21 @@ class Sweep:
                     running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
                     if self.finished_count() + running >= total:
                         return
-                    trial = self.study.ask()
-                    trial.set_user_attr("worker", worker_id())
+                    trial = ask_owned(
+                        self.study, self.storage, {"worker": worker_id(), "sampler_seed": self.sampler_seed}
+                    )
                     if self._surplus(trial, total):
                         return
-                outcome = self._run_trial(trial, slot, reporter)
+                try:
+                    outcome = self._run_trial(trial, slot, reporter)
+                except UpdateFinishedTrialError:
+                    # Judged dead and ended by another process (its runs were ended on the way out).
+                    outcome = TrialOutcome(trial.number, "failed", "ended by another process", None)
                 with self._lock:
                     self._outcomes.append(outcome)
+                if outcome.status == "failed" and diskspace.full_paths(self._local_stores().values()):
+                    # A full disk fails every trial after this one: stop now, with one line.
+                    raise self._disk_full_error(total)
                 consecutive_crashes = consecutive_crashes + 1 if outcome.status == "failed" else 0
                 if consecutive_crashes >= MAX_CONSECUTIVE_CRASHES and not self._stopping.is_set():
                     raise UserError(
@@ -426,7 +549,7 @@ class Sweep:
                         "Fix the cause and run the same command again to continue the sweep"
                     )
         except BaseException as exc:
-            self._errors.append(exc)
+            self._errors.append(self._disk_full_error(total) if diskspace.is_disk_full(exc) else exc)
             self._stopping.set()
         finally:
             self._slot_done[slot].set()
@@ -464,13 +587,20 @@ class Sweep:
                     reason = reason or result.reason
         except TrialCrashed as exc:
             status, reason = "failed", str(exc)
-        except BaseException:
-            self._tell(trial, TrialState.FAIL, None, "failed", "the sweep stopped during this trial")
+        except BaseException as exc:
+            # (A full disk may refuse these writes too: then the next sweep's recover() does them.)
+            with contextlib.suppress(Exception):
+                self._tell(trial, TrialState.FAIL, None, "failed", "the sweep stopped during this trial")
+                if not isinstance(exc, UpdateFinishedTrialError):
+                    self.study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
             raise
         values: list[float] | None = None
         if status == "failed":
             if self._stopping.is_set():
                 reason = "interrupted by the user (Ctrl-C); it re-runs when the sweep continues"
+                self.study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+            elif diskspace.full_paths(self._local_stores().values()):
+                reason = f"the disk is full ({reason}); it re-runs when the sweep continues"
                 self.study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
             self._tell(trial, TrialState.FAIL, None, status, reason)
         elif status == "ok":
@@ -495,13 +625,17 @@ class Sweep:
     def _tell(
         self, trial: optuna.Trial, state: TrialState, values: list[float] | None, status: str, reason: str
     ) -> None:
-        trial.set_user_attr("status", status)
-        trial.set_user_attr("reason", redact(reason)[:2000])
         if values is not None and any(math.isnan(v) for v in values):
             state, values = TrialState.FAIL, None
         with self._lock:
             try:
+                trial.set_user_attr("status", status)
+                trial.set_user_attr("reason", redact(reason)[:2000])
                 self.study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
+            except UpdateFinishedTrialError:
+                # Another process judged this trial dead and ended it (and queued its re-run); its
+                # runs are ended here all the same, so nothing is left RUNNING.
+                return
             except RuntimeError as exc:
                 # GridSampler calls study.stop() once the grid is used up, which Optuna allows only inside
                 # optimize(); the trial's state is stored before that, and n_trials is capped at the grid.
@@ -626,7 +760,7 @@ class Sweep:
             self.experiment_id,
             self.parent_run_id,
             f"trial {trial.number}" + (f" seed {seed}" if len(self.cfg.train.seeds) > 1 else ""),
-            run_params(spec, self.cfg),
+            run_params(spec, self.cfg) | {"memory_limit_mb": self.memory_limit_mb},
             {
                 STUDY: self.cfg.study,
                 TRIAL: str(trial.number),
@@ -662,6 +796,7 @@ class Sweep:
             trial.number,
             self._checkpoint_policy(trial, seed),
             nproc=self.cfg.train.distributed.nproc,
+            memory_limit_mb=self.memory_limit_mb,
         )
         try:
             result = self._slots[slot].run(
@@ -691,6 +826,17 @@ class Sweep:
             self.tracker.log_final(run_id, result.steps, result.final)
         self.tracker.end(run_id, RUN_STATUS[result.status], tags={STATUS: result.status, REASON: result.reason})
         return result
+
+
+def memory_cap(cfg: SweepConfig, trials_at_once: int) -> float | None:
+    """A CPU trial's memory cap in MB: `train.memory_limit_mb`, else a share of the memory available
+    now split between the trials at a time (sweeps.memcap); none on a GPU or under torchrun."""
+    if cfg.train.distributed.nproc > 1:
+        return None
+    if cfg.train.memory_limit_mb is not None:
+        return float(cfg.train.memory_limit_mb)
+    device, _ = planned_device(cfg.device, cfg.precision)
+    return memcap.default_cap_mb(trials_at_once) if device == "cpu" else None
 
 
 def _stopped_reason(t: optuna.trial.FrozenTrial, what: str) -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from sweeps import memcap
 from sweeps.config import SweepConfig
-from sweeps.runner import make_spec, run_params
+from sweeps.runner import make_spec, memory_cap, run_params
 from sweeps.stores import check_tracking, quiet_libraries, resolve
 from sweeps.tracking import REASON, ROLE, RUN_STATUS, SEED, STATUS, MlflowSink, Tracker
 from trainers.loop import train
@@ -27,10 +28,15 @@ def train_once(
     run_id = run.info.run_id
     from sweeps.tracking import _params
 
-    tracker.client.log_batch(run_id, params=_params(run_params(spec, cfg)))
+    cap = memory_cap(cfg, 1)
+    tracker.client.log_batch(run_id, params=_params(run_params(spec, cfg) | {"memory_limit_mb": cap}))
     sink = MlflowSink(tracker.client, run_id)
     try:
-        result = train(spec, sink)
+        memcap.apply_cap(cap, memcap.vm_size_kb())  # an absurd batch ends as `oom`, not the machine
+        try:
+            result = train(spec, sink)
+        finally:
+            memcap.apply_cap(None, None)
     except BaseException as exc:
         try:
             sink.close(timeout=30)

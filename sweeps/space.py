@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -47,16 +48,38 @@ def directions(search: SearchConfig) -> list[str]:
     return [OBJECTIVES[o][0] for o in search.objectives]
 
 
-def make_sampler(search: SearchConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(search: SearchConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded with `seed` (default `search.seed`).
+
+    A sweep passes its process's own seed (`process_seed`): processes sharing a study with one
+    seed would propose the same trials.
+    """
+    seed = search.seed if seed is None else seed
     if search.sampler == "grid":
         grid: dict[str, Any] = {"batch_size": search.batch_choices(), "lr": search.lr_choices()}
-        return optuna.samplers.GridSampler(grid, seed=search.seed)
+        return optuna.samplers.GridSampler(grid, seed=seed)
     if search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=search.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     # A few random trials first, then TPE; multivariate TPE models batch size and lr jointly.
     return optuna.samplers.TPESampler(
-        seed=search.seed, multivariate=True, n_startup_trials=min(8, search.n_trials // 3 or 1)
+        seed=seed, multivariate=True, n_startup_trials=min(8, search.n_trials // 3 or 1)
     )
+
+
+def process_seed(study_seed: int | None) -> int:
+    """The sampler seed of one sweep or worker process: the study's seed combined with a value
+    unique to this process (host, pid, start time, random bytes).
+
+    Every worker of a shared study seeded alike would sample the same trials (three PostgreSQL
+    workers ran trials 0, 1, 2 with identical parameters), and a restarted sweep would replay
+    the sequence it had already run. The seed is recorded on each trial (`sampler_seed`).
+    """
+    import hashlib
+    import socket
+    import time
+
+    token = f"{study_seed}:{socket.gethostname()}:{os.getpid()}:{time.time_ns()}:{os.urandom(8).hex()}"
+    return int.from_bytes(hashlib.sha256(token.encode()).digest()[:4], "little")
 
 
 def pruning_unit(train: TrainConfig) -> Literal["steps", "samples"]:

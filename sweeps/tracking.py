@@ -114,8 +114,11 @@ class Tracker:
         )
         return [str(r.info.run_id) for r in runs]
 
-    def close_stale_runs(self, experiment_id: str, is_alive: Callable[[str], bool]) -> int:
-        """End child runs left RUNNING by a killed sweep (their trials are re-run)."""
+    def close_stale_runs(self, experiment_id: str, is_alive: Callable[[str, str | None], bool]) -> int:
+        """End child runs left RUNNING by a killed sweep (their trials are re-run).
+
+        `is_alive(run_id, trial_number_tag)` says which runs still belong to a live trial.
+        """
         runs = self.client.search_runs(
             [experiment_id],
             filter_string=f"tags.`{ROLE}` = 'trial' and attributes.status = 'RUNNING'",
@@ -124,7 +127,7 @@ class Tracker:
         )
         closed = 0
         for run in runs:
-            if is_alive(run.info.run_id):
+            if is_alive(run.info.run_id, run.data.tags.get(TRIAL)):
                 continue
             self.end(
                 run.info.run_id,

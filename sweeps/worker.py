@@ -50,6 +50,8 @@ class Job:
     checkpoint: CheckpointPolicy | None = None
     # Processes training this trial together (torchrun, data parallel); 1 trains in the worker itself.
     nproc: int = 1
+    # CPU trials: the cap on the worker's memory above its start-up size (sweeps.memcap); None: none.
+    memory_limit_mb: float | None = None
 
 
 class WorkerDied(Exception):
@@ -296,9 +298,6 @@ def _set_parent_death_signal() -> Callable[[], None]:
     return set_it
 
 
-MEMORY_ENV = "BATCHSCOPE_TRIAL_MEMORY_MB"
-
-
 def _prewarm() -> None:
     """Pay lazy first-use costs while the sweep is still setting up its stores, not on the
     first trial's clock: torch imports torch._dynamo on the first optimizer (about 1.5 s)."""
@@ -307,32 +306,21 @@ def _prewarm() -> None:
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
-def _limit_memory(limit_mb: str | None) -> None:
-    """Cap this worker's address space (CPU trials): a batch too large then fails as `oom`
-    instead of swapping the machine or waking the kernel's OOM killer."""
-    if not limit_mb:
-        return
-    import resource
-
-    with open(f"/proc/{os.getpid()}/status") as f:
-        vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
-    limit = (vm + int(float(limit_mb) * 1024)) * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
 def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
-    # Ctrl-C is handled by the sweep process, which then asks this worker to stop.
+    # Ctrl-C is handled by the sweep process, which then asks this worker to stop. SIGTERM (sent by
+    # Slurm to every process of a job, or by hand) stops the running trial at its next logging point.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     die_with_parent()
     if os.getppid() != parent_pid:
         return
-    from sweeps import faults
+    from sweeps import faults, memcap
     from sweeps.sink import MlflowSink
     from sweeps.stores import quiet_libraries
     from trainers.loop import train
 
-    _limit_memory(os.environ.get(MEMORY_ENV))
     _prewarm()
+    baseline_kb = memcap.vm_size_kb()  # the cap counts from here: torch and its threads loaded
     quiet_libraries()
     transport = PipeTransport(conn)
     while True:
@@ -348,6 +336,7 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
         if msg[0] != "train":
             continue  # e.g. an evaluation's reply that came after its trial was stopped
         job: Job = msg[1]
+        memcap.apply_cap(job.memory_limit_mb if job.nproc == 1 else None, baseline_kb)
         if job.nproc > 1:
             conn.send(_run_distributed(job, conn, stop, parent_pid))
             continue
