@@ -234,6 +234,11 @@ def _analysis_stores(storage: str | None, tracking_uri: str | None) -> Any:
             f"no sweep has run here yet ({stores.storage_url} does not exist); "
             "run batchscope sweep CONFIG first, or give --storage"
         )
+    if "://" not in stores.storage_url and os.path.isfile(stores.storage_url):
+        from sweeps.journal import settle_journal
+
+        # analysis/ reads the journal with Optuna's own backend: set a torn tail aside, refuse corruption first.
+        settle_journal(stores.storage_url)
     return stores
 
 

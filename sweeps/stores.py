@@ -114,10 +114,15 @@ def _rdb_with_retry(url: str, kwargs: dict[str, Any], attempts: int = 4) -> optu
 
 
 def journal_storage(path: Path | str) -> optuna.storages.JournalStorage:
-    """The local journal file; every process must use this same lock type to be safe."""
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+    """The local journal file; every process must use this same lock type to be safe.
 
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    Opening sets a torn last record aside and refuses a corrupt one in one line (sweeps.journal).
+    """
+    from optuna.storages.journal import JournalFileOpenLock
+
+    from sweeps.journal import SafeJournalFileBackend
+
+    return optuna.storages.JournalStorage(SafeJournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 
 
 def check_tracking(stores: Stores, *, create: bool = True) -> None:
