@@ -3,7 +3,6 @@ everywhere in analysis/ (and the same defaults as the sweep runner's embedded st
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import optuna
@@ -41,5 +40,8 @@ def is_sql_tracking_uri(tracking_uri: str) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """A store URL fit for messages and reports: postgresql://user:secret@host → user:***@host."""
-    return re.sub(r"(//[^/:@]+):[^/@]*@", r"\1:***@", url)
+    """A store URL fit for messages and reports: every credential form masked (user:secret@host,
+    :secret@host, ?password=...), by the one mask the sweeps use."""
+    from sweeps.locations import redact
+
+    return redact(url)

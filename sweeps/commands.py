@@ -185,61 +185,98 @@ def _write_report(sweep: Any) -> Path | None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from analysis.report import build_report, log_report_artifacts
+    from sweeps.locations import check_output_folder
 
+    out_dir = check_output_folder(args.out, "--out")  # before anything is read: a bad folder costs nothing
     stores = _analysis_stores(args.storage, args.tracking_uri)
-    with _store_errors():
+    from analysis.report import build_report, log_report_artifacts  # 3-5 s of imports: after the checks
+
+    with _store_errors(stores):
         path = build_report(
             args.studies,
-            storage=stores.storage_url,
+            storage=_optuna_storage(stores),
             tracking_uri=stores.tracking_uri,
-            out_dir=Path(args.out),
+            out_dir=out_dir,
             tracking_ui=args.ui_url,
             image_format="svg" if args.svg else "png",
         )
-    if not args.no_log:
-        log_report_artifacts(path, args.studies, tracking_uri=stores.tracking_uri)
+        if not args.no_log:
+            log_report_artifacts(path, args.studies, tracking_uri=stores.tracking_uri)
     out.print(f"Report: {path}")
     out.print(f"Summary: {Path(path).parent / 'summary.md'}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from sweeps.locations import check_output_folder
+
+    out_dir = check_output_folder(args.out, "--out")  # before anything is read: a bad folder costs nothing
+    stores = _analysis_stores(args.storage, args.tracking_uri)
     from analysis.load import export_sweep, load_sweep
 
-    stores = _analysis_stores(args.storage, args.tracking_uri)
-    with _store_errors():
-        data = load_sweep(args.study, storage=stores.storage_url, tracking_uri=stores.tracking_uri)
-    for path in export_sweep(data, Path(args.out), file_format=args.format):
+    with _store_errors(stores):
+        data = load_sweep(args.study, storage=_optuna_storage(stores), tracking_uri=stores.tracking_uri)
+    for path in export_sweep(data, out_dir, file_format=args.format):
         out.print(f"wrote {path}")
     return 0
 
 
 @contextlib.contextmanager
-def _store_errors() -> Iterator[None]:
-    """A study or store that is not there is the user's to fix: one line, no traceback."""
+def _store_errors(stores: Any) -> Iterator[None]:
+    """A study or store that is not there, or not what it should be, is the user's to fix: one
+    line, no traceback (and no password, whatever the driver echoed)."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from sweeps.stores import driver_error
+
     try:
         yield
     except (LookupError, FileNotFoundError) as exc:
         raise UserError(_redacted(str(exc).strip("'\""))) from None
+    except (SQLAlchemyError, MlflowException) as exc:
+        raise UserError(
+            f"the MLflow store {_redacted(stores.tracking_uri)!r} could not be read: "
+            f"{driver_error(exc, stores.tracking_uri)[:300]}"
+        ) from None
 
 
 def _analysis_stores(storage: str | None, tracking_uri: str | None) -> Any:
-    from sweeps.stores import quiet_libraries, resolve
+    """The stores a report or an export reads, checked first: URLs parsed, files there (a reader
+    must not leave an empty database behind), a tracking server answering within seconds."""
+    from sweeps.stores import check_tracking, quiet_libraries, resolve
 
     quiet_libraries()
-    stores = resolve(storage, tracking_uri)
+    stores = resolve(storage, tracking_uri, fields=("--storage", "--tracking-uri"), writing=False)
     if storage is None and not os.path.exists(stores.storage_url):
         raise UserError(
             f"no sweep has run here yet ({stores.storage_url} does not exist); "
             "run batchscope sweep CONFIG first, or give --storage"
         )
+    if "://" not in stores.storage_url and not os.path.isfile(stores.storage_url):
+        raise UserError(f"--storage {stores.storage_url!r}: no such file; give the journal of a sweep, or its URL")
+    db = stores.tracking_uri.removeprefix("sqlite:///").partition("?")[0]
+    if stores.tracking_uri.startswith("sqlite:///") and not os.path.isfile(db):
+        raise UserError(
+            f"no MLflow database at {db} (the sweep's runs are kept there); give --tracking-uri if they are elsewhere"
+        )
+    check_tracking(stores, create=False, field="--tracking-uri")
     if "://" not in stores.storage_url and os.path.isfile(stores.storage_url):
         from sweeps.journal import settle_journal
 
         # analysis/ reads the journal with Optuna's own backend: set a torn tail aside, refuse corruption first.
         settle_journal(stores.storage_url)
     return stores
+
+
+def _optuna_storage(stores: Any) -> Any:
+    """A database or Redis storage opened as the sweep opens it (timeouts, one-line errors, Redis);
+    a journal file is given to analysis/ by its path."""
+    if "://" not in stores.storage_url:
+        return stores.storage_url
+    from sweeps.stores import open_storage
+
+    return open_storage(stores, heartbeat=False)
 
 
 def _print_best(sweep: Any) -> None:

@@ -8,10 +8,13 @@ an MLflow tracking server.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,16 +22,12 @@ from typing import Any
 import optuna
 
 from sweeps.errors import UserError
+from sweeps.locations import check_storage, check_tracking_uri, scrub
+from sweeps.locations import redact as redact  # the one mask for every URL shown in output, params, tags and errors
 
 DEFAULT_ROOT = "mlruns"
 _RDB_SCHEMES = ("postgresql", "postgres", "mysql", "sqlite")
-
-
-def redact(url: str | None) -> str:
-    """The URL with any password replaced by ***, for logs, errors and tags."""
-    if url is None:
-        return ""
-    return re.sub(r"(?<=://)([^:/@\s]+):([^@/\s]*)@", r"\1:***@", url)
+CONNECT_TIMEOUT_S = 5  # an unreachable database or server fails within seconds, not at the OS's TCP timeout
 
 
 def root_dir() -> Path:
@@ -48,13 +47,29 @@ class Stores:
         return redact(self.storage_url)
 
 
-def resolve(storage: str | None, tracking_uri: str | None) -> Stores:
-    """Decide the stores without touching them (nothing is created here)."""
+def resolve(
+    storage: str | None,
+    tracking_uri: str | None,
+    *,
+    fields: tuple[str, str] = ("storage", "tracking_uri"),
+    writing: bool = True,
+) -> Stores:
+    """Decide the stores without touching them (nothing is created here).
+
+    Both are checked first (scheme, host, database name, a file's folder), so that a bad one is
+    refused in one line naming its field (`fields`: the config keys, or a command's options)
+    before any command writes anything. Readers (`writing=False`) skip what only matters to a
+    store about to be made.
+    """
     root = root_dir()
-    storage_url = storage or str(root / "optuna.journal")
+    local = "BATCHSCOPE_ROOT" if os.environ.get("BATCHSCOPE_ROOT") else "the local store"
+    storage_field = fields[0] if storage else local
+    storage_url = check_storage(storage or str(root / "optuna.journal"), storage_field, writing=writing)
     if tracking_uri is None:
-        return Stores(storage_url, f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri(), root)
-    return Stores(storage_url, tracking_uri, None, root if storage is None else None)
+        uri = check_tracking_uri(f"sqlite:///{root / 'mlflow.db'}", local, writing=writing)
+        return Stores(storage_url, uri, (root / "artifacts").as_uri(), root)
+    uri = check_tracking_uri(tracking_uri, fields[1], writing=writing)
+    return Stores(storage_url, uri, None, root if storage is None else None)
 
 
 def open_storage(stores: Stores, *, heartbeat: dict[str, Any] | bool = True) -> optuna.storages.BaseStorage:
@@ -63,7 +78,7 @@ def open_storage(stores: Stores, *, heartbeat: dict[str, Any] | bool = True) -> 
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     try:
         if scheme.split("+")[0] in _RDB_SCHEMES:
-            kwargs: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True}}
+            kwargs: dict[str, Any] = {"engine_kwargs": _engine_kwargs(url)}
             if heartbeat and not scheme.startswith("sqlite"):
                 # Dead-worker detection: a trial whose worker stops beating is failed and re-run.
                 beat = heartbeat if isinstance(heartbeat, dict) else {}
@@ -71,10 +86,8 @@ def open_storage(stores: Stores, *, heartbeat: dict[str, Any] | bool = True) -> 
                     heartbeat_interval=int(beat.get("interval_s", 30)), grace_period=int(beat.get("grace_s", 120))
                 )
             return _rdb_with_retry(url, kwargs)
-        if scheme == "redis":
-            from optuna.storages.journal import JournalRedisBackend
-
-            return optuna.storages.JournalStorage(JournalRedisBackend(url))
+        if scheme in ("redis", "rediss"):
+            return _redis_storage(url)
         if scheme:
             raise UserError(
                 f"storage {redact(url)!r}: unsupported scheme {scheme!r}; use a file path, "
@@ -86,15 +99,65 @@ def open_storage(stores: Stores, *, heartbeat: dict[str, Any] | bool = True) -> 
     except UserError:
         raise
     except ImportError as exc:
+        raise _missing_driver("storage", url, exc) from None
+    except Exception as exc:  # any driver error: one line, without the password
         raise UserError(
-            f"storage {redact(url)!r} needs a database driver that is not installed ({exc.name}): "
-            "pip install 'batchscope[postgres]'"
-        ) from None
-    except Exception as exc:  # any driver error: report it without the password
-        raise UserError(
-            f"storage {redact(url)!r} cannot be reached: {redact(_first_line(exc))}; "
+            f"storage {redact(url)!r} cannot be reached: {driver_error(exc, url)}; "
             "check that the database is running and the URL is right"
         ) from None
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine options: connections checked before use, and a connect timeout (libpq and
+    MySQL wait for the OS's TCP timeout, minutes, for a server that does not answer)."""
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.split("://", 1)[0].split("+")[0].lower() in ("postgresql", "mysql") and "connect_timeout=" not in url:
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    return kwargs
+
+
+def _redis_storage(url: str) -> optuna.storages.JournalStorage:
+    """Optuna's Redis journal, with socket timeouts (redis-py has none: a silent server hangs it)."""
+    from optuna.storages.journal import JournalRedisBackend
+
+    if "socket_connect_timeout=" not in url and "socket_timeout=" not in url:
+        timeouts = f"socket_connect_timeout={CONNECT_TIMEOUT_S}&socket_timeout={CONNECT_TIMEOUT_S}"
+        url += ("&" if "?" in url else "?") + timeouts
+    with _quiet_experimental():
+        return optuna.storages.JournalStorage(JournalRedisBackend(url))
+
+
+@contextlib.contextmanager
+def _quiet_experimental() -> Iterator[None]:
+    """No "experimental" warning while a storage opens, even where quiet_libraries() was not called:
+    an error in opening must be the only line the user sees."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def _missing_driver(field: str, url: str, exc: ImportError) -> UserError:
+    """The store's driver is not installed: say which, and how to install it."""
+    base = url.split("://", 1)[0].split("+")[0].lower()
+    if base in ("redis", "rediss"):
+        fix = "pip install redis"
+    elif base == "mysql":
+        fix = "pip install pymysql and write the URL as mysql+pymysql://..."
+    else:
+        fix = "pip install 'batchscope[postgres]'"
+    missing = f" ({exc.name})" if exc.name else ""
+    return UserError(f"{field} {redact(url)!r} needs a driver that is not installed{missing}: {fix}")
+
+
+def driver_error(exc: BaseException, url: str) -> str:
+    """A database driver's error as one line a user can read: SQLAlchemy's "(psycopg.OperationalError)"
+    prefix and "(Background on this error at: ...)" suffix dropped, and the URL's secrets removed
+    wherever the driver echoed them."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"\(Background on this error at: [^)]*\)", "", text)
+    text = re.sub(r"^\([\w.]+\)\s*", "", text).strip()
+    text = re.sub(r"\s*\[SQL: .*", "", text)  # the statement and its parameters: not for the user
+    return scrub(text.rstrip(". ") or type(exc).__name__, url)
 
 
 def _rdb_with_retry(url: str, kwargs: dict[str, Any], attempts: int = 4) -> optuna.storages.RDBStorage:
@@ -103,14 +166,27 @@ def _rdb_with_retry(url: str, kwargs: dict[str, Any], attempts: int = 4) -> optu
 
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, **kwargs)
+            with _quiet_experimental():
+                return optuna.storages.RDBStorage(url, **kwargs)
         except ImportError:
             raise
         except Exception as exc:
-            if attempt == attempts - 1 or ("connect" in str(exc).lower() and "refused" in str(exc).lower()):
+            if attempt == attempts - 1 or _cannot_connect(exc):
                 raise
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+# What a driver says when the server is not there, or will not let us in: retrying cannot help.
+_NO_CONNECTION = re.compile(
+    r"refused|timeout expired|timed out|could not connect|could not translate host|failed to resolve host"
+    r"|name or service not known|authentication failed|no password supplied|database \S+ does not exist"
+    r"|role \S+ does not exist|unknown database|access denied"
+)
+
+
+def _cannot_connect(exc: BaseException) -> bool:
+    return _NO_CONNECTION.search(str(exc).lower()) is not None
 
 
 def journal_storage(path: Path | str) -> optuna.storages.JournalStorage:
@@ -125,29 +201,70 @@ def journal_storage(path: Path | str) -> optuna.storages.JournalStorage:
     return optuna.storages.JournalStorage(SafeJournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 
 
-def check_tracking(stores: Stores, *, create: bool = True) -> None:
-    """Fail early, with one line, if the MLflow tracking store cannot be reached.
+def check_tracking(stores: Stores, *, create: bool = True, field: str = "tracking_uri") -> None:
+    """Fail early, with one line naming `field`, if the MLflow tracking store cannot be reached:
+    a server gets CONNECT_TIMEOUT_S to answer (MLflow's own client retries for minutes).
 
     With `create`, make the local store's folder (nothing is created otherwise).
     """
-    uri = stores.tracking_uri
+    uri = check_tracking_uri(stores.tracking_uri, field, writing=create)
     if uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
-                resp.read()
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise UserError(
-                f"tracking_uri {redact(uri)!r} cannot be reached: {_first_line(exc)}; "
-                "start the server (batchscope server) or fix the URL"
-            ) from None
+        _check_http_server(uri, field)
+        return
+    if uri.split("://", 1)[0].split("+")[0].lower() in ("postgresql", "mysql", "mssql"):
+        _check_sql_server(uri, field)
         return
     if create and uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
         _init_sqlite_store(uri, db)
+
+
+def _check_http_server(uri: str, field: str) -> None:
+    """GET /health of an MLflow server; credentials in the URL go in a header, as MLflow's client sends them."""
+    import base64
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(uri)
+    headers = {}
+    if parts.username is not None or parts.password is not None:
+        user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    bare = urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", "", "", "")).rstrip("/")
+    if parts.port is not None:
+        bare += f":{parts.port}"
+    health = bare + parts.path.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(health, headers=headers), timeout=CONNECT_TIMEOUT_S) as resp:
+            resp.read()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        raise UserError(
+            f"{field} {redact(uri)!r} cannot be reached: {scrub(_first_line(reason), uri)}; "
+            "start the server (batchscope server) or fix the URL"
+        ) from None
+
+
+def _check_sql_server(uri: str, field: str) -> None:
+    """Connect once to a database that MLflow tracks in, with a timeout (MLflow sets none)."""
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(uri, **_engine_kwargs(uri))
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT 1"))
+        finally:
+            engine.dispose()
+    except ImportError as exc:
+        raise _missing_driver(field, uri, exc) from None
+    except Exception as exc:
+        raise UserError(
+            f"{field} {redact(uri)!r} cannot be reached: {driver_error(exc, uri)}; "
+            "check that the database is running and the URL is right"
+        ) from None
 
 
 def _init_sqlite_store(uri: str, db: Path) -> None:
@@ -302,9 +419,17 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    # Optuna warns, in two lines on stderr, each time batchscope uses a feature it calls
+    # experimental (heartbeat, stale-trial recovery, the Redis journal): nothing for a user to act on.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # MLflow's HTTP client retries 7 times with backoff, minutes before a server that is gone is
+    # reported; 3 retries (about 7 s) still ride over a restart, and a silent server is cut off.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_line(exc: object) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
