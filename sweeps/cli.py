@@ -199,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optuna", action="store_true", help="open optuna-dashboard on the study storage instead")
     p.add_argument("--storage", default=None, help="Optuna storage URL for --optuna")
     p.add_argument("--tracking-uri", default=None, help="MLflow backend store (default: sqlite:///mlruns/mlflow.db)")
+
+    p = sub.add_parser("doctor", help="check both stores of the sweeps; --repair fixes what can be fixed safely")
+    p.add_argument("study", nargs="?", default=None, help="study name (default: every study)")
+    p.add_argument("--repair", action="store_true", help="repair, after backing up each file it changes")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: mlruns/optuna.journal)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
     return parser
 
 
@@ -212,9 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     err = Console(stderr=True)
     try:
-        from sweeps import commands
+        if args.command == "doctor":
+            from sweeps.doctor import cmd_doctor as handler
+        else:
+            from sweeps import commands
 
-        handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
+            handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
         return int(handler(args) or 0)
     except UserError as exc:
         err.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False, soft_wrap=True)

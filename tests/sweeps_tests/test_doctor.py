@@ -1,0 +1,225 @@
+"""`batchscope doctor` on a real finished study: what it finds, what --repair fixes, and that the
+same sweep command then resumes the study with the tracking contract intact."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities.view_type import ViewType
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from sweeps.cli import main
+from sweeps.stores import journal_storage
+from sweeps.tracking import ROLE, STATUS, STUDY, TRIAL, Tracker
+from tests.conftest import small_config, write_config
+
+NAME = "doc"
+DEAD_WORKER = f"{socket.gethostname()}:999999999"  # a process that does not exist
+
+
+def _config() -> dict:
+    cfg = small_config(NAME)
+    cfg["train"].update({"max_steps": 30, "eval_every": 10, "sharpness": {"enabled": False}})
+    cfg["search"]["n_trials"] = 3
+    return cfg
+
+
+def _env(base: Path) -> dict[str, str]:
+    return dict(os.environ, BATCHSCOPE_ROOT=str(base / "mlruns"), PYTHONUNBUFFERED="1")
+
+
+def _sweep(base: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sweeps.cli", "sweep", "study.yaml", "--no-report", *extra],
+        cwd=base,
+        env=_env(base),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real finished study of 3 trials, copied by each test."""
+    base = tmp_path_factory.mktemp("finished")
+    write_config(base / "study.yaml", _config())
+    proc = _sweep(base)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return base
+
+
+@pytest.fixture
+def copy(finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the finished study, whose stores are this test's default ones."""
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BATCHSCOPE_ROOT", str(tmp_path / "mlruns"))
+    return tmp_path
+
+
+def _doctor(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(["doctor", *args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _journal(base: Path) -> Path:
+    return base / "mlruns" / "optuna.journal"
+
+
+def _client(base: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{base / 'mlruns' / 'mlflow.db'}")
+
+
+def _trials(journal: Path) -> list[tuple]:
+    """Number, state, params and values of each trial, as Optuna's own backend replays them."""
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+    return [
+        (t.number, t.state.name, t.params, t.values) for t in optuna.load_study(study_name=NAME, storage=storage).trials
+    ]
+
+
+def _corrupt_line(journal: Path, index: int) -> int:
+    """One byte of line `index` (0-based) made invalid; returns its 1-based line number."""
+    lines = journal.read_bytes().splitlines(keepends=True)
+    bad = bytearray(lines[index])
+    bad[len(bad) // 2] = 0xFF
+    journal.write_bytes(b"".join([*lines[:index], bytes(bad), *lines[index + 1 :]]))
+    return index + 1
+
+
+def _line_index(journal: Path, op_code: int, nth: int = 0) -> int:
+    starts = [
+        i for i, line in enumerate(journal.read_bytes().splitlines()) if line.startswith(b'{"op_code":%d,' % op_code)
+    ]
+    return starts[nth]
+
+
+def _killed_mid_trial(base: Path) -> tuple[int, str]:
+    """What a sweep killed mid-trial leaves: a RUNNING trial whose worker is gone, with a RUNNING run
+    that the trial does not list yet (killed between creating the run and recording it)."""
+    study = optuna.load_study(study_name=NAME, storage=journal_storage(_journal(base)))
+    trial = study.ask(fixed_distributions=study.trials[0].distributions)
+    trial.set_user_attr("worker", DEAD_WORKER)
+    tracker = Tracker(f"sqlite:///{base / 'mlruns' / 'mlflow.db'}")
+    exp_id = tracker.experiment_id(NAME)
+    parent = tracker.client.search_runs([exp_id], filter_string=f"tags.`{ROLE}` = 'sweep'")[0].info.run_id
+    tags = {STUDY: NAME, TRIAL: str(trial.number), STATUS: "running"}
+    return trial.number, tracker.trial_run(exp_id, parent, f"trial {trial.number}", trial.params, tags)
+
+
+def test_a_healthy_study_is_healthy(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, said = _doctor(capsys)
+    assert code == 0 and "Healthy." in said, said
+    assert "one to one" in said and not (copy / "mlruns" / "backups").exists()
+
+
+def test_repair_brings_back_a_corrupt_study_and_the_same_sweep_resumes_it(
+    copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    journal = _journal(copy)
+    number, orphan_run = _killed_mid_trial(copy)
+    before = [t for t in _trials(journal) if t[0] != number]  # the uncorrupted copy's trials
+    # An intermediate value in the middle: losing it loses nothing a trial list shows.
+    line = _corrupt_line(journal, _line_index(journal, op_code=7, nth=2))
+    corrupted = journal.read_bytes()
+
+    code, said = _doctor(capsys, NAME)
+    assert code == 1, said
+    assert f"line(s) {line} corrupt" in said and f"trial {number} is RUNNING" in said, said
+    assert journal.read_bytes() == corrupted, "without --repair nothing changes"
+
+    code, said = _doctor(capsys, "--repair")
+    assert code == 0, said
+    assert "Traceback" not in said
+    # Backed up first, the bad line set aside, every complete trial kept.
+    (backup,) = (copy / "mlruns" / "backups").iterdir()
+    assert (backup / "optuna.journal").read_bytes() == corrupted and (backup / "mlflow.db").is_file()
+    (sidecar,) = journal.parent.glob("optuna.journal.corrupt-*")
+    assert sidecar.read_bytes() == corrupted.splitlines(keepends=True)[line - 1]
+    trials = _trials(journal)
+    assert [t for t in trials if t[0] in {b[0] for b in before}] == before
+    # The dead trial failed, linked to its run by its tags, its run closed, and queued again.
+    study = optuna.load_study(study_name=NAME, storage=journal_storage(journal))
+    dead = study.trials[number]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["mlflow_run_id"] == orphan_run
+    assert _client(copy).get_run(orphan_run).info.status == "KILLED"
+    assert [t.user_attrs.get("retry_of") for t in study.trials if t.state == TrialState.WAITING] == [number]
+    code, said = _doctor(capsys)
+    assert code == 0, said
+
+    # The same sweep command continues the study to n_trials, with the contract intact.
+    proc = _sweep(copy, "--n-trials", "4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    study = optuna.load_study(study_name=NAME, storage=journal_storage(journal))
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 4
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    runs = _client(copy).search_runs([_client(copy).get_experiment_by_name(NAME).experiment_id], max_results=1000)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    children = [r for r in runs if r.data.tags.get(ROLE) == "trial"]
+    by_number = {int(r.data.tags[TRIAL]): r.info.run_id for r in children}
+    assert len(by_number) == len(children) == len(study.trials)
+    assert {t.number: t.user_attrs["mlflow_run_id"] for t in study.trials} == by_number
+
+
+def test_a_lost_trial_creation_keeps_the_records_before_it_and_retires_its_run(
+    copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Dropping a trial's creation would shift every later trial onto the wrong id: only the records
+    before it are kept (the rest go to the sidecar), and the run of the trial lost is set aside."""
+    journal = _journal(copy)
+    before = _trials(journal)
+    line = _corrupt_line(journal, _line_index(journal, op_code=4, nth=2))  # trial 2's creation
+    code, said = _doctor(capsys, "--repair")
+    assert code == 0, said
+    assert f"records before line {line} (line {line} was the creation of" in said, said
+    assert _trials(journal) == before[:2]
+    client = _client(copy)
+    every = client.search_runs([client.get_experiment_by_name(NAME).experiment_id], run_view_type=ViewType.ALL)
+    lost = [r for r in every if r.data.tags.get(TRIAL) == "2"]
+    assert [r.info.lifecycle_stage for r in lost] == ["deleted"]  # restorable, and no longer one of the study's
+    code, said = _doctor(capsys)
+    assert code == 0, said
+
+
+def test_a_run_left_running_after_its_trial_ended_is_closed(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    client = _client(copy)
+    run_id = (
+        _client(copy)
+        .search_runs([client.get_experiment_by_name(NAME).experiment_id], filter_string=f"tags.`{TRIAL}` = '1'")[0]
+        .info.run_id
+    )
+    client.update_run(run_id, status="RUNNING")  # as a process killed between its trial and its run's end
+    code, said = _doctor(capsys)
+    assert code == 1 and f"run {run_id} of trial 1 is RUNNING, but its trial is COMPLETE" in said, said
+    code, said = _doctor(capsys, "--repair")
+    assert code == 0, said
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and "batchscope doctor" in run.data.tags["batchscope.reason"]
+
+
+def test_a_study_emptied_from_the_journal_is_reported(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _journal(copy).write_bytes(b"")
+    code, said = _doctor(capsys)
+    assert code == 1 and "has no such study" in said, said
+
+
+def test_nothing_to_check_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BATCHSCOPE_ROOT", str(tmp_path / "mlruns"))
+    code, said = _doctor(capsys)
+    assert code == 2 and len(said.strip().splitlines()) == 1 and "nothing to check" in said, said
+    code, said = _doctor(capsys, "--repair")
+    assert code == 2 and not (tmp_path / "mlruns").exists()
