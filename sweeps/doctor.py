@@ -135,7 +135,10 @@ class Doctor:
     def _check_journal(self, path: Path) -> list[Finding]:
         if not path.exists():
             return [Finding("journal", f"no Optuna journal at {path}", level="note")]
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return [Finding("journal", f"{path} cannot be read: {exc.strerror or exc}")]
         scan = scan_journal(path, data)
         if scan.healthy:
             return [Finding("journal", f"{path}: {scan.records} complete records", "ok")]
@@ -188,9 +191,10 @@ class Doctor:
         from a scratch copy as the repair would leave it, and nothing is written to it."""
         if journal is None:
             return open_storage(self.stores, heartbeat=False)
-        if not journal.exists():
+        try:
+            data = journal.read_bytes()
+        except OSError:  # said by _check_journal
             return None
-        data = journal.read_bytes()
         scan = scan_journal(journal, data)
         if scan.healthy:
             return journal_storage(journal)
@@ -276,6 +280,11 @@ class Doctor:
             if number is not None:
                 s.runs_by_trial.setdefault(number, []).append(run)
         findings = self._dead_trials(s, tracker) + self._stray_runs(s, tracker) + self._unlinked_trials(s, tracker)
+        linked = sum(1 for t in s.trials.values() if _linked_runs(t))
+        if tracker is None and linked:
+            findings.append(
+                Finding(where, f"{linked} trial(s) refer to MLflow runs, but {self.stores.tracking_uri} cannot be read")
+            )
         if not findings and tracker is not None:
             findings.append(
                 Finding(where, f"{len(s.trials)} trial(s), {len(runs)} run(s): one to one, none left RUNNING", "ok")

@@ -211,18 +211,25 @@ def _open_for_append(path: Path) -> Iterator[int]:
 
 
 def _append_whole(fd: int, data: bytes) -> None:
-    """Write `data` at the end and fsync it, or leave the file as it was: never a partial record."""
+    """Write `data` at the end and fsync it, or leave the file as it was: never a partial record.
+
+    A write stopped part-way (a full disk takes part of it, then refuses the rest; Ctrl-C between
+    two writes) is cut back off, and so is a whole one whose fsync failed (on NFS, a full disk may
+    only say so then). One interrupted after a whole write stays: it is a complete record, and
+    this process reads it back on its next sync like any other.
+    """
     size = os.fstat(fd).st_size
+    view, written = memoryview(data), 0
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]  # a full disk may take part of it, then refuse the rest
+        while written < len(data):
+            written += os.write(fd, view[written:])
         os.fsync(fd)
-    except BaseException:
-        try:
-            os.ftruncate(fd, size)
-        except OSError as exc:  # the tail check on the next open or append sets it aside instead
-            _logger.warning("%s: a failed write could not be cut back off (%s)", _fd_name(fd), exc)
+    except BaseException as exc:
+        if written < len(data) or isinstance(exc, OSError):
+            try:
+                os.ftruncate(fd, size)
+            except OSError as cut:  # the tail check on the next open or append sets it aside instead
+                _logger.warning("%s: a failed write could not be cut back off (%s)", _fd_name(fd), cut)
         raise
 
 

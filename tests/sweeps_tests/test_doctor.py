@@ -223,3 +223,36 @@ def test_nothing_to_check_is_one_line(
     assert code == 2 and len(said.strip().splitlines()) == 1 and "nothing to check" in said, said
     code, said = _doctor(capsys, "--repair")
     assert code == 2 and not (tmp_path / "mlruns").exists()
+
+
+def test_a_damaged_mlflow_database_is_reported(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = copy / "mlruns" / "mlflow.db"
+    data = bytearray(db.read_bytes())
+    page = 4096
+    data[3 * page : 4 * page] = b"\xa5" * page  # one page of the file overwritten
+    db.write_bytes(bytes(data))
+    code, said = _doctor(capsys)
+    assert code == 1 and "mlflow.db" in said and "Traceback" not in said, said
+    assert "cannot be repaired safely" in said
+    assert db.read_bytes() == bytes(data), "a damaged database is left as it is"
+
+
+def test_a_half_built_mlflow_database_without_runs_is_moved_aside(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a disk that filled during MLflow's first migrations leaves: some tables, no runs."""
+    import sqlite3
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BATCHSCOPE_ROOT", str(tmp_path / "mlruns"))
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE registered_models (name VARCHAR(256) PRIMARY KEY)")
+    conn.close()
+    code, said = _doctor(capsys)
+    assert code == 1 and "not a whole MLflow store" in said, said
+    code, said = _doctor(capsys, "--repair")
+    assert code == 0, said
+    (backup,) = (tmp_path / "mlruns" / "backups").iterdir()
+    assert not db.exists() and (backup / "mlflow.db").is_file()
