@@ -6,7 +6,9 @@ import argparse
 import importlib
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -217,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
 
     err = Console(stderr=True)
+    restore = _sigterm_like_ctrl_c()
     try:
         if args.command == "doctor":
             from sweeps.doctor import cmd_doctor as handler
@@ -228,9 +231,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         err.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
+    except Terminated:
+        err.print("[yellow]terminated[/] (SIGTERM): the stores are consistent; run the same command again to continue.")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: the stores are consistent; run the same command again to continue.")
         return 130
+    finally:
+        restore()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as Slurm, Kubernetes and `kill` send it: handled like Ctrl-C (the running trials are
+    marked and their runs closed; a second one stops them at once)."""
+
+
+def _sigterm_like_ctrl_c() -> Callable[[], None]:
+    """Raise `Terminated` in the main thread on SIGTERM; returns what puts the old handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signal handlers can only be set from the main thread
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def _escape(text: str) -> str:

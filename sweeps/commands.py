@@ -27,10 +27,14 @@ err = Console(stderr=True)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    # The config is read and checked before any worker starts: a typo costs the 1 s it takes to
+    # read, not the start (and stop) of N torch processes.
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.n_trials is not None and args.n_trials < 1:
+        raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
+    cfg = load_config(args.config, args.overrides)
     with _early_workers(args.workers) as early:
-        cfg = load_config(args.config, args.overrides)
-        if args.n_trials is not None and args.n_trials < 1:
-            raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
         from sweeps.runner import Sweep
 
         sweep = Sweep(cfg, force=args.force, prestarted=early)
@@ -38,8 +42,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
-    """sweeps.config.load_config, imported when first used: building its pydantic models takes
-    0.3 s, which `batchscope sweep` spends after starting its workers, not before."""
+    """sweeps.config.load_config, imported when first used (building its pydantic models takes
+    0.3 s, which commands that need no config do not spend)."""
     from sweeps.config import load_config as load
 
     return load(path, overrides)
@@ -47,7 +51,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
 
 @contextlib.contextmanager
 def _early_workers(n: int) -> Iterator[list[Any]]:
-    """Start the trial workers first, so their imports (torch, mlflow) overlap with ours.
+    """Start the trial workers before the stores are opened, so their imports (torch, mlflow)
+    overlap with the sweep's set-up.
 
     On a user error before the sweep starts they are stopped again; nothing is written.
     """

@@ -8,11 +8,8 @@ Optuna state says so; running the same command again continues the study.
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
 import math
 import os
-import re
 import socket
 import subprocess
 import threading
@@ -29,7 +26,7 @@ from optuna.trial import TrialState
 
 import trainers
 from sweeps import diskspace, memcap, memory, space
-from sweeps.config import SweepConfig, config_to_dict
+from sweeps.config import SweepConfig, config_to_dict, torch_has_gpu_support
 from sweeps.errors import UserError
 from sweeps.stores import Stores, check_tracking, open_storage, quiet_libraries, redact, resolve, root_dir, safe_name
 from sweeps.tracking import REASON, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker
@@ -921,23 +918,6 @@ def _num_train(cfg: SweepConfig) -> int:
             "does not give (Recipe.num_train); use train.max_steps"
         )
     return int(n * split)
-
-
-@functools.cache
-def torch_has_gpu_support() -> bool:
-    """Whether the installed PyTorch was built with CUDA or ROCm, read from torch/version.py.
-
-    Without either, torch.cuda.is_available() is False: the sweep process then knows every
-    trial's device without importing torch, which it needs for nothing else (1–2 s of start-up).
-    """
-    found = importlib.util.find_spec("torch")
-    locations = list(found.submodule_search_locations or []) if found is not None else []
-    try:
-        text = (Path(locations[0]) / "version.py").read_text(encoding="utf-8")
-    except (IndexError, OSError, UnicodeDecodeError):
-        return True  # cannot tell: ask torch itself
-    builds = dict(re.findall(r"^(cuda|hip)\b[^=\n]*=\s*(.*?)\s*$", text, flags=re.MULTILINE))
-    return builds.get("cuda") != "None" or builds.get("hip") != "None"
 
 
 # trainers.device.resolve_precision on the CPU, where it needs no torch.

@@ -6,9 +6,9 @@ from typing import Any
 
 from sweeps import memcap
 from sweeps.config import SweepConfig
-from sweeps.runner import make_spec, memory_cap, run_params
+from sweeps.runner import make_spec, memory_cap, run_params, worker_id
 from sweeps.stores import check_tracking, quiet_libraries, resolve
-from sweeps.tracking import REASON, ROLE, RUN_STATUS, SEED, STATUS, MlflowSink, Tracker
+from sweeps.tracking import REASON, ROLE, RUN_STATUS, SEED, STATUS, WORKER, MlflowSink, Tracker
 from trainers.loop import train
 from trainers.spec import TrainResult
 
@@ -23,7 +23,7 @@ def train_once(
     exp = tracker.experiment_id(cfg.study)
     spec = make_spec(cfg, batch_size, lr, seed, max_micro=max_micro)
     run = tracker.client.create_run(
-        exp, run_name=f"train bs={batch_size} lr={lr:.3g}", tags={ROLE: "train", SEED: str(seed)}
+        exp, run_name=f"train bs={batch_size} lr={lr:.3g}", tags={ROLE: "train", SEED: str(seed), WORKER: worker_id()}
     )
     run_id = run.info.run_id
     from sweeps.tracking import _params

@@ -281,14 +281,27 @@ def _init_sqlite_store(uri: str, db: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         from mlflow import MlflowClient
 
-        copied = not db.exists() and _copy_empty_store(db)
+        new = not db.exists()
+        copied = new and _copy_empty_store(db)
         try:
-            MlflowClient(uri).search_experiments(max_results=1)
-        except Exception:
-            if not copied:
+            try:
+                MlflowClient(uri).search_experiments(max_results=1)
+            except Exception:
+                if not copied:
+                    raise
+                _discard_copy(uri, db)
+                MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as exc:
+            if not new:
                 raise
-            _discard_copy(uri, db)
-            MlflowClient(uri).search_experiments(max_results=1)
+            # A new store that could not be made whole goes: left half-built (a disk that filled
+            # during MLflow's migrations), every later command failed with "table ... already exists".
+            _forget_store(uri, db)
+            from sweeps import diskspace
+
+            if diskspace.is_disk_full(exc):
+                raise diskspace.disk_full_error({"the MLflow store": db}, None, 0) from None
+            raise
 
 
 def cache_dir() -> Path:
@@ -404,19 +417,27 @@ def _is_empty_store(path: Path) -> bool:
 
 def _discard_copy(uri: str, db: Path) -> None:
     """MLflow refused a copied store: forget its connections to that file, remove it and the cached one."""
+    _forget_store(uri, db)
+    empty_store_path().unlink(missing_ok=True)
+
+
+def _forget_store(uri: str, db: Path) -> None:
+    """Close MLflow's connections to a local store's file and remove it."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(uri, None)
     if engine is not None:
         engine.dispose()
     db.unlink(missing_ok=True)
-    empty_store_path().unlink(missing_ok=True)
 
 
 def quiet_libraries() -> None:
     """MLflow's and alembic's INFO lines would drown the progress display."""
     for name in ("mlflow", "alembic", "optuna", "sqlalchemy", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow logs every database error with its SQL and parameters before raising it; batchscope
+    # reports the error it raises in one line (a full disk printed hundreds of lines of metrics).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     # Optuna warns, in two lines on stderr, each time batchscope uses a feature it calls

@@ -23,6 +23,8 @@ ROLE = "batchscope.role"
 STATUS = "batchscope.status"
 REASON = "batchscope.reason"
 SEED = "batchscope.seed"
+# The process (host:pid) that runs a `batchscope train` run: `batchscope doctor` closes it if that is gone.
+WORKER = "batchscope.worker"
 STUDY = "optuna.study"
 TRIAL = "optuna.trial_number"
 # MLflow's run states for how a trial ended.

@@ -68,6 +68,37 @@ def test_three_workers_share_one_postgres_study(workdir: Path, pg_database: str)
     assert all(r.info.status == "FINISHED" for r in runs)
     workers = {t.user_attrs["worker"] for t in complete}
     assert len(workers) >= 2  # the work was shared
+    # Each worker samples with its own seed: with one seed, trials 0, 1 and 2 of three workers
+    # had identical parameters. The random sampler repeats a continuous lr only by accident.
+    sampled = [(t.params["batch_size"], t.params["lr"]) for t in study.trials if t.params]
+    assert len(set(sampled)) == len(sampled), sampled
+    assert len({t.user_attrs["sampler_seed"] for t in study.trials}) == 3
+
+
+def test_sigterm_to_a_worker_leaves_its_trial_failed_and_queued(workdir: Path, pg_database: str) -> None:
+    """Slurm and Kubernetes stop a job with SIGTERM: the worker marks its trial and ends its run."""
+    url = f"postgresql://postgres@127.0.0.1:5432/{pg_database}"
+    cfg = _cfg("termed", 2)
+    cfg["train"]["max_steps"] = 20000
+    config = write_config(workdir / "t.yaml", cfg)
+    proc = _worker(config, url, workdir)
+    tracking = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        try:
+            if any(r.info.status == "RUNNING" for r in _trial_runs(tracking, "termed")):
+                break
+        except Exception:  # the stores are still being created
+            continue
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=90)[0].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "Traceback" not in out and "terminated" in out, out
+    study = optuna.load_study(study_name="termed", storage=url)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert study.get_trials(states=(TrialState.WAITING,))  # queued to re-run with its parameters
+    assert all(r.info.status != "RUNNING" for r in _trial_runs(tracking, "termed"))
 
 
 def test_a_killed_worker_trial_is_rerun_by_another(workdir: Path, pg_database: str) -> None:
