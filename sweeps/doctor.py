@@ -75,11 +75,19 @@ class _Study:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    """Exit code 0: healthy (or repaired); 1: problems left; 2 (UserError): nothing to check, a store unreachable."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
     quiet_libraries()
     stores = resolve(args.storage, args.tracking_uri)
     console = Console()
     with Doctor(stores, study=args.study, repair=args.repair) as doctor:
-        findings = doctor.run()
+        try:
+            findings = doctor.run()
+        except (OSError, sqlite3.Error, SQLAlchemyError, MlflowException) as exc:
+            # A store the checks cannot even read: say which, in one line (the doctor is for broken stores).
+            raise UserError(f"batchscope doctor could not read the stores: {_first_line(exc)}") from None
         _print(console, findings, doctor)
     return 1 if any(f.open for f in findings) else 0
 
@@ -110,10 +118,10 @@ class Doctor:
             raise UserError(f"nothing to check: {journal} does not exist (no sweep has run here; --storage?)")
         findings = self._check_journal(journal) if journal is not None else []
         storage = self._open_optuna(journal)
-        db_findings, client = self._check_mlflow(db)
+        db_findings, tracker = self._check_mlflow(db)
         findings += db_findings
-        for name in self._study_names(storage, client):
-            findings += self._check_study(name, storage, client)
+        for name in self._study_names(storage, tracker):
+            findings += self._check_study(name, storage, tracker)
         if self.repair:
             self._apply([f for f in findings if f.fix is not None and not f.done])
         return findings
@@ -125,7 +133,7 @@ class Doctor:
                     self._backup(store)
                 f.done = "repaired: " + f.fix() if f.fix is not None else ""
             except Exception as exc:  # one failed repair does not stop the others; it stays a problem
-                f.done = f"not repaired: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                f.done = f"not repaired: {_first_line(exc)}"
 
     # ---- the Optuna journal ------------------------------------------------------------
     def _journal_path(self) -> Path | None:
@@ -210,7 +218,7 @@ class Doctor:
         return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
     def _check_mlflow(self, db: Path | None) -> tuple[list[Finding], Any]:
-        """Findings about the MLflow store, and a client when its runs can be read (else None)."""
+        """Findings about the MLflow store, and a Tracker when its runs can be read (else None)."""
         from sweeps.tracking import Tracker
 
         if db is None:
@@ -235,9 +243,9 @@ class Doctor:
         return f"moved it to {target}; the next sweep makes a new one"
 
     # ---- studies -----------------------------------------------------------------------
-    def _study_names(self, storage: optuna.storages.BaseStorage | None, client: Any) -> list[str]:
+    def _study_names(self, storage: optuna.storages.BaseStorage | None, tracker: Any) -> list[str]:
         in_optuna = [s.study_name for s in storage.get_all_studies()] if storage is not None else []
-        in_mlflow = _mlflow_studies(client.client) if client is not None else []
+        in_mlflow = _mlflow_studies(tracker.client) if tracker is not None else []
         names = list(dict.fromkeys(in_optuna + in_mlflow))
         if self.study is None:
             return names
@@ -464,6 +472,14 @@ class Doctor:
         else:
             shutil.copy2(source, target)
         self.backed_up[store] = target
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error's first line, credentials masked (a driver may echo its URL)."""
+    from sweeps.stores import redact
+
+    lines = str(exc).strip().splitlines()
+    return redact(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)
 
 
 def _sqlite_health(db: Path) -> Finding:
