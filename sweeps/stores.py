@@ -140,7 +140,7 @@ def _missing_driver(field: str, url: str, exc: ImportError) -> UserError:
     """The store's driver is not installed: say which, and how to install it."""
     base = url.split("://", 1)[0].split("+")[0].lower()
     if base in ("redis", "rediss"):
-        fix = "pip install redis"
+        fix = "pip install 'batchscope[redis]'"
     elif base == "mysql":
         fix = "pip install pymysql and write the URL as mysql+pymysql://..."
     else:
