@@ -201,7 +201,7 @@ def _check_server_url(url: str, parsed: ParsedUrl, field: str, *, writing: bool)
         if parsed.path.strip("/") and not parsed.path.strip("/").isdigit():
             raise UserError(f"{field} {redact(url)!r}: the Redis database must be a number, as in redis://HOST:6379/0")
         return url
-    if not parsed.path.strip("/"):
+    if parsed.base in _DATABASE_SCHEMES and not parsed.path.strip("/"):
         # Without one, PostgreSQL connects to the user's default database and Optuna makes its tables there.
         raise UserError(
             f"{field} {redact(url)!r} names no database; write it as {parsed.scheme}://USER:PASSWORD@HOST:PORT/DATABASE"

@@ -9,12 +9,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from sweeps.cli import main
+from sweeps.locations import check_storage, check_tracking_uri
 from tests.conftest import small_config, write_config
 
 SECRETS = ("Unenc0ded", "Xq7Part", "R3disPw", "PgUs3rPw", "QueryPw9")  # planted below; shown nowhere
@@ -200,3 +201,26 @@ def test_silent_server_fails_within_seconds(
     _assert_refused(proc.returncode, proc.stdout, proc.stderr, [*fragments, "cannot be reached"])
     assert took < LOOSE_S, took  # 5 s of timeout (and no retries) plus the start-up
     assert _files(folder) == before
+
+
+@pytest.mark.parametrize(
+    ("check", "url", "as_used"),
+    [
+        (check_storage, "postgresql+psycopg://u:p%40w@db.example:5432/optuna", None),
+        (check_storage, "postgresql:///optuna", None),  # the local socket
+        (check_storage, "postgres://u@h/optuna", "postgresql://u@h/optuna"),  # SQLAlchemy knows only the long name
+        (check_storage, "mysql+pymysql://u:pw@h/optuna?charset=utf8mb4", None),
+        (check_storage, "redis://:pw@h:6379/3", None),
+        (check_storage, "rediss://h", None),
+        (check_storage, "sqlite:///mlruns/optuna.db", None),
+        (check_storage, "mlruns/optuna.journal", None),
+        (check_tracking_uri, "http://u:p@mlflow.example:5000/prefix", None),
+        (check_tracking_uri, "https://mlflow.example", None),
+        (check_tracking_uri, "postgresql://u@h/mlflow", None),
+        (check_tracking_uri, "sqlite:////tmp/mlflow.db", None),
+    ],
+)
+def test_good_urls_pass(workdir: Path, check: Callable[[str], str], url: str, as_used: str | None) -> None:
+    # Nothing a driver accepts is refused; nothing is touched by the check.
+    assert check(url) == (as_used or url)
+    assert list(workdir.iterdir()) == []
