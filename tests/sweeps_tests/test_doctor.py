@@ -8,7 +8,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -18,8 +20,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from sweeps.cli import main
-from sweeps.stores import journal_storage
-from sweeps.tracking import ROLE, STATUS, STUDY, TRIAL, Tracker
+from sweeps.stores import check_tracking, journal_storage, resolve
+from sweeps.tracking import REASON, ROLE, STATUS, STUDY, TRIAL, WORKER, Tracker
 from tests.conftest import small_config, write_config
 
 NAME = "doc"
@@ -256,3 +258,91 @@ def test_a_half_built_mlflow_database_without_runs_is_moved_aside(
     assert code == 0, said
     (backup,) = (tmp_path / "mlruns" / "backups").iterdir()
     assert not db.exists() and (backup / "mlflow.db").is_file()
+
+
+# ---- `batchscope train` runs -------------------------------------------------------------
+
+# The process a train run names → what doctor says about it while it is RUNNING.
+TRAIN_WORKERS = [
+    pytest.param(DEAD_WORKER, "problem", id="gone"),  # this host, no such process: closed by --repair
+    pytest.param(f"{socket.gethostname()}:{os.getpid()}", None, id="alive"),  # this test's own process
+    pytest.param("another-host:1", None, id="another-host"),  # another host's process is trusted
+    pytest.param(None, "note", id="untagged"),  # made by an older batchscope: said, never closed
+]
+
+
+@pytest.mark.parametrize(("worker", "level"), TRAIN_WORKERS)
+def test_a_train_run_left_running_is_closed_only_when_its_process_is_gone(
+    copy: Path, capsys: pytest.CaptureFixture[str], worker: str | None, level: str | None
+) -> None:
+    client = _client(copy)
+    tags = {ROLE: "train"} | ({WORKER: worker} if worker else {})
+    run_id = client.create_run(client.get_experiment_by_name(NAME).experiment_id, tags=tags).info.run_id
+    code, said = _doctor(capsys)
+    assert code == (1 if level == "problem" else 0), said
+    assert (f"train run {run_id} is RUNNING" in said) == (level is not None), said
+    if level == "note":
+        assert "names no process" in said, said
+    code, said = _doctor(capsys, "--repair")
+    assert code == 0, said
+    run = client.get_run(run_id)
+    if level == "problem":
+        assert run.info.status == "KILLED" and "batchscope doctor" in run.data.tags[REASON]
+        assert run.data.tags[STATUS] == "failed"
+    else:
+        assert run.info.status == "RUNNING" and REASON not in run.data.tags
+
+
+def test_a_killed_batchscope_train_leaves_a_run_that_doctor_closes(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kill -9` of `batchscope train` leaves its run RUNNING for good: doctor says so, --repair closes it."""
+    cfg = small_config("killed-train")
+    cfg["train"].update({"max_steps": 20000, "eval_every": 1000, "sharpness": {"enabled": False}})
+    write_config(workdir / "train.yaml", cfg)
+    # The store made first: polling it while `train` runs MLflow's migrations would race them.
+    stores = resolve(None, None)
+    check_tracking(stores)
+    client = MlflowClient(stores.tracking_uri)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sweeps.cli", "train", "train.yaml"],
+        cwd=workdir,
+        env=_env(workdir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        run = _running_train_run(client, "killed-train", proc)
+        assert run.data.tags[WORKER] == f"{socket.gethostname()}:{proc.pid}"
+        proc.kill()  # SIGKILL: nothing in the process gets to end its run
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    run_id = run.info.run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    code, said = _doctor(capsys)
+    assert code == 1, said
+    assert f"train run {run_id} is RUNNING, but its process {socket.gethostname()}:{proc.pid} is not" in said, said
+    code, said = _doctor(capsys, "--repair")
+    assert code == 0 and "closed as KILLED" in said, said
+    closed = client.get_run(run_id)
+    assert closed.info.status == "KILLED" and "batchscope doctor" in closed.data.tags[REASON]
+    code, said = _doctor(capsys)
+    assert code == 0 and "Healthy." in said, said
+
+
+def _running_train_run(client: MlflowClient, study: str, proc: subprocess.Popen[str], timeout: float = 120) -> Any:
+    """The train run of `study` once it is RUNNING (and the process still is)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        exp = client.get_experiment_by_name(study)
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE}` = 'train'") if exp else []
+        if runs and runs[0].info.status == "RUNNING":
+            return runs[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no train run of {study} RUNNING within {timeout} s")
