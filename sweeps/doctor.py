@@ -32,7 +32,16 @@ from sweeps.doctor_mlflow import copy_sqlite, mlflow_studies, sqlite_health
 from sweeps.doctor_study import check_study
 from sweeps.errors import UserError
 from sweeps.journal import mend_journal, mend_journal_file, scan_journal
-from sweeps.stores import Stores, check_tracking, journal_storage, open_storage, quiet_libraries, resolve, root_dir
+from sweeps.stores import (
+    Stores,
+    check_tracking,
+    journal_storage,
+    open_storage,
+    quiet_libraries,
+    redact,
+    resolve,
+    root_dir,
+)
 
 __all__ = ["Doctor", "Finding", "cmd_doctor"]
 
@@ -43,7 +52,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     quiet_libraries()
-    stores = resolve(args.storage, args.tracking_uri)
+    stores = resolve(args.storage, args.tracking_uri, fields=("--storage", "--tracking-uri"))
     console = Console()
     with Doctor(stores, study=args.study, repair=args.repair) as doctor:
         try:
@@ -214,7 +223,7 @@ class Doctor:
             return names
         if self.study not in names:
             raise UserError(
-                f"no study named {self.study!r} in {self.stores.storage_label} or {self.stores.tracking_uri}; "
+                f"no study named {self.study!r} in {self.stores.storage_label} or {redact(self.stores.tracking_uri)}; "
                 f"known studies: {', '.join(names) or 'none'}"
             )
         return [self.study]

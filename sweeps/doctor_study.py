@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sweeps.doctor_finding import Finding
 from sweeps.doctor_mlflow import child_runs, close_run, running_train_runs, sweep_run_id, trial_number
-from sweeps.stores import Stores
+from sweeps.stores import Stores, redact
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -73,7 +73,7 @@ def check_study(name: str, storage: optuna.storages.BaseStorage | None, tracker:
     linked = sum(1 for t in s.trials.values() if _linked_runs(t))
     if tracker is None and linked:
         findings.append(
-            Finding(where, f"{linked} trial(s) refer to MLflow runs, but {stores.tracking_uri} cannot be read")
+            Finding(where, f"{linked} trial(s) refer to MLflow runs, but {redact(stores.tracking_uri)} cannot be read")
         )
     if not findings and tracker is not None:
         findings.append(

@@ -7,7 +7,7 @@ from typing import Any
 from sweeps import memcap
 from sweeps.config import SweepConfig
 from sweeps.runner import make_spec, memory_cap, run_params, worker_id
-from sweeps.stores import check_tracking, quiet_libraries, resolve
+from sweeps.stores import check_tracking, quiet_libraries, redact, resolve
 from sweeps.tracking import REASON, ROLE, RUN_STATUS, SEED, STATUS, WORKER, MlflowSink, Tracker
 from trainers.loop import train
 from trainers.spec import TrainResult
@@ -44,7 +44,7 @@ def train_once(
             tracker.end(
                 run_id,
                 "FAILED" if isinstance(exc, Exception) else "KILLED",
-                tags={STATUS: "failed", REASON: str(exc)[:500]},
+                tags={STATUS: "failed", REASON: redact(str(exc))[:500]},
             )
         raise
     sink.close()

@@ -61,9 +61,7 @@ def make_sampler(search: SearchConfig, seed: int | None = None) -> optuna.sample
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # A few random trials first, then TPE; multivariate TPE models batch size and lr jointly.
-    return optuna.samplers.TPESampler(
-        seed=seed, multivariate=True, n_startup_trials=min(8, search.n_trials // 3 or 1)
-    )
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(8, search.n_trials // 3 or 1))
 
 
 def process_seed(study_seed: int | None) -> int:
