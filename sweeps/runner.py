@@ -244,7 +244,7 @@ class Sweep:
                         f"study {cfg.study!r} optimizes {old_dirs}, not {dirs}; --force cannot change "
                         "the objective of an existing study: use a new study name"
                     )
-        self.sampler_seed = space.process_seed(cfg.search.seed)
+        self.sampler_seed = space.sampler_seed(cfg.search)
         if existing is None and not force:
             self._refuse_lost_study()
         # `auto` batch sizes: measured once per study, then remembered with it.

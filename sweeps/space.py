@@ -64,6 +64,19 @@ def make_sampler(search: SearchConfig, seed: int | None = None) -> optuna.sample
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(8, search.n_trials // 3 or 1))
 
 
+def sampler_seed(search: SearchConfig) -> int:
+    """The seed this process's sampler uses (recorded on each trial it asks for).
+
+    The grid sampler keeps the study's seed (0 if none): it shuffles the grid with it, and trial
+    number k of any process takes point k, so processes never repeat a point only if they
+    shuffle alike (a resumed demo with per-process seeds ran 15 of its 72 points twice). Every
+    other sampler gets a seed of this process's own (`process_seed`).
+    """
+    if search.sampler == "grid":
+        return search.seed if search.seed is not None else 0
+    return process_seed(search.seed)
+
+
 def process_seed(study_seed: int | None) -> int:
     """The sampler seed of one sweep or worker process: the study's seed combined with a value
     unique to this process (host, pid, start time, random bytes).
