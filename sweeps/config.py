@@ -186,8 +186,9 @@ class TrainConfig(_Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
     # CPU: cap each trial worker's memory (MB above its start-up size); a batch that does not fit
-    # then ends its trial as `oom` instead of swapping the machine. null: no cap.
-    memory_limit_mb: Annotated[Float, Field(gt=0.0)] | None = None
+    # then ends its trial as `oom` instead of swapping the machine. null: a share of the available
+    # memory (sweeps.memcap). At least 64 MB (less cannot hold a model), at most 2**30 MB (a petabyte).
+    memory_limit_mb: Annotated[Float, Field(ge=64.0, le=float(2**30))] | None = None
     # A training loss above this many times its first value ends a trial as diverged, like NaN or
     # inf (a loss that explodes to 1e18 is not a result). null: only NaN and inf.
     divergence_factor: Annotated[Float, Field(gt=1.0)] | None = 100.0

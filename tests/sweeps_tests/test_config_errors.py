@@ -86,6 +86,8 @@ CASES = [
     ("gns overhead nan", _at(("train.gns", {"max_overhead": math.nan})), ["train.gns.max_overhead", "finite"]),
     ("sharpness tol inf", _at(("train.sharpness.tol", math.inf)), ["train.sharpness.tol", "finite"]),
     ("memory limit inf", _at(("train.memory_limit_mb", math.inf)), ["train.memory_limit_mb", "finite"]),
+    ("memory limit tiny", _at(("train.memory_limit_mb", 1e-9)), ["train.memory_limit_mb", "64"]),
+    ("memory limit huge", _at(("train.memory_limit_mb", 1e15)), ["train.memory_limit_mb", "1073741824"]),
     ("checkpoint minutes inf", _at(("train.checkpoint", {"every_minutes": math.inf})), ["every_minutes", "finite"]),
     # Seeds: numpy's range.
     ("search seed -1", _at(("search.seed", -1)), ["search.seed", "2**32 - 1", "-1"]),
