@@ -311,10 +311,18 @@ LrSpace = Annotated[
 Objective = Literal["val_loss", "val_acc", "steps_to_target", "time_to_target"]
 
 
+class StopWhen(_Strict):
+    """`search.stop_when` (sampler: frontier): stop asking for trials once B_crit's 95% interval,
+    (high − low)/B_crit, is at most this and every batch size's best lr is bracketed."""
+
+    b_crit_rel_ci: Annotated[Float, Field(gt=0.0, lt=10.0)]
+
+
 class SearchConfig(_Strict):
     batch_size: BatchSpace = BatchValues(values=[16, 32, 64, 128, 256, 512, 1024])
     lr: LrSpace = LrRange(low=1e-3, high=1.0)
-    sampler: Literal["tpe", "grid", "random"] = "tpe"
+    sampler: Literal["tpe", "grid", "random", "frontier"] = "tpe"
+    stop_when: StopWhen | None = None
     pruner: Literal["none", "median", "successive_halving", "hyperband"] = "none"
     n_trials: Annotated[int, Field(ge=1, le=MAX_TRIALS)] = 24
     # What Optuna optimizes; two names give a Pareto front (no pruning then).
@@ -329,6 +337,10 @@ class SearchConfig(_Strict):
             raise ValueError("pruning works with one objective only; set pruner: none for two objectives")
         if len(set(self.objectives)) != len(self.objectives):
             raise ValueError(f"objectives must differ, got {self.objectives}")
+        if self.stop_when is not None and self.sampler != "frontier":
+            raise ValueError(f"stop_when works with sampler: frontier only, got sampler: {self.sampler}")
+        if self.sampler == "frontier" and len(self.objectives) != 1:
+            raise ValueError(f"sampler: frontier searches one objective, got {self.objectives}")
         return self
 
     @property
@@ -427,6 +439,8 @@ class SweepConfig(_Strict):
         needs_target = {"steps_to_target", "time_to_target"} & set(self.search.objectives)
         if needs_target and target is None:
             raise ValueError(f"objective {sorted(needs_target)[0]} needs train.target to be set")
+        if self.search.stop_when is not None and target is None:
+            raise ValueError("search.stop_when fits B_crit to the steps to train.target: set train.target")
         return self
 
     @model_validator(mode="after")

@@ -25,7 +25,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
 import trainers
-from sweeps import diskspace, memcap, memory, space
+from sweeps import diskspace, frontier, memcap, memory, space
 from sweeps.config import SweepConfig, config_to_dict, torch_has_gpu_support
 from sweeps.errors import UserError
 from sweeps.stores import Stores, check_tracking, open_storage, quiet_libraries, redact, resolve, root_dir, safe_name
@@ -523,6 +523,12 @@ class Sweep:
                     self.recover()  # a peer that died mid-trial: its trial is re-run here
                     running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
                     if self.finished_count() + running >= total:
+                        return
+                    # search.stop_when: the frontier is known well enough (said once per sweep).
+                    if (why := frontier.stop_reason(self.study, self.cfg.search)) is not None:
+                        if getattr(self, "_frontier_stop", None) is None:
+                            self._frontier_stop = why
+                            reporter.message(f"{why}; no more trials started")
                         return
                     trial = ask_owned(
                         self.study, self.storage, {"worker": worker_id(), "sampler_seed": self.sampler_seed}

@@ -60,6 +60,12 @@ def make_sampler(search: SearchConfig, seed: int | None = None) -> optuna.sample
         return optuna.samplers.GridSampler(grid, seed=seed)
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if search.sampler == "frontier":
+        from sweeps.frontier import FrontierSampler
+
+        # Its proposals follow from the study's trials (pending ones included): the seed only
+        # breaks ties once the grid is used up, so a per-process seed is safe.
+        return FrontierSampler(seed=seed)
     # A few random trials first, then TPE; multivariate TPE models batch size and lr jointly.
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(8, search.n_trials // 3 or 1))
 

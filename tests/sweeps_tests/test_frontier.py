@@ -1,0 +1,281 @@
+"""sampler: frontier — each batch size's best lr and B_crit from few trials; its stopping rule and config."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from analysis.fits import fit_critical_batch
+from sweeps.config import SearchConfig, StopWhen, SweepConfig
+from sweeps.frontier import FrontierSampler, frontier_done, stop_reason
+from sweeps.frontier_line import DIVERGED, FINITE, WORSE, Line
+from tests.conftest import small_config, write_config
+
+# ---- a synthetic world with a known frontier (no training) ----------------------------------
+
+BATCHES = [2**k for k in range(4, 12)]  # 16 … 2048
+LRS = [float(f"{v:.4g}") for v in np.geomspace(0.01, 3.0, 13)]  # ratio 1.61 between neighbours
+GRID_STEP = math.log(LRS[1] / LRS[0])
+S_MIN, B_CRIT = 200.0, 256.0
+EPS_MAX, B_STAR = 0.8, 200.0
+
+
+def eps_opt(batch: float) -> float:
+    return EPS_MAX / (1 + B_STAR / batch)
+
+
+def synthetic_objective(seed: int, *, continuous: bool = False) -> Callable[[optuna.Trial], float]:
+    """Steps to target S(B)·(1 + 2 d²), d = log(lr/ε_opt(B)), 5% noise; diverged (PRUNED) above 3·ε_opt."""
+    rng = np.random.default_rng(seed + 1000)
+
+    def objective(trial: optuna.Trial) -> float:
+        batch = trial.suggest_categorical("batch_size", BATCHES)
+        if continuous:
+            lr = trial.suggest_float("lr", LRS[0], LRS[-1], log=True)
+        else:
+            lr = trial.suggest_categorical("lr", LRS)
+        if lr > 3 * eps_opt(batch):
+            trial.set_user_attr("status", "diverged")
+            raise optuna.TrialPruned()
+        d = math.log(lr / eps_opt(batch))
+        return S_MIN * (1 + B_CRIT / batch) * (1 + 2 * d * d) * math.exp(rng.normal(0, 0.05))
+
+    return objective
+
+
+def run_synthetic(seed: int, n_trials: int, *, continuous: bool = False, rel_ci: float = 0.25) -> optuna.Study:
+    study = optuna.create_study(direction="minimize", sampler=FrontierSampler(seed=seed))
+
+    def stop(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
+        if frontier_done(study.get_trials(deepcopy=False), b_crit_rel_ci=rel_ci)[0]:
+            study.stop()
+
+    study.optimize(synthetic_objective(seed, continuous=continuous), n_trials=n_trials, callbacks=[stop])
+    return study
+
+
+def per_batch_best(study: optuna.Study) -> dict[int, optuna.trial.FrozenTrial]:
+    best: dict[int, optuna.trial.FrozenTrial] = {}
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        b = t.params["batch_size"]
+        if b not in best or t.values[0] < best[b].values[0]:
+            best[b] = t
+    return best
+
+
+@pytest.fixture(autouse=True)
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_recovers_the_frontier_in_half_a_grid(seed: int) -> None:
+    # A grid costs 8 × 13 = 104 trials; the frontier sampler gets half of that at most.
+    study = run_synthetic(seed, n_trials=len(BATCHES) * len(LRS) // 2)
+    best = per_batch_best(study)
+    assert sorted(best) == BATCHES
+    for b, t in best.items():
+        steps_off = abs(math.log(t.params["lr"] / eps_opt(b))) / GRID_STEP
+        assert steps_off <= 1.0, f"batch {b}: best lr {t.params['lr']} is {steps_off:.2f} grid steps from ε_opt"
+    fit = fit_critical_batch(list(best), [t.values[0] for t in best.values()])
+    assert fit is not None and abs(fit.b_crit / B_CRIT - 1) <= 0.15, fit
+    # Every batch size's optimum is bracketed (the stopping rule's first condition).
+    _, why = frontier_done(study.get_trials(), b_crit_rel_ci=0.25)
+    assert "not bracketed" not in why, why
+    # No (batch, lr) was trained twice.
+    points = [(t.params["batch_size"], t.params["lr"]) for t in study.get_trials()]
+    assert len(points) == len(set(points))
+
+
+def test_stops_on_its_own_well_before_the_grid() -> None:
+    # Over 4 seeds, the stopping rule fires in at most a third of the grid for at least half of them.
+    used = [len(run_synthetic(seed, n_trials=52).trials) for seed in range(4)]
+    assert sorted(used)[1] <= len(BATCHES) * len(LRS) / 3, used
+
+
+def test_a_continuous_lr_range_is_searched_on_a_log_grid() -> None:
+    study = run_synthetic(0, n_trials=48, continuous=True)
+    best = per_batch_best(study)
+    assert sorted(best) == BATCHES
+    for b, t in best.items():
+        # The virtual grid's neighbours are at most 1.5× apart.
+        assert abs(math.log(t.params["lr"] / eps_opt(b))) <= math.log(1.5), (b, t.params["lr"])
+    lrs = [t.params["lr"] for t in study.get_trials()]
+    assert min(lrs) >= LRS[0] and max(lrs) <= LRS[-1]
+
+
+def test_proposals_are_deterministic_given_the_study() -> None:
+    a = run_synthetic(5, n_trials=20)
+    b = run_synthetic(5, n_trials=20)
+    assert [t.params for t in a.trials] == [t.params for t in b.trials]
+
+
+def test_pending_trials_count_as_explored() -> None:
+    # Three trials asked before any is told (three workers): three different points.
+    study = optuna.create_study(sampler=FrontierSampler(seed=0))
+    objective = synthetic_objective(0)
+    study.optimize(objective, n_trials=6)
+    asked = [study.ask() for _ in range(3)]
+    points = [(t.suggest_categorical("batch_size", BATCHES), t.suggest_categorical("lr", LRS)) for t in asked]
+    done = {(t.params["batch_size"], t.params["lr"]) for t in study.trials if t.state.is_finished()}
+    assert len(set(points)) == 3 and not set(points) & done
+
+
+def test_the_first_trials_asked_together_differ() -> None:
+    # Before any trial has parameters, the sampler works one parameter at a time (sample_independent).
+    study = optuna.create_study(sampler=FrontierSampler(seed=0))
+    asked = [study.ask() for _ in range(2)]
+    points = [(t.suggest_categorical("batch_size", BATCHES), t.suggest_categorical("lr", LRS)) for t in asked]
+    assert points[0] != points[1]
+
+
+@pytest.mark.parametrize(
+    ("known", "expected"),
+    [
+        # (lr index, what happened) -> the next lr index at this batch size
+        ([(5, FINITE, 10.0)], 6),  # one point: step up first (the cliff side)
+        ([(5, FINITE, 10.0), (6, DIVERGED, math.nan)], 4),  # diverged above brackets; step down
+        ([(5, FINITE, 10.0), (6, WORSE, math.nan), (4, FINITE, 8.0)], 2),  # the best moved down: on, a double step
+        ([(5, FINITE, 10.0), (6, FINITE, 12.0), (4, FINITE, 12.0)], None),  # both neighbours known: done
+        ([(6, DIVERGED, math.nan)], 5),  # nothing finite: below the divergence
+    ],
+)
+def test_line_search_steps(known: list[tuple[int, int, float]], expected: int | None) -> None:
+    line = Line(np.log(np.asarray(LRS)))
+    for i, kind, loss in known:
+        line.add(i, kind, loss, None)
+    assert line.proposal(lambda: 5, 1)[1] == expected
+
+
+# ---- the stopping rule ---------------------------------------------------------------------
+
+
+def test_frontier_done_needs_brackets_and_a_narrow_interval() -> None:
+    study = run_synthetic(1, n_trials=52, rel_ci=0.01)  # never narrow enough: runs to the budget
+    done, why = frontier_done(study.get_trials(), b_crit_rel_ci=0.01)
+    assert not done and "B_crit =" in why
+    assert frontier_done(study.get_trials(), b_crit_rel_ci=5.0)[0]
+    early = study.get_trials()[:3]
+    done, why = frontier_done(early, b_crit_rel_ci=5.0)
+    assert not done and "not bracketed" in why
+
+
+def test_stop_reason_reads_the_sweep_config() -> None:
+    study = run_synthetic(1, n_trials=52, rel_ci=0.01)
+    frontier = SearchConfig(sampler="frontier", objective="steps_to_target", stop_when=StopWhen(b_crit_rel_ci=5.0))
+    assert (reason := stop_reason(study, frontier)) is not None and reason.startswith("frontier search done")
+    assert stop_reason(study, SearchConfig(sampler="frontier", objective="steps_to_target")) is None
+    strict = SearchConfig(sampler="frontier", objective="steps_to_target", stop_when=StopWhen(b_crit_rel_ci=0.01))
+    assert stop_reason(study, strict) is None
+
+
+# ---- config --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("search", "message"),
+    [
+        ({"sampler": "tpe", "stop_when": {"b_crit_rel_ci": 0.25}}, "stop_when works with sampler: frontier only"),
+        ({"sampler": "frontier", "stop_when": {"b_crit_rel_ci": 0}}, "greater than 0"),
+        ({"sampler": "frontier", "stop_when": {"b_crit_rel_ci": 10}}, "less than 10"),
+        ({"sampler": "frontier", "stop_when": {"b_crit_rel_ci": float("inf")}}, "b_crit_rel_ci"),
+        ({"sampler": "frontier", "stop_when": {"b_crit_rel_ci": float("nan")}}, "b_crit_rel_ci"),
+        ({"sampler": "frontier", "stop_when": {"b_crit_rel_ci": "narrow"}}, "b_crit_rel_ci"),
+        ({"sampler": "frontier", "stop_when": {}}, "b_crit_rel_ci"),
+        ({"sampler": "frontier", "stop_when": {"b_crit_rel_ci": 0.2, "b_rel": 1}}, "b_rel"),
+        ({"sampler": "frontier", "objective": ["val_loss", "val_acc"]}, "frontier searches one objective"),
+        ({"sampler": "frontiers"}, "frontier"),
+    ],
+)
+def test_config_errors(search: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SearchConfig.model_validate(search)
+
+
+def test_stop_when_needs_a_target() -> None:
+    cfg = small_config("f")
+    cfg["search"].update({"sampler": "frontier", "stop_when": {"b_crit_rel_ci": 0.5}})
+    SweepConfig.model_validate(cfg)
+    del cfg["train"]["target"]
+    with pytest.raises(ValueError, match=r"stop_when fits B_crit to the steps to train\.target"):
+        SweepConfig.model_validate(cfg)
+
+
+def test_sweep_config_builds_the_sampler() -> None:
+    from sweeps.space import make_sampler, sampler_seed
+
+    search = SearchConfig(sampler="frontier")
+    assert isinstance(make_sampler(search, sampler_seed(search)), FrontierSampler)
+
+
+# ---- a real sweep, 2 workers, killed and resumed --------------------------------------------
+
+
+def test_a_frontier_sweep_killed_and_resumed_loses_and_repeats_nothing(workdir: Path) -> None:
+    from sweeps.stores import journal_storage
+
+    study_name = "frontier"
+    cfg = small_config(study_name)
+    cfg["train"].update({"max_steps": 30, "eval_every": 10, "sharpness": {"enabled": False}})
+    cfg["search"].update({"sampler": "frontier", "objective": "steps_to_target", "n_trials": 8})
+    config = write_config(workdir / "f.yaml", cfg)
+    cmd = [sys.executable, "-m", "sweeps.cli", "sweep", str(config), "--no-report", "--workers", "2"]
+    env = {**os.environ, "BATCHSCOPE_ROOT": str(workdir / "mlruns"), "PYTHONUNBUFFERED": "1"}
+    journal = workdir / "mlruns" / "optuna.journal"
+
+    def trials() -> list[optuna.trial.FrozenTrial]:
+        if not journal.exists():
+            return []
+        try:
+            return optuna.load_study(study_name=study_name, storage=journal_storage(journal)).get_trials()
+        except KeyError:
+            return []
+
+    proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        now = trials()
+        if sum(t.state.is_finished() for t in now) >= 3 and any(t.state == TrialState.RUNNING for t in now):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, "the sweep should have been killed mid-trial"
+
+    rerun = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "Traceback" not in rerun.stdout + rerun.stderr
+
+    every = trials()
+    finished = [t for t in every if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 8
+    assert not [t for t in every if t.state == TrialState.RUNNING]
+    # No (batch, lr) trained twice, except a killed trial's re-run.
+    seen: dict[tuple[int, float], int] = {}
+    for t in finished:
+        key = (t.params["batch_size"], t.params["lr"])
+        assert key not in seen or "retry_of" in t.user_attrs, f"trial {t.number} repeats trial {seen[key]}"
+        seen[key] = t.number
+    # The contract: every trial has its run, and no run is left RUNNING.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(study_name)
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    by_id = {r.info.run_id: r for r in runs if r.data.tags.get("batchscope.role") == "trial"}
+    for t in every:
+        if t.params:
+            assert t.user_attrs.get("mlflow_run_id") in by_id, t
