@@ -228,7 +228,7 @@ def test_a_frontier_sweep_killed_and_resumed_loses_and_repeats_nothing(workdir: 
     study_name = "frontier"
     cfg = small_config(study_name)
     cfg["train"].update({"max_steps": 30, "eval_every": 10, "sharpness": {"enabled": False}})
-    cfg["search"].update({"sampler": "frontier", "objective": "steps_to_target", "n_trials": 8})
+    cfg["search"].update({"sampler": "frontier", "objective": "steps_to_target", "n_trials": 6})
     config = write_config(workdir / "f.yaml", cfg)
     cmd = [sys.executable, "-m", "sweeps.cli", "sweep", str(config), "--no-report", "--workers", "2"]
     env = {**os.environ, "BATCHSCOPE_ROOT": str(workdir / "mlruns"), "PYTHONUNBUFFERED": "1"}
@@ -246,7 +246,7 @@ def test_a_frontier_sweep_killed_and_resumed_loses_and_repeats_nothing(workdir: 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         now = trials()
-        if sum(t.state.is_finished() for t in now) >= 3 and any(t.state == TrialState.RUNNING for t in now):
+        if sum(t.state.is_finished() for t in now) >= 2 and any(t.state == TrialState.RUNNING for t in now):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.2)
@@ -259,7 +259,7 @@ def test_a_frontier_sweep_killed_and_resumed_loses_and_repeats_nothing(workdir: 
 
     every = trials()
     finished = [t for t in every if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) == 8
+    assert len(finished) == 6
     assert not [t for t in every if t.state == TrialState.RUNNING]
     # No (batch, lr) trained twice, except a killed trial's re-run.
     seen: dict[tuple[int, float], int] = {}
@@ -279,3 +279,30 @@ def test_a_frontier_sweep_killed_and_resumed_loses_and_repeats_nothing(workdir: 
     for t in every:
         if t.params:
             assert t.user_attrs.get("mlflow_run_id") in by_id, t
+
+
+def test_the_sweep_stops_when_the_frontier_is_known(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The rule itself is tested above; here its verdict (after 2 trials) ends the sweep before n_trials.
+    from sweeps import frontier
+    from sweeps.cli import main
+
+    def after_two(study: optuna.Study, search: SearchConfig) -> str | None:
+        assert search.stop_when is not None
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        return "frontier search done: B_crit = 100 (test)" if len(finished) >= 2 else None
+
+    monkeypatch.setattr(frontier, "stop_reason", after_two)
+    cfg = small_config("stops")
+    cfg["train"].update({"max_steps": 20, "eval_every": 10, "sharpness": {"enabled": False}})
+    cfg["search"].update(
+        {"sampler": "frontier", "objective": "steps_to_target", "n_trials": 6, "stop_when": {"b_crit_rel_ci": 0.5}}
+    )
+    assert main(["sweep", str(write_config(workdir / "s.yaml", cfg)), "--no-report"]) == 0
+    out = capsys.readouterr()
+    assert (out.out + out.err).count("frontier search done: B_crit = 100 (test); no more trials started") == 1
+    from sweeps.stores import journal_storage
+
+    study = optuna.load_study(study_name="stops", storage=journal_storage(workdir / "mlruns" / "optuna.journal"))
+    assert len(study.get_trials()) == 2
