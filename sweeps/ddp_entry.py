@@ -59,7 +59,6 @@ def _open_sink(job: Job, result_file: Path, world: int) -> MlflowSink:
     import logging
 
     from mlflow import MlflowClient
-    from mlflow.entities import Param
 
     from sweeps.tracking import MlflowSink
     from sweeps.worker import ProgressThrottle
@@ -67,7 +66,6 @@ def _open_sink(job: Job, result_file: Path, world: int) -> MlflowSink:
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     client = MlflowClient(job.tracking_uri)
-    client.log_batch(job.run_id, params=[Param("world_size", str(world))])
     return MlflowSink(
         client,
         job.run_id,

@@ -75,6 +75,11 @@ class FaultySink:
     def evaluated(self, step: int, values: Mapping[str, float]) -> bool:
         return bool(self._inner.evaluated(step, values))  # type: ignore[attr-defined]
 
+    def params(self, values: Mapping[str, object]) -> None:
+        send = getattr(self._inner, "params", None)
+        if send is not None:
+            send(values)
+
     def flush(self) -> None:
         flush = getattr(self._inner, "flush", None)
         if flush is not None:

@@ -251,11 +251,14 @@ class Sweep:
         remembered = existing.user_attrs.get(memory.ATTR) if existing is not None else None
         cfg, self.max_micro, record = memory.resolve(cfg, remembered)
         self.cfg = cfg
+        # Sample and epoch budgets need the training-set size: read once (for CIFAR-10 it reads
+        # every training file), not for each trial's spec; the recipes give it without torch.
+        self.num_train = budget_num_train(cfg)
         study = optuna.create_study(
             study_name=cfg.study,
             storage=self.storage,
             sampler=space.make_sampler(cfg.search, self.sampler_seed),
-            pruner=space.make_pruner(cfg, _num_train(cfg) if cfg.train.max_epochs is not None else None),
+            pruner=space.make_pruner(cfg, self.num_train if cfg.train.max_epochs is not None else None),
             directions=dirs,  # type: ignore[arg-type]
             load_if_exists=True,
         )
@@ -735,7 +738,9 @@ class Sweep:
 
     # ---- one seed of one trial ------------------------------------------------------
     def spec_for(self, params: Mapping[str, Any], seed: int, slot: int = 0) -> TrainSpec:
-        spec = make_spec(self.cfg, int(params["batch_size"]), float(params["lr"]), seed, max_micro=self.max_micro)
+        spec = make_spec(
+            self.cfg, int(params["batch_size"]), float(params["lr"]), seed, self.num_train, max_micro=self.max_micro
+        )
         device = slot_device(self.cfg.device, slot)
         return replace(spec, device=device) if device != spec.device else spec
 
@@ -817,7 +822,7 @@ class Sweep:
             raise TrialCrashed(result.reason)
         extra: dict[str, Any] = {
             k: result.resolved[k]
-            for k in ("tokens_per_batch", "resumed_from_step", "batchnorm", "gns_every", "gns_window", "memory_measure")
+            for k in ("tokens_per_batch", "resumed_from_step", "batchnorm", "gns_every", "gns_window")
             if k in result.resolved
         }
         if extra:
@@ -910,6 +915,12 @@ def make_spec(
     )
 
 
+def budget_num_train(cfg: SweepConfig) -> int | None:
+    """The training-set size when the budget is in samples or epochs (needed to count steps), else None."""
+    t = cfg.train
+    return _num_train(cfg) if t.max_steps is None and (t.max_samples or t.max_epochs) else None
+
+
 def _num_train(cfg: SweepConfig) -> int:
     # Sample and epoch budgets need the training-set size; recipes know it without building the model.
     recipe = get_recipe(cfg.trainer.recipe)
@@ -941,16 +952,16 @@ def planned_device(device: str, precision: str) -> tuple[str, str]:
 
 
 def run_params(spec: TrainSpec, cfg: SweepConfig) -> dict[str, Any]:
-    """The contract's child-run params, with device and precision as they will be used."""
-    device, precision = planned_device(spec.device, spec.precision)
-    micro = spec.micro_batch_size or spec.batch_size
+    """The contract's child-run params that the sweep decides.
+
+    What the trainer resolves (device, precision, micro-batch, accumulation steps, effective lr,
+    world size) it logs itself through its sink before the first step (trainers.loop): guessed
+    here, a DDP trial's micro-batch was logged as the whole batch while each process saw half.
+    """
     opts = ",".join(f"{k}={v}" for k, v in sorted(spec.recipe_options.items()))
     return {
         "batch_size": spec.batch_size,
-        "micro_batch_size": micro,
-        "accum_steps": -(-spec.batch_size // micro),
         "lr": spec.lr,
-        "effective_lr": trainers.schedule.scaled_lr(spec.lr, spec.batch_size, spec.lr_scaling, spec.reference_batch),
         "optimizer": spec.optimizer,
         "momentum": spec.momentum,
         "weight_decay": spec.weight_decay,
@@ -960,8 +971,6 @@ def run_params(spec: TrainSpec, cfg: SweepConfig) -> dict[str, Any]:
         "dataset": f"{spec.recipe}({opts})" if opts else spec.recipe,
         "max_steps": spec.max_steps,
         "eval_every": spec.eval_every,
-        "device": device,
-        "precision": precision,
         "lr_scaling": spec.lr_scaling,
         "reference_batch": spec.reference_batch,
         "warmup_steps": spec.warmup_steps,

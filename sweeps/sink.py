@@ -12,12 +12,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities import Param
 
 _MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch request
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param's value
 
 
 def now_ms() -> int:
@@ -31,6 +33,13 @@ def log_rows(client: MlflowClient, run_id: str, rows: Sequence[Row]) -> None:
     metrics = [Metric(k, v, ts, step) for k, v, ts, step in rows]
     for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=metrics[i : i + _MAX_METRICS_PER_BATCH])
+
+
+def params_of(values: Mapping[str, Any]) -> list[Param]:
+    """MLflow params from a mapping (None values left out, long values cut to MLflow's limit)."""
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in values.items() if v is not None]
 
 
 # One metric value as it travels to the writer: (key, value, timestamp in ms, step). Plain
@@ -48,6 +57,9 @@ class MetricTransport(Protocol):
 
     def drain(self, run_id: str) -> None:
         """Return once everything submitted for the run is written (or raise why not)."""
+
+    def params(self, run_id: str, values: Mapping[str, Any]) -> None:
+        """Log the run's params now (what the trainer resolved: device, precision, micro-batch...)."""
 
 
 class MetricWriter:
@@ -91,6 +103,12 @@ class MetricWriter:
             if not self._lock.wait_for(lambda: self._written >= target, timeout):
                 raise RuntimeError(f"writing metrics to MLflow did not finish within {timeout:.0f} s")
         self.check(run_id)
+
+    def params(self, run_id: str, values: Mapping[str, Any]) -> None:
+        """Log params at once, from the caller's thread (a handful, once per run)."""
+        from mlflow import MlflowClient
+
+        (self._client or MlflowClient(self._uri)).log_batch(run_id, params=params_of(values))
 
     def close(self, timeout: float = 120.0) -> None:
         self._queue.put(None)
@@ -194,6 +212,10 @@ class MlflowSink:
         self._add(step, values)
         self._maybe_flush()
         return self._on_eval(step, values) if self._on_eval is not None else True
+
+    def params(self, values: Mapping[str, Any]) -> None:
+        """What the trainer resolved, logged as the run's params before its first step."""
+        self._out.params(self._run_id, values)
 
     # -- writing ---------------------------------------------------------------
     def _add(self, step: int, values: Mapping[str, float]) -> None:

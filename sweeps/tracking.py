@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
 from mlflow.entities.view_type import ViewType
 
-from sweeps.sink import MetricTransport, MetricWriter, MlflowSink, Row, log_rows, now_ms
+from sweeps.sink import MetricTransport, MetricWriter, MlflowSink, Row, log_rows, now_ms, params_of
 from sweeps.stores import safe_name
 
 __all__ = ["MetricTransport", "MetricWriter", "MlflowSink", "Row", "Tracker"]
@@ -29,7 +29,6 @@ STUDY = "optuna.study"
 TRIAL = "optuna.trial_number"
 # MLflow's run states for how a trial ended.
 RUN_STATUS = {"ok": "FINISHED", "pruned": "KILLED", "diverged": "FAILED", "oom": "FAILED", "failed": "FAILED"}
-_MAX_PARAM_LEN = 6000
 
 
 class Tracker:
@@ -141,4 +140,4 @@ class Tracker:
 
 
 def _params(params: Mapping[str, Any]) -> list[Param]:
-    return [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items() if v is not None]
+    return params_of(params)

@@ -123,6 +123,8 @@ class TrialWorker:
                 kind = msg[0]
                 if kind == "metrics":
                     self._writer(job.tracking_uri).submit(msg[1], msg[2])
+                elif kind == "params":
+                    self._writer(job.tracking_uri).params(msg[1], msg[2])
                 elif kind == "step":
                     if on_step is not None:
                         on_step(msg[1], msg[2])
@@ -259,6 +261,9 @@ class PipeTransport:
 
     def drain(self, run_id: str) -> None:
         return None
+
+    def params(self, run_id: str, values: Mapping[str, Any]) -> None:
+        self._conn.send(("params", run_id, dict(values)))
 
 
 def _sender(conn: Connection) -> Callable[[int, float], None]:

@@ -209,6 +209,11 @@ def train(
     }
     if W > 1:
         resolved["world_size"] = W
+    # Logged from here, before the first step: the one home of these decisions (rank 0's
+    # micro-batch is what each process's forward pass sees, which BatchNorm statistics depend on).
+    send_params = getattr(sink, "params", None)
+    if send_params is not None:
+        send_params(dict(resolved))
     state = RunState()
     last_val: tuple[int, dict[str, float]] | None = None  # (step, result) of the latest evaluation
     try:

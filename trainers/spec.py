@@ -126,6 +126,8 @@ class Sink(Protocol):
 
     # Optional: `series(key, first_step, values)` takes one metric's values at consecutive steps
     # (the per-step losses, once per logging point); the loop calls `metrics` per step without it.
+    # Optional: `params(values)` takes what the loop resolved (device, precision, micro-batch per
+    # process, accumulation steps, effective lr, world size), once, before the first step.
     # Optional: `flush()` is called once when training is over, before the end-of-run measurements
     # (final evaluations, sharpness), so that a sink writing elsewhere can do so while they run.
 

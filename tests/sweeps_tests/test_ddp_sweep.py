@@ -48,6 +48,10 @@ def test_sweep_with_two_processes_per_trial_fills_the_stores_as_the_contract_say
         assert run.data.tags["batchscope.status"] == "ok"
         assert set(run.data.params) >= CHILD_PARAMS
         assert run.data.params["world_size"] == "2"
+        # What each process's forward pass sees (BatchNorm statistics depend on it), as the trainer
+        # resolved it: half the batch, not the whole batch the sweep used to guess.
+        assert int(run.data.params["micro_batch_size"]) == t.params["batch_size"] // 2
+        assert run.data.params["accum_steps"] == "1"
         assert set(run.data.metrics) >= FINALS
         # The objective: the mean of the last evaluations, read from MLflow (DDP evaluations skip the sweep).
         evals = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/loss"))

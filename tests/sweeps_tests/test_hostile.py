@@ -165,16 +165,20 @@ def test_a_store_that_cannot_be_created_on_a_full_disk_is_not_left_half_built(sm
 # ---- SIGTERM ------------------------------------------------------------------------
 
 
-def _wait_for_running_run(root: Path, study: str, timeout: float = 120) -> None:
+def _wait_for_running_run(root: Path, study: str, timeout: float = 180) -> None:
+    """Until a run of the study (a sweep's trial, or `batchscope train`'s run) is RUNNING."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if any(r.info.status == "RUNNING" for r in _trial_runs(root, study)):
+            client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+            exp = client.get_experiment_by_name(study)
+            runs = client.search_runs([exp.experiment_id]) if exp is not None else []
+            if any(r.info.status == "RUNNING" and r.data.tags.get("batchscope.role") != "sweep" for r in runs):
                 return
         except Exception:  # the store is being created
             pass
         time.sleep(0.3)
-    raise AssertionError(f"no trial of {study} started within {timeout} s")
+    raise AssertionError(f"no run of {study} started within {timeout} s")
 
 
 @pytest.mark.parametrize("command", ["sweep", "train"])
@@ -186,13 +190,9 @@ def test_sigterm_mid_trial_leaves_nothing_running_and_the_sweep_resumes(workdir:
     proc = subprocess.Popen(
         _cli(*args), env=_env(root), cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    _wait_for_running_run(root, study)
     if command == "train":
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (root / "mlflow.db").exists():
-            time.sleep(0.2)
-        time.sleep(3)  # into the training loop
-    else:
-        _wait_for_running_run(root, study)
+        time.sleep(2)  # into the training loop (the run is created just before it starts)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == 128 + signal.SIGTERM, out + err

@@ -195,14 +195,14 @@ def test_the_sweep_process_does_not_import_torch(workdir: Path) -> None:
         f"""
         import sweeps.cli, sweeps.commands, sweeps.progress
         from sweeps.commands import load_config
-        from sweeps.runner import Sweep, run_params
+        from sweeps.runner import Sweep, planned_device, run_params
 
         cfg = load_config({str(config)!r})
         sweep = Sweep(cfg)
         trial = sweep.study.ask()
         spec = sweep.spec_for({{"batch_size": 16, "lr": 0.1}}, seed=0)
-        params = run_params(spec, cfg)
-        assert (params["device"], params["precision"]) == ("cpu", "fp32"), params
+        assert run_params(spec, cfg)["batch_size"] == 16
+        assert planned_device(spec.device, spec.precision) == ("cpu", "fp32")
         assert sweep._checkpoint_policy(trial, 0) is not None
         """,
     )
@@ -234,3 +234,42 @@ def test_keeping_the_best_weights_does_not_import_torch_in_the_sweep_process(wor
     path = client.download_artifacts(study.best_trial.user_attrs["mlflow_run_id"], "weights/model.pt")
     state = torch.load(path, weights_only=True)
     assert any(k.endswith("weight") for k in state)
+
+
+@pytest.mark.parametrize("budget", [{"max_samples": 2048}, {"max_epochs": 2}])
+@pytest.mark.parametrize("recipe", ["mnist1d", "digits", "cifar10", "charlm"])
+def test_every_recipe_s_sample_and_epoch_budgets_need_no_torch_in_the_sweep_process(
+    workdir: Path, recipe: str, budget: dict
+) -> None:
+    """The training-set size that turns the budget into steps is read once, without torch."""
+    from tests.trainers_tests.cifar_fixtures import write_fake_cifar10
+
+    trainer: dict = {
+        "mnist1d": {"recipe": "mnist1d", "model": "mlp", "num_samples": 1200},
+        "digits": {"recipe": "digits", "model": "cnn"},
+        "cifar10": {"recipe": "cifar10", "model": "resnet9", "data_dir": str(workdir / "cifar"), "train_batches": 1},
+        "charlm": {"recipe": "charlm", "model": "transformer", "text_file": str(workdir / "text.txt"), "seq_len": 16},
+    }[recipe]
+    if recipe == "cifar10":
+        write_fake_cifar10(workdir / "cifar", n_per_batch=32, seed=0)
+    if recipe == "charlm":
+        (workdir / "text.txt").write_text("to be or not to be, that is the question. " * 60, encoding="utf-8")
+    cfg = small_config(f"no-torch-{recipe}", trainer=trainer)
+    cfg["train"].pop("max_steps")
+    cfg["train"].update(budget)
+    cfg["train"].pop("target")
+    config = write_config(workdir / "sweep.yaml", cfg)
+    _assert_runs_without_torch(
+        workdir,
+        f"""
+        from sweeps.commands import load_config
+        from sweeps.runner import Sweep
+
+        cfg = load_config({str(config)!r})
+        sweep = Sweep(cfg)
+        assert sweep.num_train is not None and sweep.num_train > 0, sweep.num_train
+        for batch in (16, 64):
+            spec = sweep.spec_for({{"batch_size": batch, "lr": 0.1}}, seed=0)
+            assert spec.max_steps == cfg.train.steps_for(batch, sweep.num_train), spec.max_steps
+        """,
+    )

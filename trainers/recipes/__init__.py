@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
+from trainers.recipes import files
 from trainers.recipes import options as builtin
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ RECIPES: dict[str, Recipe] = {
         builtin.CIFAR10_MODELS,
         builtin.Cifar10Options,
         _deferred("cifar10", "build"),
-        num_train=_deferred("cifar10", "num_train"),  # reads the data files
+        num_train=files.cifar10_num_train,  # reads the data files (without torch)
     ),
     "charlm": Recipe(
         "charlm",
@@ -93,7 +94,7 @@ RECIPES: dict[str, Recipe] = {
         builtin.CharLMOptions,
         _deferred("charlm", "build"),
         metrics=builtin.CHARLM_METRICS,
-        num_train=_deferred("charlm", "num_train"),  # reads the text
+        num_train=files.charlm_num_train,  # reads the text (without torch)
     ),
 }
 

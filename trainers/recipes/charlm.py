@@ -12,42 +12,18 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from trainers.recipes.files import charlm_num_train as num_train  # noqa: F401  (the registry's)
+from trainers.recipes.files import read_text, split_lengths
 from trainers.recipes.options import CHARLM_METRICS as METRICS  # noqa: F401  (the registry's)
 from trainers.recipes.options import CHARLM_MODELS as MODELS
 from trainers.recipes.options import CharLMOptions
 from trainers.task import Task
-
-
-def read_text(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        what = "is a folder" if p.is_dir() else "does not exist"
-        raise ValueError(f"charlm: text_file={path!r} {what}; set text_file to a local UTF-8 text file.")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"charlm: text_file={path!r} is not UTF-8 text ({exc}).") from None
-
-
-def split_lengths(num_chars: int, options: CharLMOptions) -> tuple[int, int]:
-    """Characters for training and for validation; each part must hold one window of seq_len+1."""
-    n_val = int(num_chars * options.val_fraction)
-    n_train = num_chars - n_val
-    need = options.seq_len + 1
-    if n_train < need or n_val < need:
-        raise ValueError(
-            f"charlm: text_file={options.text_file!r} has {num_chars} characters, split into {n_train} for "
-            f"training and {n_val} for validation (val_fraction={options.val_fraction}); each part needs at "
-            f"least seq_len+1={need}: use a longer text or a smaller seq_len."
-        )
-    return n_train, n_val
 
 
 def windows(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,12 +32,6 @@ def windows(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Ten
     x = tokens[: n * seq_len].view(n, seq_len)
     y = tokens[1 : n * seq_len + 1].view(n, seq_len)
     return x, y
-
-
-def num_train(options: CharLMOptions) -> int:
-    """Training examples (windows) the text gives (reads the file)."""
-    n_train, _ = split_lengths(len(read_text(options.text_file)), options)
-    return (n_train - 1) // options.seq_len
 
 
 # ---- the model ----------------------------------------------------------------

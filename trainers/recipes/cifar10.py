@@ -11,66 +11,21 @@ ancestor of KellerJordan/cifar10-airbench, with its widths scaled by `width`.
 
 from __future__ import annotations
 
-import pickle
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
 
+from trainers.recipes.files import CIFAR10_TEST_FILE as TEST_FILE  # noqa: F401  (tests and users)
+from trainers.recipes.files import CIFAR10_TRAIN_FILES as TRAIN_FILES  # noqa: F401
+from trainers.recipes.files import cifar10_num_train as num_train  # noqa: F401  (the registry's)
+from trainers.recipes.files import load_cifar10
 from trainers.recipes.options import CIFAR10_MODELS as MODELS
 from trainers.recipes.options import Cifar10Options
 from trainers.task import Task
 
-TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-TEST_FILE = "test_batch"
 # Per-channel mean and standard deviation of the CIFAR-10 training images, in [0, 1] units.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-
-
-def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    # The batches are pickles written by Python 2: keys and strings come back as bytes.
-    # Unpickling runs code from the file, so only point data_dir at files you trust.
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise ValueError(f"cifar10: {path} is not a CIFAR-10 python batch (a dict with b'data' and b'labels').")
-    data = np.asarray(batch[b"data"], dtype=np.uint8)
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise ValueError(
-            f"cifar10: {path} has data of shape {data.shape} and {len(labels)} labels; "
-            "expected (N, 3072) uint8 rows and N labels."
-        )
-    return data.reshape(-1, 3, 32, 32), labels
-
-
-def load_cifar10(data_dir: str | Path, train_batches: int = 5, limit: int | None = None) -> dict[str, np.ndarray]:
-    """x (N, 3, 32, 32) uint8 and y int64 for training (the first `train_batches` files) and validation."""
-    folder = Path(data_dir)
-    if not folder.is_dir():
-        raise ValueError(
-            f"cifar10: data_dir={str(data_dir)!r} is not a folder; set data_dir to the extracted "
-            "'cifar-10-batches-py' folder of the CIFAR-10 python version."
-        )
-    names = (*TRAIN_FILES[:train_batches], TEST_FILE)
-    missing = [n for n in names if not (folder / n).is_file()]
-    if missing:
-        raise ValueError(
-            f"cifar10: data_dir={str(data_dir)!r} has no file {missing[0]!r}; it must hold "
-            f"{', '.join(names)} (the CIFAR-10 python version), or lower train_batches."
-        )
-    parts = [_read_batch(folder / n) for n in TRAIN_FILES[:train_batches]]
-    x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    x_val, y_val = _read_batch(folder / TEST_FILE)
-    return {"x": x[:limit], "y": y[:limit], "x_val": x_val[:limit], "y_val": y_val[:limit]}
-
-
-def num_train(options: Cifar10Options) -> int:
-    """Training-set size (reads the label lists of the training files)."""
-    arrays = load_cifar10(options.data_dir, options.train_batches, options.limit)
-    return len(arrays["y"])
 
 
 # ---- augmentation on whole batches on the device ---------------------------------
