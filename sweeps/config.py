@@ -323,7 +323,8 @@ class SearchConfig(_Strict):
     lr: LrSpace = LrRange(low=1e-3, high=1.0)
     sampler: Literal["tpe", "grid", "random", "frontier"] = "tpe"
     stop_when: StopWhen | None = None
-    pruner: Literal["none", "median", "successive_halving", "hyperband"] = "none"
+    # auto: FrontierPruner under sampler: frontier with objective steps_to_target, else none.
+    pruner: Literal["auto", "none", "median", "successive_halving", "hyperband"] = "auto"
     n_trials: Annotated[int, Field(ge=1, le=MAX_TRIALS)] = 24
     # What Optuna optimizes; two names give a Pareto front (no pruning then).
     objective: Objective | Annotated[list[Objective], Field(min_length=1, max_length=2)] = "val_loss"
@@ -333,7 +334,7 @@ class SearchConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchConfig:
-        if len(self.objectives) == 2 and self.pruner != "none":
+        if len(self.objectives) == 2 and self.pruner not in ("none", "auto"):
             raise ValueError("pruning works with one objective only; set pruner: none for two objectives")
         if len(set(self.objectives)) != len(self.objectives):
             raise ValueError(f"objectives must differ, got {self.objectives}")

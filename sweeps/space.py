@@ -114,6 +114,39 @@ def pruning_step(train: TrainConfig, step: int, batch_size: int) -> int:
     return step if pruning_unit(train) == "steps" else step * batch_size
 
 
+def frontier_pruning(cfg: SweepConfig) -> bool:
+    """Whether `make_pruner` gives FrontierPruner: `pruner: auto` (the default) under
+    `sampler: frontier` with the objective steps_to_target, the steps to `train.target` it compares.
+    An explicit `pruner: none` stays none."""
+    search = cfg.search
+    return search.pruner == "auto" and search.sampler == "frontier" and search.objectives == ["steps_to_target"]
+
+
+def pruning_metric(cfg: SweepConfig) -> str | None:
+    """The evaluation metric a trial reports to the pruner, or None for no reports.
+
+    The objective's metric (PRUNING_METRIC), except under FrontierPruner: it measures the distance
+    to the target, so it gets the target's metric (`val/acc`, `val/loss`, `val/ppl`…), which
+    PRUNING_METRIC, keyed by objective alone, cannot name. Other pruners get nothing under
+    steps_to_target: they would rank accuracies in the study's direction, which minimizes steps.
+    """
+    if len(cfg.search.objectives) != 1:
+        return None
+    if frontier_pruning(cfg):
+        return cfg.train.target.metric if cfg.train.target is not None else None
+    return PRUNING_METRIC.get(cfg.search.objectives[0])
+
+
+# Metric-name endings that rise to a target; the rest fall to it. The rule of
+# trainers.loop.target_reached, restated here so that the sweep process need not import torch.
+_RISING = ("acc",)
+
+
+def target_direction(metric: str) -> Literal["maximize", "minimize"]:
+    """Whether `metric` rises to a target (accuracy) or falls to it (loss, perplexity)."""
+    return "maximize" if metric.endswith(_RISING) else "minimize"
+
+
 REDUCTION_FACTOR = 5  # `pruner: successive_halving`: a trial goes on if it is in the best 1/5 at a rung
 
 
@@ -121,12 +154,19 @@ def make_pruner(cfg: SweepConfig, num_train: int | None = None) -> optuna.pruner
     """The configured pruner, its resources in the unit of `pruning_unit`.
 
     `num_train` (the training-set size) is needed for Hyperband under an epoch budget only.
+    `pruner: auto` is FrontierPruner where `frontier_pruning` says so (it is reported the
+    target's metric: `pruning_metric`), and no pruning elsewhere.
     """
     search, train = cfg.search, cfg.train
     by_samples = pruning_unit(train) == "samples"
     # The first point where every batch size has been evaluated: one evaluation, or under a sample
     # budget the examples the largest batch sees before its first evaluation.
     first = train.eval_every * (max(search.batch_choices()) if by_samples else 1)
+    if frontier_pruning(cfg):
+        from sweeps.frontier_pruner import FrontierPruner
+
+        assert train.target is not None  # steps_to_target is refused without one (SweepConfig)
+        return FrontierPruner(train.target.value, target_direction(train.target.metric), unit=pruning_unit(train))
     if search.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2 * first)
     if search.pruner == "successive_halving":
