@@ -784,8 +784,7 @@ class Sweep:
         trial.set_user_attr("mlflow_run_ids", list(run_ids))
         if len(run_ids) == 1:
             trial.set_user_attr("mlflow_run_id", run_id)
-        objective = self.cfg.search.objectives[0]
-        prune_key = space.PRUNING_METRIC.get(objective) if prune and len(self.cfg.search.objectives) == 1 else None
+        prune_key = space.pruning_metric(self.cfg) if prune else None
 
         evals: list[Mapping[str, float]] = []  # for the val_loss / val_acc objectives (space.tail_means)
 
