@@ -221,8 +221,9 @@ def test_sigterm_mid_trial_leaves_nothing_running_and_the_sweep_resumes(workdir:
 
 
 # Pairs of racing sweeps: each pair costs about 24 s of CPU (six processes importing torch or
-# mlflow), so the suite runs 3; BATCHSCOPE_RACE_PAIRS=13 repeats the soak.
-RACE_PAIRS = int(os.environ.get("BATCHSCOPE_RACE_PAIRS", "3"))
+# mlflow), so the suite runs 2 (one random, one grid); BATCHSCOPE_RACE_PAIRS=13 repeats the
+# issue's soak (13 pairs passed on 2026-11-30 in 214 s).
+RACE_PAIRS = int(os.environ.get("BATCHSCOPE_RACE_PAIRS", "2"))
 
 
 def test_a_trial_is_created_with_its_owner_in_the_same_journal_record(tmp_path: Path) -> None:
