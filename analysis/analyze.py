@@ -11,7 +11,7 @@ import optuna
 import pandas as pd
 from scipy import stats
 
-from analysis import noise, tables
+from analysis import frontier, noise, tables
 from analysis.fits import CriticalBatchFit, LrLawFit, PowerLawFit, fit_critical_batch, fit_lr_exponent, fit_lr_law
 from analysis.load import SweepData
 from analysis.noise import NoiseEstimate
@@ -74,8 +74,11 @@ class SweepAnalysis:
     lr_basis: str  # "fastest": the lr law is fitted to the lr fastest to the target; "objective": the best lr
     lr_column: str  # "effective_lr" under a scaling rule, else "lr": what the lr law is fitted to
     lr_points: pd.DataFrame  # batch_size, trial, lr (base), fitted_lr (of lr_column): the law's points
+    lr_brackets: pd.DataFrame  # frontier.lr_brackets of lr_points: the lrs tried around each one
     lr_edges: dict[int, str]  # batch size -> "lowest" / "highest" / "only": best lr not bracketed
     run_costs: pd.DataFrame
+    b_crit_progress: pd.DataFrame  # frontier.b_crit_progress: B_crit refitted as trials completed
+    b_crit_progress_note: str  # why b_crit_progress is empty, when it is
     noise_scale: NoiseScaleSummary | None
     noise_note: str  # why noise_scale is missing, when it is
     importances: dict[str, float] | None
@@ -206,26 +209,6 @@ def _lr_column(summary: pd.DataFrame) -> tuple[str, str]:
     return "lr", "none"
 
 
-def _lr_edges(summary: pd.DataFrame, best_lr: pd.DataFrame) -> dict[int, str]:
-    """Batch sizes whose chosen lr (best or fastest) is the lowest or highest tried there: its optimum
-    is not bracketed.
-
-    Every trial that trained counts as tried (a diverged one at a higher lr brackets the optimum
-    from above); only crashes do not.
-    """
-    ran = summary[summary["status"].isin(["ok", "pruned", "diverged", "oom"])] if "status" in summary else summary
-    edges = {}
-    for row in best_lr.itertuples():
-        tried = ran.loc[ran["batch_size"] == row.batch_size, "lr"].to_numpy(dtype=float)
-        if tried.size < 2:
-            edges[int(row.batch_size)] = "only"
-        elif row.lr <= tried.min():
-            edges[int(row.batch_size)] = "lowest"
-        elif row.lr >= tried.max():
-            edges[int(row.batch_size)] = "highest"
-    return edges
-
-
 def _importances(study: optuna.Study) -> tuple[dict[str, float] | None, str]:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(complete) < 2:
@@ -282,6 +265,8 @@ def analyze(sweep: SweepData) -> SweepAnalysis:
         batch_sizes = lr_points["batch_size"].to_numpy(dtype=float)
         lr_scaling = fit_lr_exponent(batch_sizes, lr_points["fitted_lr"].to_numpy())
         lr_law = fit_lr_law(batch_sizes, lr_points["fitted_lr"].to_numpy())
+    brackets = frontier.lr_brackets(summary, lr_points)
+    progress, progress_note = frontier.b_crit_progress(trials, sweep.history)
     noise_summary, noise_note = _noise_scale(sweep, best_runs, points, critical)
     importances, importance_note = _importances(sweep.study)
     best_trial = _best_trial(summary, score, minimize)
@@ -304,8 +289,15 @@ def analyze(sweep: SweepData) -> SweepAnalysis:
         lr_basis=lr_basis,
         lr_column=lr_column,
         lr_points=lr_points,
-        lr_edges=_lr_edges(summary, lr_points),
+        lr_brackets=brackets,
+        lr_edges={
+            int(b): kind
+            for b, kind in zip(brackets["batch_size"], brackets["kind"], strict=True)
+            if kind in frontier.UNBRACKETED
+        },
         run_costs=tables.run_costs(sweep.history),
+        b_crit_progress=progress,
+        b_crit_progress_note=progress_note,
         noise_scale=noise_summary,
         noise_note=noise_note,
         importances=importances,

@@ -209,6 +209,41 @@ def steps_to_target(sweep: SweepData, result: SweepAnalysis, colors: BatchColors
     return fig
 
 
+def b_crit_progress(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) -> Figure:
+    """B_crit refitted to the trials completed so far, against the compute they had spent."""
+    fig, axes = style.figure(1)
+    ax, progress = axes[0], result.b_crit_progress
+    title = "B_crit as the sweep went on"
+    if progress.empty:
+        style.empty_panel(ax, title, "Not fitted.\n" + result.b_crit_progress_note)
+        return fig
+    compute = progress["compute"].to_numpy(dtype=float)
+    b_crit = progress["b_crit"].to_numpy(dtype=float)
+    low, high = progress["b_crit_low"].to_numpy(dtype=float), progress["b_crit_high"].to_numpy(dtype=float)
+    final = progress.iloc[-1]
+    ax.axhspan(final["b_crit_low"], final["b_crit_high"], color=style.FIT_COLOR, alpha=0.10, lw=0)
+    final_label = f"final: {number(final['b_crit'])} [{interval(final['b_crit_low'], final['b_crit_high'])}]"
+    ax.axhline(final["b_crit"], color=style.FIT_COLOR, ls="--", lw=1.0, label=final_label)
+    edge = progress["at_edge"].to_numpy(dtype=bool)
+    for shown, face, label in ((~edge, style.FIT_COLOR, "B_crit, 95% interval"), (edge, "white", "not identified")):
+        if shown.any():
+            errors = [b_crit[shown] - low[shown], high[shown] - b_crit[shown]]
+            ax.errorbar(compute[shown], b_crit[shown], yerr=errors, fmt="o", color=style.FIT_COLOR, mfc=face,
+                        capsize=3, lw=1.2, label=label)  # fmt: skip
+    for x, y, n in zip(compute, high, progress["trials"], strict=True):
+        ax.annotate(f"{int(n)}", (x, y), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7,
+                    color=style.EMPTY_COLOR)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    if compute.size == 1:
+        ax.set_xlim(compute[0] / 2, compute[0] * 2)
+    ax.set_xlabel("compute spent [examples processed: Σ steps × B]")
+    ax.set_ylabel("B_crit [examples]")
+    ax.set_title(title)
+    ax.legend(loc="best")
+    return fig
+
+
 # --- 3. gradient noise scale -------------------------------------------------------------------
 
 
@@ -681,6 +716,14 @@ CHARTS: tuple[_Spec, ...] = (
         "S(B) = S_min(1 + B_crit/B) and E(B) = E_min(1 + B/B_crit) fitted together "
         "(McCandlish et al. 2018), with B_crit and its 95% bootstrap interval.",
         steps_to_target,
+    ),
+    _Spec(
+        "b-crit-progress",
+        "B_crit against compute",
+        "B_crit and its 95% bootstrap interval refitted as in the steps-to-target chart to the trials completed "
+        "so far (a quarter of them to all; numbers: trials completed), against the examples their runs processed; "
+        "band: the final interval.",
+        b_crit_progress,
     ),
     _Spec(
         "noise-scale",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis import tables
+from analysis import frontier, tables
 from analysis.analyze import FEW_EVALUATIONS, SweepAnalysis
 from analysis.findings_science import lr_law_sentence, noise_sentence
 from analysis.load import SweepData
@@ -101,6 +101,38 @@ def _target_reading(result: SweepAnalysis) -> str:
             f" At batch size{'s' * (len(result.few_evaluations) > 1)} {sizes} the target was reached by the "
             f"{'second' if FEW_EVALUATIONS == 2 else f'{FEW_EVALUATIONS}th'} evaluation: those steps rest on "
             "few points; evaluate more often (train.eval_every) for a sharper B_crit."
+        )
+    return sentence
+
+
+def bracket_sentence(result: SweepAnalysis) -> str | None:
+    """Whether each batch size's best lr has a tried lr on either side: an optimum at the edge of
+    what was tried may lie outside it, and the steps to target there are then an overestimate."""
+    brackets = result.lr_brackets
+    if brackets.empty:
+        return None
+    which = "learning rate fastest to the target" if result.lr_basis == "fastest" else "best learning rate"
+    open_ = brackets[brackets["kind"].isin(frontier.UNBRACKETED)]
+    cliff = brackets[brackets["kind"] == frontier.DIVERGED_ABOVE]
+    words = {frontier.LOWEST: "lowest lr tried", frontier.HIGHEST: "highest lr tried", frontier.ONLY: "only lr tried"}
+    if open_.empty:
+        sentence = (
+            f"Every batch size's {which} is bracketed: a worse (or diverged) lr was tried on each side of it."
+            if len(brackets) > 1
+            else f"The {which} of the one batch size is bracketed by a worse (or diverged) lr on each side."
+        )
+    else:
+        listed = ", ".join(f"{int(r.batch_size)} ({words[r.kind]})" for r in open_.itertuples())
+        sentence = (
+            f"The {which} is not bracketed at batch size{'s' * (len(open_) > 1)} {listed}: the optimum there "
+            "may lie outside what was tried, so widen the lr range there (search.lr)"
+            + (", or try more than one lr" if (open_["kind"] == frontier.ONLY).any() else "")
+            + f"; it is bracketed at {len(brackets) - len(open_)} of {len(brackets)} batch sizes."
+        )
+    if not cliff.empty:
+        sizes = ", ".join(str(int(b)) for b in cliff["batch_size"])
+        sentence += (
+            f" At {sizes} the next lr up diverged: the optimum lies below it but may sit right at the divergence cliff."
         )
     return sentence
 
@@ -252,10 +284,11 @@ def findings(sweep: SweepData, result: SweepAnalysis) -> Findings:
             result.lr_law,
             result.lr_scaling,
             result.lr_rule,
-            result.lr_edges,
+            {},  # the bracketing has a sentence of its own, next
             len(result.lr_points),
             result.lr_basis,
         ),
+        *filter(None, [bracket_sentence(result)]),
         noise_sentence(result.noise_scale, result.noise_note, result.critical_batch),
         _best_trial(result),
     ]
@@ -265,14 +298,27 @@ def findings(sweep: SweepData, result: SweepAnalysis) -> Findings:
     return Findings(sentences=sentences, row=_row(sweep, result))
 
 
+# The per-batch table's "bracketed" column: on which sides of the best lr a worse one was tried.
+_SIDES = {
+    frontier.BRACKETED: "both sides",
+    frontier.DIVERGED_ABOVE: "both (diverged above)",
+    frontier.LOWEST: "above only",
+    frontier.HIGHEST: "below only",
+    frontier.ONLY: "no (one lr)",
+}
+
+
 def per_batch_note(result: SweepAnalysis) -> str:
     """Why the per-batch table's numbers carry no interval of their own."""
     runs = int(result.trial_summary["n_runs"].max()) if "n_runs" in result.trial_summary else 1
     each = "one run" if runs <= 1 else f"the mean of its {runs} runs (seeds)"
+    which = "fastest" if result.lr_basis == "fastest" else "best"
     return (
         f"Each row is one trial per column (the best by the objective, and the fastest to the target): {each}, "
         "so no interval of its own; the spread over seeds and learning rates is in the steps-to-target chart "
-        "and in the critical batch size's bootstrap interval. Throughput: the median over the batch size's runs."
+        "and in the critical batch size's bootstrap interval. lr bracket: the nearest learning rates tried below "
+        f"and above the {which} lr (≤/≥ … (edge): it is the lowest/highest tried, so the optimum may lie beyond). "
+        "Throughput: the median over the batch size's runs."
     )
 
 
@@ -296,6 +342,10 @@ def per_batch_table(result: SweepAnalysis) -> pd.DataFrame:
         which = "fastest" if result.lr_basis == "fastest" else "best"
         table[f"{which} lr, effective ({result.lr_rule})"] = table["batch_size"].map(by_batch)
         table = table.rename(columns={"best lr": "best lr (base)", "fastest lr": "fastest lr (base)"})
+    brackets = result.lr_brackets.itertuples()
+    shown = {int(r.batch_size): (frontier.bracket_text(r.kind, r.lr, r.lr_below, r.lr_above), r.kind) for r in brackets}
+    table["lr bracket"] = table["batch_size"].map(lambda b: shown[b][0] if b in shown else None)
+    table["bracketed"] = table["batch_size"].map(lambda b: _SIDES[shown[b][1]] if b in shown else None)
     table["throughput [examples/s]"] = table["batch_size"].map(costs)
     table = table.sort_values("batch_size").reset_index(drop=True)
     return table.rename(columns={"batch_size": "batch size"})

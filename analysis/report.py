@@ -24,13 +24,13 @@ import pandas as pd
 
 from analysis import tables
 from analysis.analyze import SweepAnalysis, analyze
-from analysis.charts import Chart, render_charts, render_comparison
+from analysis.charts import CHARTS, Chart, render_charts, render_comparison
 from analysis.findings import Findings, findings, per_batch_note, per_batch_table
 from analysis.load import ReadMethod, SweepData, load_sweep
 from analysis.paths import child_dir, safe_name
 from analysis.stores import DEFAULT_JOURNAL, DEFAULT_TRACKING_UI, DEFAULT_TRACKING_URI, StorageLike, redact_url
 from analysis.style import BatchColors, ImageFormat
-from analysis.text import number
+from analysis.text import interval, number
 
 REPORT_FILE = "index.html"
 SUMMARY_FILE = "summary.md"
@@ -318,7 +318,8 @@ def _study_section(report: StudyReport, index: int, tracking_ui: str, *, heading
     per_batch = per_batch_table(report.analysis)
     if not per_batch.empty:
         note = f"<p class='meta'>{html.escape(per_batch_note(report.analysis))}</p>"
-        parts.append("<h3>Per batch size</h3>" + _frame_table(per_batch) + note)
+        text = [c for c in per_batch.columns if not pd.api.types.is_numeric_dtype(per_batch[c])]
+        parts.append("<h3>Per batch size</h3>" + _frame_table(per_batch, text_columns=text) + note)
     parts.append("<h3>Charts</h3>")
     parts += [_figure(chart, f"{anchor}-{chart.name}") for chart in report.charts]
     parts.append(f"<h3>Trials ({len(sweep.trials)} rows; click a header to sort)</h3>")
@@ -391,8 +392,29 @@ def _markdown(reports: list[StudyReport]) -> str:
         per_batch = per_batch_table(report.analysis)
         if not per_batch.empty:
             lines += ["", "### Per batch size", "", _md_table(per_batch), "", per_batch_note(report.analysis)]
+        lines += ["", "### B_crit against compute", "", *_md_progress(report.analysis)]
         lines += ["", f"Charts and the full trial table: `{REPORT_FILE}`.", ""]
     return "\n".join(lines)
+
+
+def _md_progress(result: SweepAnalysis) -> list[str]:
+    """The B_crit-against-compute chart's numbers, or why there are none."""
+    progress = result.b_crit_progress
+    if progress.empty:
+        return ["Not fitted. " + _md(result.b_crit_progress_note)]
+    table = pd.DataFrame(
+        {
+            "trials completed": progress["trials"].astype(str),
+            "compute [examples]": progress["compute"].astype(float),
+            "batch sizes at target": progress["n_batch_sizes"].astype(str),
+            "B_crit": progress["b_crit"].astype(float),
+            "95% interval": [
+                interval(lo, hi) for lo, hi in zip(progress["b_crit_low"], progress["b_crit_high"], strict=True)
+            ],
+        }
+    )
+    caption = next((c.caption for c in CHARTS if c.name == "b-crit-progress"), "")
+    return [_md_table(table), "", caption]
 
 
 def _write_images(folder: Path, reports: list[StudyReport], comparison: Chart | None) -> None:

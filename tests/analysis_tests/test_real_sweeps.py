@@ -16,8 +16,10 @@ import pandas as pd
 import pytest
 
 from analysis.analyze import analyze
+from analysis.findings import bracket_sentence, per_batch_table
 from analysis.load import export_sweep, load_sweep
 from analysis.report import build_report
+from analysis.text import number
 from sweeps.stores import journal_storage
 from tests.conftest import run_sweeps, small_config
 
@@ -237,3 +239,94 @@ def test_noise_scale_is_the_ratio_of_means_of_the_stored_measurements(grid_store
     assert late.b_simple == pytest.approx(pooled, rel=1e-9)
     assert late.n == sum(result.noise_scale.per_batch[b].n for b in means)
     assert late.low < late.b_simple and (late.high > late.b_simple)
+
+
+# --- the frontier as it stands: lr brackets and B_crit against compute, on real sweeps ---
+
+
+def _expected_kinds(sweep, result) -> dict[int, str]:
+    """Each batch size's bracket straight from the trials table: the sorted distinct lrs that
+    trained there (ok, pruned or diverged), the report's chosen lr among them and its neighbours."""
+    trained = sweep.trials[sweep.trials["status"].isin(["ok", "pruned", "diverged"])]
+    kinds = {}
+    for b, lr in zip(result.lr_points["batch_size"], result.lr_points["lr"], strict=True):
+        here = trained[trained["batch_size"] == b]
+        lrs = sorted(set(here["lr"].round(12)))
+        i = lrs.index(round(float(lr), 12))
+        if len(lrs) == 1:
+            kinds[int(b)] = "only"
+        elif i == 0:
+            kinds[int(b)] = "lowest"
+        elif i == len(lrs) - 1:
+            kinds[int(b)] = "highest"
+        else:
+            above = here[here["lr"].round(12) == lrs[i + 1]]
+            kinds[int(b)] = "diverged above" if (above["status"] == "diverged").all() else "bracketed"
+    return kinds
+
+
+@pytest.mark.parametrize("store", ["grid", "random"])
+def test_lr_brackets_match_the_trials_table(grid_store: Path, stores: Path, store: str) -> None:
+    # The grid brackets some optima and leaves others at its edges; the random sweep (lr up to 5)
+    # has diverged trials and batch sizes with a single lr.
+    sweep = _grid(grid_store) if store == "grid" else _load(stores, "val_acc")
+    result = analyze(sweep)
+    got = dict(zip(result.lr_brackets["batch_size"].astype(int), result.lr_brackets["kind"], strict=True))
+    assert got == _expected_kinds(sweep, result) and got
+    assert result.lr_edges == {b: k for b, k in got.items() if k in ("lowest", "highest", "only")}
+    table = per_batch_table(result)
+    for row in result.lr_brackets.itertuples():
+        (cell,) = table.loc[table["batch size"] == row.batch_size, "lr bracket"]
+        if row.kind in ("bracketed", "diverged above"):
+            assert cell.startswith(f"{number(row.lr_below)} – {number(row.lr_above)}")
+        else:
+            assert "edge" in cell or "only" in cell
+    sentence = bracket_sentence(result)
+    assert sentence is not None
+    open_ = sorted(b for b, k in got.items() if k in ("lowest", "highest", "only"))
+    assert ("not bracketed at batch size" in sentence) == bool(open_)
+    for b in open_:
+        assert f" {b} (" in sentence
+
+
+def test_b_crit_against_compute_ends_at_the_reports_b_crit(grid_store: Path) -> None:
+    from mlflow import MlflowClient
+
+    sweep = _grid(grid_store)
+    result = analyze(sweep)
+    progress, fit = result.b_crit_progress, result.critical_batch
+    assert fit is not None and not progress.empty, result.b_crit_progress_note
+    assert progress["trials"].is_monotonic_increasing and progress["compute"].is_monotonic_increasing
+    assert (progress["n_batch_sizes"] >= 3).all()
+    last = progress.iloc[-1]
+    assert last["trials"] == 9
+    assert (last["b_crit"], last["b_crit_low"], last["b_crit_high"]) == (fit.b_crit, fit.b_crit_low, fit.b_crit_high)
+    # Compute spent by all 9 trials, from MLflow: each run's last training step × its batch size.
+    client = MlflowClient(f"sqlite:///{grid_store / 'mlruns' / 'mlflow.db'}")
+    runs = sweep.trials.dropna(subset=["run_id"])
+    spent = sum(
+        max(s for s, _ in _history(client, str(r), "train/loss")) * int(b)
+        for r, b in zip(runs["run_id"], runs["batch_size"], strict=True)
+    )
+    assert last["compute"] == pytest.approx(spent, rel=0.02)
+
+
+def test_report_shows_the_bracket_and_the_b_crit_chart(grid_store: Path, tmp_path: Path) -> None:
+    index = build_report(
+        ["grid"],
+        storage=grid_store / "mlruns" / "optuna.journal",
+        tracking_uri=f"sqlite:///{grid_store / 'mlruns' / 'mlflow.db'}",
+        out_dir=tmp_path,
+    )
+    page = index.read_text()
+    summary = (index.parent / "summary.md").read_text()
+    assert 'alt="B_crit against compute"' in page
+    assert (index.parent / "charts" / "b-crit-progress.png").stat().st_size > 10_000
+    # Next to the steps-to-target chart.
+    assert page.index('alt="Steps and examples to target"') < page.index('alt="B_crit against compute"')
+    assert '<th class="text">lr bracket</th>' in page
+    assert "| lr bracket | bracketed |" in summary
+    assert "### B_crit against compute" in summary and "| trials completed |" in summary
+    fit = analyze(_grid(grid_store)).critical_batch
+    assert fit is not None
+    assert "| 9 | " in summary and f"| {number(fit.b_crit)} | " in summary
