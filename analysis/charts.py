@@ -49,6 +49,8 @@ class _Spec:
     draw: Callable[[SweepData, SweepAnalysis, BatchColors], Figure]
     # Drawn only when this holds (charts of optional data, e.g. inference throughput).
     when: Callable[[SweepData], bool] | None = None
+    # The batch-size colour legend in the header; off for a chart that does not colour by batch size.
+    batch_legend: bool = True
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -724,6 +726,7 @@ CHARTS: tuple[_Spec, ...] = (
         "so far (a quarter of them to all; numbers: trials completed), against the examples their runs processed; "
         "band: the final interval.",
         b_crit_progress,
+        batch_legend=False,
     ),
     _Spec(
         "noise-scale",
@@ -796,7 +799,7 @@ def render_charts(
     """Every chart of one study. With strict=False a chart that raises becomes a panel saying
     so (one bad chart should not cost the whole report); tests use strict=True."""
     charts = []
-    # Every chart colours by batch size; one legend per figure, in its header.
+    # Charts colour by batch size; one legend per figure, in its header.
     legend = colors.legend_handles(sweep.trials["batch_size"].dropna())
     for spec in CHARTS:
         if spec.when is not None and not spec.when(sweep):
@@ -808,7 +811,8 @@ def render_charts(
                 raise
             warnings.warn(f"chart {spec.name!r} failed: {error!r}", stacklevel=2)
             fig = _error_figure(spec.title, error)
-        image = style.to_bytes(fig, image_format, title=spec.title, legend_handles=legend)
+        handles = legend if spec.batch_legend else None
+        image = style.to_bytes(fig, image_format, title=spec.title, legend_handles=handles)
         charts.append(Chart(spec.name, spec.title, spec.caption, image, image_format))
     return charts
 
