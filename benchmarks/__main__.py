@@ -1,6 +1,6 @@
 """Run the benchmarks: `python -m benchmarks [--quick] [--only NAME ...] [--write-readme]`.
 
-Sections (in this order): tracking, gns, startup, efficiency, replay, analysis, gpu, findings. Each prints
+Sections (in this order): tracking, gns, startup, efficiency, replay, analysis, gpu, findings, frontier. Each prints
 one table as it finishes; `--write-readme` puts the results into the marked block of
 benchmarks/README.md, replacing only the sections that ran.
 """
@@ -19,7 +19,7 @@ from benchmarks.common import Section, machine, now_text, quiet, run_section
 
 README = Path(__file__).parent / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-NAMES = ("tracking", "gns", "startup", "efficiency", "replay", "analysis", "gpu", "findings")
+NAMES = ("tracking", "gns", "startup", "efficiency", "replay", "analysis", "gpu", "findings", "frontier")
 
 
 def section_function(name: str) -> Callable[[bool], Section]:
@@ -56,6 +56,10 @@ def section_function(name: str) -> Callable[[bool], Section]:
         from benchmarks.findings import findings_section
 
         return findings_section
+    if name == "frontier":
+        from benchmarks.frontier_replay import frontier_section
+
+        return frontier_section
     raise ValueError(f"unknown section {name!r}; choose from {', '.join(NAMES)}")
 
 
