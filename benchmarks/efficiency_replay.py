@@ -26,7 +26,7 @@ import math
 import multiprocessing
 import random
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +102,15 @@ def landscape(space: Space, train_seed: int, processes: int = 2) -> World:
     return world
 
 
+def nearest_run(world: World, lrs: Sequence[float], batch: int, lr: float) -> Run:
+    """The stored run of `world` at `batch` and the tried lr nearest `lr` in log scale
+    (`lrs`: the sorted lrs of the landscape): what a replayed trial at (batch, lr) trains."""
+    import numpy as np
+
+    log_lrs = np.log(lrs)
+    return world[(batch, lrs[int(np.argmin(np.abs(log_lrs - math.log(lr))))])]
+
+
 def tail(run: Run) -> float | None:
     """The val_acc objective (`sweeps.space.tail_means`) of a run that ended well."""
     from benchmarks.efficiency import OBJECTIVE_EVALS
@@ -146,7 +155,6 @@ def replay(
     to the same trained one give the same result. Fresh draws: each trial comes from a world drawn
     at random, as if nearby learning rates were independent draws of the training noise.
     """
-    import numpy as np
     import optuna
 
     from sweeps import space as sp
@@ -159,7 +167,6 @@ def replay(
         study_name=f"replay-{seed}-{home}", direction="maximize", sampler=sp.make_sampler(cfg.search), pruner=pruner
     )
     lrs = sorted({lr for _, lr in worlds[home]})
-    log_lrs = np.log(lrs)
     draw = random.Random(f"{seed}-{home}")
     spent, history = 0, []
     for _ in range(TRIAL_LIMIT * space.grid_trials):
@@ -167,7 +174,7 @@ def replay(
         params = sp.suggest(trial, cfg.search)
         b = int(params["batch_size"])
         world = worlds[draw.randrange(len(worlds))] if fresh else worlds[home]
-        run = world[(b, lrs[int(np.argmin(np.abs(log_lrs - math.log(params["lr"]))))])]
+        run = nearest_run(world, lrs, b, params["lr"])
         steps, pruned = run.steps, False
         for step, value in zip(run.eval_steps, run.evals, strict=True):
             trial.report(value, sp.pruning_step(cfg.train, step, b))

@@ -28,7 +28,7 @@ from typing import Any
 
 from benchmarks.common import Section, markdown_table
 from benchmarks.efficiency import FULL, QUICK, TRIAL_LIMIT, WITHIN, Space, sweep_config
-from benchmarks.efficiency_replay import Run, World, grid_reference, landscape, learning_rates, tail
+from benchmarks.efficiency_replay import Run, World, grid_reference, landscape, learning_rates, nearest_run, tail
 
 # Steps to target read on val/acc. In 300 steps the best runs at batch 16 and 32 end at 0.41–0.49, so
 # no target both reaches past the first evaluation at batch 512–1024 (0.4: 25 steps there, not
@@ -130,7 +130,6 @@ class Outcome:
 def replay(
     space: Space, worlds: list[World], refs: list[Reference], home: int, plan: Plan, seed: int, *, fresh: bool
 ) -> Outcome:
-    import numpy as np
     import optuna
 
     from sweeps import space as sp
@@ -147,7 +146,6 @@ def replay(
     )
     ref = refs[home]
     lrs = sorted({lr for _, lr in worlds[home]})
-    log_lrs = np.log(lrs)
     draw = random.Random(f"{seed}-{home}")
     limit = space.grid_trials if plan.sampler == "grid" else TRIAL_LIMIT * space.grid_trials
     spent, history, found = 0, [], {}
@@ -166,7 +164,7 @@ def replay(
         params = sp.suggest(trial, cfg.search)
         b = int(params["batch_size"])
         world = worlds[draw.randrange(len(worlds))] if fresh else worlds[home]
-        run = world[(b, lrs[int(np.argmin(np.abs(log_lrs - math.log(params["lr"]))))])]
+        run = nearest_run(world, lrs, b, params["lr"])
         trained, pruned = run.steps, False
         if not minimize:  # under steps_to_target there is no per-evaluation value to prune on (PRUNING_METRIC)
             for step, value in zip(run.eval_steps, run.evals, strict=True):

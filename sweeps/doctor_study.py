@@ -163,12 +163,11 @@ def _stray_runs(s: _Study, tracker: Any) -> list[Finding]:
             )
         elif run.info.status == "RUNNING" and trial.state != TrialState.RUNNING:
             findings.append(
-                Finding(
-                    f"study {s.name}",
+                _closable(
+                    s.name,
                     f"run {run_id} of trial {number} is RUNNING, but its trial is {trial.state.name}",
-                    repair="close it as KILLED with a batchscope.reason",
-                    fix=functools.partial(close_run, tracker, run),
-                    touches=("mlflow",),
+                    tracker,
+                    run,
                 )
             )
         elif trial.state != TrialState.RUNNING and run_id not in _linked_runs(trial):
@@ -246,13 +245,7 @@ def _dead_train_runs(name: str, tracker: Any, experiment_id: str) -> list[Findin
             )
         elif not _worker_alive(worker, None):
             findings.append(
-                Finding(
-                    f"study {name}",
-                    f"train run {run_id} is RUNNING, but its process {worker} is not running",
-                    repair="close it as KILLED with a batchscope.reason",
-                    fix=functools.partial(close_run, tracker, run),
-                    touches=("mlflow",),
-                )
+                _closable(name, f"train run {run_id} is RUNNING, but its process {worker} is not running", tracker, run)
             )
     return findings
 
@@ -268,3 +261,14 @@ def _sampled(t: FrozenTrial) -> bool:
     from sweeps import space
 
     return bool(space.sampled(t.params))
+
+
+def _closable(study: str, problem: str, tracker: Any, run: Any) -> Finding:
+    """A run left RUNNING that nothing will end: the repair closes it as KILLED."""
+    return Finding(
+        f"study {study}",
+        problem,
+        repair="close it as KILLED with a batchscope.reason",
+        fix=functools.partial(close_run, tracker, run),
+        touches=("mlflow",),
+    )
