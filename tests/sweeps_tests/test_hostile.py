@@ -3,6 +3,7 @@ study, an emptied journal, an absurd batch. Real processes, real stores, a real 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -170,7 +171,14 @@ def _wait_for_running_run(root: Path, study: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+            if not (root / "mlflow.db").exists():
+                time.sleep(0.3)
+                continue
+            # Opened only once the process under test has made the store, under its lock: a
+            # second process running MLflow's migrations at the same moment breaks the first's.
+            with open(root / ".mlflow-init.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
             exp = client.get_experiment_by_name(study)
             runs = client.search_runs([exp.experiment_id]) if exp is not None else []
             if any(r.info.status == "RUNNING" and r.data.tags.get("batchscope.role") != "sweep" for r in runs):

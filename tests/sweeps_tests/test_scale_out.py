@@ -51,6 +51,27 @@ def _trial_runs(tracking_uri: str, study: str) -> list:
     return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("batchscope.role") == "trial"]
 
 
+def _running_trial(url: str, study_name: str, timeout_s: float) -> optuna.trial.FrozenTrial | None:
+    """Wait for a trial that has its MLflow run, watching only the PostgreSQL study.
+
+    The test must not open the SQLite MLflow store while the worker creates it: a second
+    process running MLflow's migrations at the same moment (outside the worker's lock) broke
+    the worker's ("expected to match one row ... in 'alembic_version'"). A trial holds a run
+    id only once the store is whole.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        try:
+            study = optuna.load_study(study_name=study_name, storage=url)
+        except KeyError:  # the study is not created yet
+            continue
+        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
+        if running:
+            return running[0]
+    return None
+
+
 def test_three_workers_share_one_postgres_study(workdir: Path, pg_database: str) -> None:
     url = f"postgresql://postgres@127.0.0.1:5432/{pg_database}"
     config = write_config(workdir / "w.yaml", _cfg("shared", 12))
@@ -83,14 +104,7 @@ def test_sigterm_to_a_worker_leaves_its_trial_failed_and_queued(workdir: Path, p
     config = write_config(workdir / "t.yaml", cfg)
     proc = _worker(config, url, workdir)
     tracking = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        try:
-            if any(r.info.status == "RUNNING" for r in _trial_runs(tracking, "termed")):
-                break
-        except Exception:  # the stores are still being created
-            continue
+    assert _running_trial(url, "termed", 120) is not None, "the worker never started a trial"
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=90)[0].decode()
     assert proc.returncode == 128 + signal.SIGTERM, out
@@ -107,17 +121,7 @@ def test_a_killed_worker_trial_is_rerun_by_another(workdir: Path, pg_database: s
     cfg["train"]["max_steps"] = 200  # long enough to be killed mid-trial
     config = write_config(workdir / "k.yaml", cfg)
     victim = _worker(config, url, workdir)
-    deadline = time.monotonic() + 180
-    victim_trial = None
-    while time.monotonic() < deadline and victim_trial is None:
-        time.sleep(0.3)
-        try:
-            study = optuna.load_study(study_name="killed", storage=url)
-        except KeyError:
-            continue
-        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
-        if running:
-            victim_trial = running[0]
+    victim_trial = _running_trial(url, "killed", 180)
     assert victim_trial is not None, "the first worker never started a trial"
     victim.send_signal(signal.SIGKILL)
     victim.wait(30)
