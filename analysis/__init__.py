@@ -10,9 +10,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from analysis.fits import fit_critical_batch, fit_lr_exponent
-    from analysis.load import SweepData, export_sweep, load_sweep
-    from analysis.report import build_report, log_report_artifacts, render_report
+    from batchscope.analysis.fits import fit_critical_batch, fit_lr_exponent
+    from batchscope.analysis.load import SweepData, export_sweep, load_sweep
+    from batchscope.analysis.report import build_report, log_report_artifacts, render_report
 
 __all__ = [
     "SweepData",
@@ -26,18 +26,18 @@ __all__ = [
 ]
 
 _HOME = {
-    "SweepData": "analysis.load",
-    "load_sweep": "analysis.load",
-    "export_sweep": "analysis.load",
-    "fit_critical_batch": "analysis.fits",
-    "fit_lr_exponent": "analysis.fits",
-    "build_report": "analysis.report",
-    "render_report": "analysis.report",
-    "log_report_artifacts": "analysis.report",
+    "SweepData": "batchscope.analysis.load",
+    "load_sweep": "batchscope.analysis.load",
+    "export_sweep": "batchscope.analysis.load",
+    "fit_critical_batch": "batchscope.analysis.fits",
+    "fit_lr_exponent": "batchscope.analysis.fits",
+    "build_report": "batchscope.analysis.report",
+    "render_report": "batchscope.analysis.report",
+    "log_report_artifacts": "batchscope.analysis.report",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _HOME:
         return getattr(importlib.import_module(_HOME[name]), name)
-    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+    raise AttributeError(f"module 'batchscope.analysis' has no attribute {name!r}")

@@ -11,10 +11,17 @@ import optuna
 import pandas as pd
 from scipy import stats
 
-from analysis import frontier, noise, tables
-from analysis.fits import CriticalBatchFit, LrLawFit, PowerLawFit, fit_critical_batch, fit_lr_exponent, fit_lr_law
-from analysis.load import SweepData
-from analysis.noise import NoiseEstimate
+from batchscope.analysis import frontier, noise, tables
+from batchscope.analysis.fits import (
+    CriticalBatchFit,
+    LrLawFit,
+    PowerLawFit,
+    fit_critical_batch,
+    fit_lr_exponent,
+    fit_lr_law,
+)
+from batchscope.analysis.load import SweepData
+from batchscope.analysis.noise import NoiseEstimate
 
 # A batch size whose fastest run crossed the target by its second evaluation has few points
 # around the crossing: its steps to target rest on one interpolation from the start.

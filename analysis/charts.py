@@ -16,12 +16,12 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from analysis import noise, style, tables
-from analysis.analyze import SweepAnalysis
-from analysis.fits import CriticalBatchFit
-from analysis.load import SweepData
-from analysis.style import BatchColors, ImageFormat
-from analysis.text import interval, number
+from batchscope.analysis import noise, style, tables
+from batchscope.analysis.analyze import SweepAnalysis
+from batchscope.analysis.fits import CriticalBatchFit
+from batchscope.analysis.load import SweepData
+from batchscope.analysis.style import BatchColors, ImageFormat
+from batchscope.analysis.text import interval, number
 
 BATCH_LABEL = "batch size B [examples]"
 MAX_CURVE_POINTS = 300  # per line: long histories are thinned before plotting

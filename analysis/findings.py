@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis import frontier, tables
-from analysis.analyze import FEW_EVALUATIONS, SweepAnalysis
-from analysis.findings_science import lr_law_sentence, noise_sentence
-from analysis.load import SweepData
-from analysis.text import interval, number
+from batchscope.analysis import frontier, tables
+from batchscope.analysis.analyze import FEW_EVALUATIONS, SweepAnalysis
+from batchscope.analysis.findings_science import lr_law_sentence, noise_sentence
+from batchscope.analysis.load import SweepData
+from batchscope.analysis.text import interval, number
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 
-from analysis.analyze import NoiseScaleSummary, Ratio
-from analysis.fits import CriticalBatchFit, LrLawFit, PowerLawFit
-from analysis.noise import CONFIDENCE, NoiseEstimate
-from analysis.text import interval, number
+from batchscope.analysis.analyze import NoiseScaleSummary, Ratio
+from batchscope.analysis.fits import CriticalBatchFit, LrLawFit, PowerLawFit
+from batchscope.analysis.noise import CONFIDENCE, NoiseEstimate
+from batchscope.analysis.text import interval, number
 
 # Scaling rules a measured learning-rate slope is compared with.
 RULES = ((1.0, "linear scaling (slope 1; Goyal et al. 2017, McCandlish et al. 2018 for SGD)"),

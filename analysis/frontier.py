@@ -12,9 +12,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis import tables
-from analysis.fits import fit_critical_batch
-from analysis.text import number
+from batchscope.analysis import tables
+from batchscope.analysis.fits import fit_critical_batch
+from batchscope.analysis.text import number
 
 # Bracket kinds. "diverged above": the nearest lr above the best diverged; the optimum lies below
 # it, so it is bracketed (as the frontier sampler counts it), but it may sit right at the cliff.

@@ -25,9 +25,9 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from analysis import _mlflow_raw
-from analysis.paths import safe_name
-from analysis.stores import (
+from batchscope.analysis import _mlflow_raw
+from batchscope.analysis.paths import safe_name
+from batchscope.analysis.stores import (
     DEFAULT_JOURNAL,
     DEFAULT_TRACKING_URI,
     StorageLike,

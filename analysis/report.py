@@ -4,7 +4,7 @@ summary, rebuilt from the stores at any time.
 
 Everything that comes from the stores (study names, params, tags, reasons) is user text and
 is HTML-escaped where it is written; study names become folder names only through
-`analysis.paths.safe_name`.
+`batchscope.analysis.paths.safe_name`.
 """
 
 from __future__ import annotations
@@ -22,15 +22,21 @@ from urllib.parse import quote
 
 import pandas as pd
 
-from analysis import tables
-from analysis.analyze import SweepAnalysis, analyze
-from analysis.charts import CHARTS, Chart, render_charts, render_comparison
-from analysis.findings import Findings, findings, per_batch_note, per_batch_table
-from analysis.load import ReadMethod, SweepData, load_sweep
-from analysis.paths import child_dir, safe_name
-from analysis.stores import DEFAULT_JOURNAL, DEFAULT_TRACKING_UI, DEFAULT_TRACKING_URI, StorageLike, redact_url
-from analysis.style import BatchColors, ImageFormat
-from analysis.text import interval, number
+from batchscope.analysis import tables
+from batchscope.analysis.analyze import SweepAnalysis, analyze
+from batchscope.analysis.charts import CHARTS, Chart, render_charts, render_comparison
+from batchscope.analysis.findings import Findings, findings, per_batch_note, per_batch_table
+from batchscope.analysis.load import ReadMethod, SweepData, load_sweep
+from batchscope.analysis.paths import child_dir, safe_name
+from batchscope.analysis.stores import (
+    DEFAULT_JOURNAL,
+    DEFAULT_TRACKING_UI,
+    DEFAULT_TRACKING_URI,
+    StorageLike,
+    redact_url,
+)
+from batchscope.analysis.style import BatchColors, ImageFormat
+from batchscope.analysis.text import interval, number
 
 REPORT_FILE = "index.html"
 SUMMARY_FILE = "summary.md"

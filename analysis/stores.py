@@ -42,6 +42,6 @@ def is_sql_tracking_uri(tracking_uri: str) -> bool:
 def redact_url(url: str) -> str:
     """A store URL fit for messages and reports: every credential form masked (user:secret@host,
     :secret@host, ?password=...), by the one mask the sweeps use."""
-    from sweeps.locations import redact
+    from batchscope.sweeps.locations import redact
 
     return redact(url)

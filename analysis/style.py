@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
 
-from analysis.text import compact
+from batchscope.analysis.text import compact
 
 ImageFormat = Literal["png", "svg"]
 MIME = {"png": "image/png", "svg": "image/svg+xml"}

@@ -70,8 +70,8 @@ def ensure_store(spec: SweepSpec, folder: Path | None = None) -> tuple[Path, flo
 
 
 def measure(spec: SweepSpec, folder: Path | None = None) -> dict[str, object]:
-    from analysis.load import load_sweep
-    from analysis.report import build_report, render_report
+    from batchscope.analysis.load import load_sweep
+    from batchscope.analysis.report import build_report, render_report
 
     folder, generated_s = ensure_store(spec, folder)
     journal, uri = folder / "optuna.journal", f"sqlite:///{folder / 'mlflow.db'}"

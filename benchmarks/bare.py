@@ -15,12 +15,12 @@ from collections.abc import Callable
 
 import torch
 
+from batchscope.trainers.device import make_precision, resolve_device, resolve_precision, seed_everything
+from batchscope.trainers.loop import make_optimizer
+from batchscope.trainers.recipes import build_task
+from batchscope.trainers.spec import TrainSpec
+from batchscope.trainers.task import Task
 from benchmarks.common import Timing
-from trainers.device import make_precision, resolve_device, resolve_precision, seed_everything
-from trainers.loop import make_optimizer
-from trainers.recipes import build_task
-from trainers.spec import TrainSpec
-from trainers.task import Task
 
 OnStep = Callable[[int, torch.Tensor], None]
 OptimizerFactory = Callable[[TrainSpec, torch.nn.Module, float], torch.optim.Optimizer]

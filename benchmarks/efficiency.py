@@ -76,7 +76,7 @@ class TrialCompute:
 
 
 def sweep_config(space: Space, study: str, sampler: str, pruner: str, n_trials: int, seed: int) -> Any:
-    from sweeps.config import validate
+    from batchscope.sweeps.config import validate
 
     raw = {
         "study": study,
@@ -108,7 +108,7 @@ def run_sweep(cfg: Any, n_trials: int | None = None) -> list[TrialCompute]:
 
     Each trial's steps come from its MLflow run.
     """
-    from sweeps.runner import QuietReporter, Sweep
+    from batchscope.sweeps.runner import QuietReporter, Sweep
 
     sweep = Sweep(cfg)
     sweep.run(n_trials, QuietReporter())
@@ -287,7 +287,7 @@ def efficiency_section(quick: bool) -> Section:
         ]
     else:
         notes_quick = []
-    from sweeps.space import REDUCTION_FACTOR as rf
+    from batchscope.sweeps.space import REDUCTION_FACTOR as rf
 
     return Section(
         name="efficiency",

@@ -51,7 +51,7 @@ World = dict[tuple[int, float], Run]
 
 def learning_rates(space: Space, points: int = LR_POINTS) -> list[float]:
     """`points` log-spaced learning rates over the space's range, as `search.lr.grid_points` spaces them."""
-    from sweeps.config import LrRange
+    from batchscope.sweeps.config import LrRange
 
     return LrRange(low=space.lr_low, high=space.lr_high, grid_points=points).grid()
 
@@ -59,8 +59,8 @@ def learning_rates(space: Space, points: int = LR_POINTS) -> list[float]:
 def _train_one(spec: Any) -> tuple[int, float, dict[str, Any]]:
     import torch
 
-    from trainers.loop import train
-    from trainers.spec import RecordingSink
+    from batchscope.trainers.loop import train
+    from batchscope.trainers.spec import RecordingSink
 
     torch.set_num_threads(1)
     sink = RecordingSink()
@@ -83,7 +83,7 @@ def landscape(space: Space, train_seed: int, processes: int = 2) -> World:
     cfg = sweep_config(space, "landscape", "grid", "none", 1, 0)
     raw = json.loads(cfg.model_dump_json())
     # Keyed by what a run depends on: the trainer code and the spec (a change to the search does not retrain).
-    from sweeps.runner import make_spec
+    from batchscope.sweeps.runner import make_spec
 
     spec = make_spec(cfg, space.batch_sizes[0], space.lr_low, train_seed).to_dict()
     parts = [spec, raw["train"], LR_POINTS, code_digest(("trainers",))]
@@ -113,8 +113,8 @@ def nearest_run(world: World, lrs: Sequence[float], batch: int, lr: float) -> Ru
 
 def tail(run: Run) -> float | None:
     """The val_acc objective (`sweeps.space.tail_means`) of a run that ended well."""
+    from batchscope.sweeps.space import tail_means
     from benchmarks.efficiency import OBJECTIVE_EVALS
-    from sweeps.space import tail_means
 
     if run.status != "ok" or not run.evals:
         return None
@@ -157,7 +157,7 @@ def replay(
     """
     import optuna
 
-    from sweeps import space as sp
+    from batchscope.sweeps import space as sp
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = sweep_config(space, "replay", search.sampler, search.pruner, 24, seed)
@@ -225,7 +225,7 @@ def shares(space: Space, worlds: list[World], search: Search, seeds: range, *, f
 def searches() -> list[Search]:
     import optuna
 
-    from sweeps.space import REDUCTION_FACTOR
+    from batchscope.sweeps.space import REDUCTION_FACTOR
 
     def halving(factor: int) -> Callable[[Any], Any]:
         return lambda cfg: optuna.pruners.SuccessiveHalvingPruner(

@@ -38,15 +38,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchscope.trainers.spec import (  # torch-free: the trainers themselves are imported where they run
+    RecordingSink,
+    TrainSpec,
+)
 from benchmarks.common import Section, cache_root, code_digest, markdown_table
-from trainers.spec import RecordingSink, TrainSpec  # torch-free: the trainers themselves are imported where they run
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
     from torch import nn
 
-    from trainers.task import LossFn
+    from batchscope.trainers.task import LossFn
 
 METRIC, TARGET = "val/acc", 0.6
 CADENCES = (5, 25, 50)  # evaluation intervals (steps) read off the every-step curves
@@ -147,7 +150,7 @@ def train_curve(job: tuple[int, float, int]) -> dict[str, Any]:
     """Train one configuration with an evaluation at every step (in a worker process)."""
     import torch
 
-    from trainers.loop import train
+    from batchscope.trainers.loop import train
 
     torch.set_num_threads(1)
     batch_size, lr, seed = job
@@ -211,7 +214,7 @@ def first_reach(curve: Curve, cadence: int) -> float | None:
 
 def interpolated(curve: Curve, cadence: int) -> float | None:
     """The crossing interpolated between the evaluations around it, as `train()` records it now."""
-    from trainers.loop import crossing
+    from batchscope.trainers.loop import crossing
 
     points = evaluations(curve, cadence)
     if points[0][1] >= TARGET:
@@ -240,8 +243,8 @@ def fit(runs: list[Curve], reading: Reading, cadence: int) -> CritFit:
     import numpy as np
     import pandas as pd
 
-    from analysis.fits import fit_critical_batch
-    from analysis.tables import SAMPLES, STEPS, TIME, fastest_to_target
+    from batchscope.analysis.fits import fit_critical_batch
+    from batchscope.analysis.tables import SAMPLES, STEPS, TIME, fastest_to_target
 
     # Trials numbered by (batch size, lr): the report's stable sort gives ties to the smaller rate.
     trials = {key: i for i, key in enumerate(sorted({(c.batch_size, c.lr) for c in runs}))}
@@ -276,7 +279,7 @@ def check_real_run(runs: list[Curve], cadence: int = 50) -> tuple[Curve, float, 
     """A real `train()` with `eval_every = cadence` on the run whose two readings differ most: same crossing?"""
     import torch
 
-    from trainers.loop import train
+    from batchscope.trainers.loop import train
 
     def gap(c: Curve) -> float:
         before, after = first_reach(c, cadence), interpolated(c, cadence)
@@ -497,9 +500,9 @@ def trace_noise(run: NoiseRun, check_examples: int = 400) -> NoiseTrace:
     """Train the run, copying the weights every `run.every` steps in the window before each reported step."""
     import torch
 
-    from trainers.device import seed_everything
-    from trainers.loop import train
-    from trainers.recipes import build_task
+    from batchscope.trainers.device import seed_everything
+    from batchscope.trainers.loop import train
+    from batchscope.trainers.recipes import build_task
 
     torch.set_num_threads(1)
     spec = TrainSpec(
@@ -574,7 +577,7 @@ def window_exact(run: NoiseRun, trace: NoiseTrace, step: int) -> float:
 def noise_rows(run: NoiseRun, trace: NoiseTrace) -> list[NoiseRow]:
     import numpy as np
 
-    from analysis.noise import fieller_interval
+    from batchscope.analysis.noise import fieller_interval
 
     raw = raw_measurements(trace.history)
     ema = ema_reads(raw, run.report_at)

@@ -46,7 +46,7 @@ def steps_to_target(run: Run, last_step: int, target: float = TARGET_ACC) -> flo
     """Interpolated steps to `target` (as the loop reads them) among evaluations up to `last_step`;
     inf if not reached there. The landscape has no step-0 evaluation: a crossing at the first
     evaluation is read at that evaluation."""
-    from trainers.loop import crossing
+    from batchscope.trainers.loop import crossing
 
     before = None
     for step, value in zip(run.eval_steps, run.evals, strict=True):
@@ -60,7 +60,7 @@ def steps_to_target(run: Run, last_step: int, target: float = TARGET_ACC) -> flo
 
 def fit_b_crit(steps: dict[int, float]) -> float | None:
     """B_crit as the report fits it: one point per batch size, its fastest trial (one seed here)."""
-    from analysis.fits import fit_critical_batch
+    from batchscope.analysis.fits import fit_critical_batch
 
     bs = [b for b, s in steps.items() if math.isfinite(s)]
     ss = [steps[b] for b in bs]
@@ -132,8 +132,8 @@ def replay(
 ) -> Outcome:
     import optuna
 
-    from sweeps import space as sp
-    from sweeps.frontier import frontier_done
+    from batchscope.sweeps import space as sp
+    from batchscope.sweeps.frontier import frontier_done
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = sweep_config(space, "frontier-replay", plan.sampler, plan.pruner, 24, seed)
@@ -208,7 +208,7 @@ def _tell(study: Any, trial: Any, **result: Any) -> None:
 
 
 def plans() -> list[Plan]:
-    from sweeps.space import REDUCTION_FACTOR
+    from batchscope.sweeps.space import REDUCTION_FACTOR
 
     sh = f"successive halving, factor {REDUCTION_FACTOR}"
     return [

@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
+from batchscope.trainers.device import make_precision, resolve_precision
+from batchscope.trainers.loop import evaluate, make_optimizer, train
+from batchscope.trainers.spec import RecordingSink, TrainResult, TrainSpec
 from benchmarks.bare import OnStep, OptimizerFactory, bare_loop, build, torch_default_optimizer
 from benchmarks.common import Ratio, Section, Timing, markdown_table, timed
 from benchmarks.reference import BATCH_EVERY, log_batch_every, log_metric_every_step
-from trainers.device import make_precision, resolve_precision
-from trainers.loop import evaluate, make_optimizer, train
-from trainers.spec import RecordingSink, TrainResult, TrainSpec
 
 BATCH_SIZES = (16, 128, 1024)
 
@@ -72,8 +72,8 @@ class MlflowStore:
         self.rows = 0
 
     def sink(self) -> Any:
-        from sweeps.sink import MlflowSink
-        from sweeps.worker import PipeTransport
+        from batchscope.sweeps.sink import MlflowSink
+        from batchscope.sweeps.worker import PipeTransport
 
         store = self
         run = self.client.create_run(self.experiment_id)
@@ -99,7 +99,7 @@ class MlflowStore:
 
 def _writer_host(conn: Any, tracking_uri: str) -> None:
     """The sweep process's part in writing metrics: rows in from the pipe, MetricWriter out."""
-    from sweeps.sink import MetricWriter
+    from batchscope.sweeps.sink import MetricWriter
 
     writer = MetricWriter(tracking_uri)
     cpu0, rows = time.process_time(), 0

@@ -79,7 +79,7 @@ class Launch:
 
 def batchscope_command() -> list[str]:
     script = Path(sys.executable).parent / "batchscope"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "sweeps.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "batchscope.sweeps.cli"]
 
 
 def subprocess_env(root: Path | None = None) -> dict[str, str]:
@@ -160,8 +160,14 @@ def import_profile(code: str) -> tuple[float, dict[str, float]]:
     return sum(per_package.values()), dict(per_package)
 
 
-SWEEP_IMPORTS = "import sweeps.cli, sweeps.commands, sweeps.config, sweeps.runner, sweeps.progress"
-WORKER_IMPORTS = "import sweeps.worker, sweeps.faults, sweeps.sink, sweeps.stores, trainers.loop"
+SWEEP_IMPORTS = (
+    "import batchscope.sweeps.cli, batchscope.sweeps.commands, batchscope.sweeps.config, "
+    "batchscope.sweeps.runner, batchscope.sweeps.progress"
+)
+WORKER_IMPORTS = (
+    "import batchscope.sweeps.worker, batchscope.sweeps.faults, batchscope.sweeps.sink, "
+    "batchscope.sweeps.stores, batchscope.trainers.loop"
+)
 
 
 def probe(tmp: Path) -> list[tuple[str, str, float, float]]:
@@ -186,7 +192,7 @@ def cold_data_seconds() -> float:
     with tempfile.TemporaryDirectory() as cache:
         code = (
             "import time; t = time.perf_counter(); "
-            "from trainers.recipes.mnist1d import Mnist1dOptions, make_arrays; "
+            "from batchscope.trainers.recipes.mnist1d import Mnist1dOptions, make_arrays; "
             "make_arrays(Mnist1dOptions(num_samples=5000)); print(time.perf_counter() - t)"
         )
         env = subprocess_env() | {"BATCHSCOPE_CACHE": cache}
@@ -198,7 +204,7 @@ def cold_store_seconds() -> float:
     """Making the cached empty MLflow store (MLflow's migrations): once per MLflow version on a machine."""
     with tempfile.TemporaryDirectory() as cache:
         code = (
-            "import time; import mlflow.store.db.utils; from sweeps.stores import empty_store; "
+            "import time; import mlflow.store.db.utils; from batchscope.sweeps.stores import empty_store; "
             "t = time.perf_counter(); empty_store(); print(time.perf_counter() - t)"
         )
         env = subprocess_env() | {"BATCHSCOPE_CACHE": cache}

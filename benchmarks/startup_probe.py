@@ -49,14 +49,14 @@ def _worker_side(conn: Connection, spawned_at: float) -> None:
     """What sweeps.worker._worker_main does from its start to a trial's first steps."""
     lap = Laps("worker", ("worker", "spawn: a fresh interpreter", spawned_at, time.time()))
 
-    from sweeps import faults  # noqa: F401
-    from sweeps.sink import MlflowSink  # noqa: F401
-    from sweeps.stores import quiet_libraries
-    from trainers.loop import train
+    from batchscope.sweeps import faults  # noqa: F401
+    from batchscope.sweeps.sink import MlflowSink  # noqa: F401
+    from batchscope.sweeps.stores import quiet_libraries
+    from batchscope.trainers.loop import train
 
     quiet_libraries()
     lap("imports: torch, trainers")
-    from sweeps import worker
+    from batchscope.sweeps import worker
 
     prewarm = getattr(worker, "_prewarm", None)  # the worker's own warm-up, where it has one
     if prewarm is not None:
@@ -64,8 +64,8 @@ def _worker_side(conn: Connection, spawned_at: float) -> None:
         lap("pre-warm before the first job (sweeps.worker._prewarm)")
     spec: Any = conn.recv()  # the first job
     lap("waits for the first job")
-    from trainers.device import resolve_device
-    from trainers.recipes import build_task
+    from batchscope.trainers.device import resolve_device
+    from batchscope.trainers.recipes import build_task
 
     task = build_task(spec.recipe, spec.model, spec.recipe_options, resolve_device(spec.device))
     lap("data (from the cache) + model")
@@ -81,30 +81,30 @@ def _worker_side(conn: Connection, spawned_at: float) -> None:
 def main(config: Path, launched_at: float) -> list[Phase]:
     lap = Laps("sweep", ("sweep", "interpreter start", launched_at, T_START))
 
-    import sweeps.cli
-    import sweeps.commands
+    import batchscope.sweeps.cli
+    import batchscope.sweeps.commands
 
     lap("imports: sweeps.cli + sweeps.commands (rich)")
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_worker_side, args=(child, time.time()), daemon=True)
-    early = hasattr(sweeps.commands, "_early_workers")  # the CLI starts its workers before the stores
+    early = hasattr(batchscope.sweeps.commands, "_early_workers")  # the CLI starts its workers before the stores
     if early:
         proc.start()
         lap("starts the worker process")
-    from sweeps.config import load_config
+    from batchscope.sweeps.config import load_config
 
     cfg = load_config(config)
     lap("reads + validates the config (sweeps.config: pydantic; no torch)")
     from dataclasses import replace
 
-    from sweeps.runner import Sweep, make_spec
+    from batchscope.sweeps.runner import Sweep, make_spec
 
     lap("imports: sweeps.runner (optuna, mlflow)")
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
     lap("imports: MLflow's SQL store (sqlalchemy, alembic; Sweep() does this)")
-    from sweeps.stores import check_tracking, resolve
+    from batchscope.sweeps.stores import check_tracking, resolve
 
     check_tracking(resolve(cfg.storage, cfg.tracking_uri))
     lap("stores: MLflow's schema, copied from the cache (Sweep() does this)")

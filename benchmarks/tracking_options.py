@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
+from batchscope.trainers.loop import evaluate, train
+from batchscope.trainers.spec import TrainSpec
 from benchmarks.bare import bare_loop, build
 from benchmarks.common import Timing, markdown_table
 from benchmarks.overhead import MlflowStore, alternate, bare_variant, base_spec, paired, timed_train
-from trainers.loop import evaluate, train
-from trainers.spec import TrainSpec
 
 BATCH_SIZES = (16, 128)
 FLUSH_INTERVALS = (0.25, 0.1, 0.05, 0.02)  # 0.25 s is MlflowSink's default
@@ -94,8 +94,8 @@ def overlap_table(steps: int, repeats: int) -> str:
 
 
 def flush_table(steps: int, repeats: int) -> str:
-    from sweeps.sink import MlflowSink
-    from sweeps.worker import PipeTransport
+    from batchscope.sweeps.sink import MlflowSink
+    from batchscope.sweeps.worker import PipeTransport
 
     base = base_spec(steps)
     rows = []

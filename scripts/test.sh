@@ -14,7 +14,7 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
     || echo "warning: could not install chromium; the browser test will be skipped"
 fi
 ruff check .
-mypy sweeps trainers analysis
+mypy -p batchscope  # the three folders, through batchscope/'s links, under their installed names
 # Two test files at a time: most tests wait on the processes they start (a sweep, its workers,
 # a server), so the two cores are busier this way (15 min serial → about 10 under load).
 python -m pytest -q -n "${BATCHSCOPE_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from sweeps.errors import UserError
+import batchscope
+from batchscope.sweeps.errors import UserError
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "mnist1d_demo.yaml"
 
@@ -73,7 +74,7 @@ def _positive_number(high: float | None = None) -> Callable[[str], float]:
 
 def _config_limit(name: str) -> Callable[[], int]:
     """A bound from sweeps.config, imported only when an argument needs it (it builds the models)."""
-    return lambda: int(getattr(importlib.import_module("sweeps.config"), name))
+    return lambda: int(getattr(importlib.import_module("batchscope.sweeps.config"), name))
 
 
 def _max_workers() -> int:
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Which batch size, with which learning rate, and what does it cost? "
         "Optuna sweeps of real PyTorch training, tracked in MLflow.",
     )
+    parser.add_argument("--version", action="version", version=f"batchscope {batchscope.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("sweep", help="run or continue a batch-size × learning-rate sweep")
@@ -222,9 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     restore = _sigterm_like_ctrl_c()
     try:
         if args.command == "doctor":
-            from sweeps.doctor import cmd_doctor as handler
+            from batchscope.sweeps.doctor import cmd_doctor as handler
         else:
-            from sweeps import commands
+            from batchscope.sweeps import commands
 
             handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
         return int(handler(args) or 0)

@@ -16,10 +16,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sweeps.errors import UserError
+from batchscope.sweeps.errors import UserError
 
 if TYPE_CHECKING:
-    from sweeps.config import SweepConfig
+    from batchscope.sweeps.config import SweepConfig
 
 # Tables stay readable when piped or captured (rich would fold them to 80 columns).
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -35,16 +35,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
     cfg = load_config(args.config, args.overrides)
     with _early_workers(args.workers) as early:
-        from sweeps.runner import Sweep
+        from batchscope.sweeps.runner import Sweep
 
         sweep = Sweep(cfg, force=args.force, prestarted=early)
     return _run_sweep(args, cfg, sweep)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
-    """sweeps.config.load_config, imported when first used (building its pydantic models takes
+    """batchscope.sweeps.config.load_config, imported when first used (building its pydantic models takes
     0.3 s, which commands that need no config do not spend)."""
-    from sweeps.config import load_config as load
+    from batchscope.sweeps.config import load_config as load
 
     return load(path, overrides)
 
@@ -56,7 +56,7 @@ def _early_workers(n: int) -> Iterator[list[Any]]:
 
     On a user error before the sweep starts they are stopped again; nothing is written.
     """
-    from sweeps.worker import TrialWorker
+    from batchscope.sweeps.worker import TrialWorker
 
     if n < 1:
         raise UserError(f"--workers must be at least 1, got {n}")
@@ -72,7 +72,7 @@ def _early_workers(n: int) -> Iterator[list[Any]]:
 
 
 def _run_sweep(args: argparse.Namespace, cfg: Any, sweep: Any) -> int:
-    from sweeps.progress import RichReporter
+    from batchscope.sweeps.progress import RichReporter
 
     with RichReporter(err) as reporter:
         summary = sweep.run(args.n_trials, reporter, workers=args.workers)
@@ -105,8 +105,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
-    from sweeps.progress import RichReporter
-    from sweeps.runner import Sweep
+    from batchscope.sweeps.progress import RichReporter
+    from batchscope.sweeps.runner import Sweep
 
     sweep = Sweep(cfg)
     with RichReporter(err) as reporter:
@@ -117,7 +117,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from sweeps.stores import Stores, check_tracking, redact
+    from batchscope.sweeps.stores import Stores, check_tracking, redact
 
     if args.check is not None:
         check_tracking(Stores("", args.check, None, None), create=False)
@@ -158,7 +158,7 @@ def _check_database(url: str) -> None:
         raise UserError(f"--backend-store-uri {url!r}: use a postgresql://, mysql:// or sqlite:/// URL")
     import sqlalchemy
 
-    from sweeps.stores import redact
+    from batchscope.sweeps.stores import redact
 
     try:
         engine = sqlalchemy.create_engine(url)
@@ -172,7 +172,7 @@ def _check_database(url: str) -> None:
 
 def _write_report(sweep: Any) -> Path | None:
     """The report at the end of a sweep; a failure here never loses the sweep's results."""
-    from analysis.report import build_report, log_report_artifacts
+    from batchscope.analysis.report import build_report, log_report_artifacts
 
     try:
         path = build_report(
@@ -190,11 +190,11 @@ def _write_report(sweep: Any) -> Path | None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sweeps.locations import check_output_folder
+    from batchscope.sweeps.locations import check_output_folder
 
     out_dir = check_output_folder(args.out, "--out")  # before anything is read: a bad folder costs nothing
     stores = _analysis_stores(args.storage, args.tracking_uri)
-    from analysis.report import build_report, log_report_artifacts  # 3-5 s of imports: after the checks
+    from batchscope.analysis.report import build_report, log_report_artifacts  # 3-5 s of imports: after the checks
 
     with _store_errors(stores):
         path = build_report(
@@ -213,11 +213,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sweeps.locations import check_output_folder
+    from batchscope.sweeps.locations import check_output_folder
 
     out_dir = check_output_folder(args.out, "--out")  # before anything is read: a bad folder costs nothing
     stores = _analysis_stores(args.storage, args.tracking_uri)
-    from analysis.load import export_sweep, load_sweep
+    from batchscope.analysis.load import export_sweep, load_sweep
 
     with _store_errors(stores):
         data = load_sweep(args.study, storage=_optuna_storage(stores), tracking_uri=stores.tracking_uri)
@@ -233,7 +233,7 @@ def _store_errors(stores: Any) -> Iterator[None]:
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
-    from sweeps.stores import driver_error
+    from batchscope.sweeps.stores import driver_error
 
     try:
         yield
@@ -249,7 +249,7 @@ def _store_errors(stores: Any) -> Iterator[None]:
 def _analysis_stores(storage: str | None, tracking_uri: str | None) -> Any:
     """The stores a report or an export reads, checked first: URLs parsed, files there (a reader
     must not leave an empty database behind), a tracking server answering within seconds."""
-    from sweeps.stores import check_tracking, quiet_libraries, resolve
+    from batchscope.sweeps.stores import check_tracking, quiet_libraries, resolve
 
     quiet_libraries()
     stores = resolve(storage, tracking_uri, fields=("--storage", "--tracking-uri"), writing=False)
@@ -267,7 +267,7 @@ def _analysis_stores(storage: str | None, tracking_uri: str | None) -> Any:
         )
     check_tracking(stores, create=False, field="--tracking-uri")
     if "://" not in stores.storage_url and os.path.isfile(stores.storage_url):
-        from sweeps.journal import settle_journal
+        from batchscope.sweeps.journal import settle_journal
 
         # analysis/ reads the journal with Optuna's own backend: set a torn tail aside, refuse corruption first.
         settle_journal(stores.storage_url)
@@ -279,7 +279,7 @@ def _optuna_storage(stores: Any) -> Any:
     a journal file is given to analysis/ by its path."""
     if "://" not in stores.storage_url:
         return stores.storage_url
-    from sweeps.stores import open_storage
+    from batchscope.sweeps.stores import open_storage
 
     return open_storage(stores, heartbeat=False)
 
@@ -303,14 +303,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     import math as _m
 
-    from sweeps.config import check_batch_size
+    from batchscope.sweeps.config import check_batch_size
 
     if args.batch_size is not None:  # its range and --lr's, --seed's are checked by the parser
         check_batch_size(cfg, args.batch_size, "--batch-size")
     bs = args.batch_size if args.batch_size is not None else cfg.train.batch_size
     max_micro = None
     if bs == "auto" or cfg.train.micro_batch_size == "auto":
-        from sweeps import memory
+        from batchscope.sweeps import memory
 
         fits = memory.measure(cfg, fraction=0.9)
         err.print(f"AutoBatch: {escape(fits.method)}")
@@ -325,7 +325,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lrs = cfg.search.lr_choices()
         lr = lrs[len(lrs) // 2] if lrs else _m.sqrt(cfg.search.lr.low * cfg.search.lr.high)  # type: ignore[union-attr]
     seed = cfg.train.seeds[0] if args.seed is None else args.seed
-    from sweeps.single import train_once
+    from batchscope.sweeps.single import train_once
 
     result, run_id = train_once(cfg, int(bs), lr, seed, max_micro=max_micro)
     table = Table(title=f"{cfg.study}: batch_size={bs} lr={lr:.4g} seed={seed} → {result.status}")
@@ -342,9 +342,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_autobatch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # --fraction, --budget-mb, --max-batch: checked by the parser
-    from sweeps.memory import probe_lr
-    from sweeps.runner import make_spec
-    from trainers.autobatch import AutoBatchError, find_batch_size
+    from batchscope.sweeps.memory import probe_lr
+    from batchscope.sweeps.runner import make_spec
+    from batchscope.trainers.autobatch import AutoBatchError, find_batch_size
 
     spec = make_spec(cfg, 1, probe_lr(cfg), cfg.train.seeds[0])
     err.print("Probing real training steps at growing batch sizes…")
@@ -361,7 +361,7 @@ def cmd_autobatch(args: argparse.Namespace) -> int:
 
 def cmd_throughput(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from sweeps.config import MAX_BATCH
+    from batchscope.sweeps.config import MAX_BATCH
 
     try:
         sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
@@ -369,9 +369,9 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
     if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
         raise UserError(f"--batch-sizes must be integers from 1 to 2**24 = {MAX_BATCH:,}, got {args.batch_sizes!r}")
-    from sweeps.runner import make_spec
-    from sweeps.single import log_throughput, resolve_weights
-    from trainers.throughput import inference_table, measure_inference
+    from batchscope.sweeps.runner import make_spec
+    from batchscope.sweeps.single import log_throughput, resolve_weights
+    from batchscope.trainers.throughput import inference_table, measure_inference
 
     weights, source_run = resolve_weights(cfg, args.checkpoint)
     spec = make_spec(cfg, max(sizes), 1e-3, cfg.train.seeds[0])
@@ -389,9 +389,9 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
         raise UserError(f"--max-batches must be at least {min_batches}, got {args.max_batches}")
     import torch
 
-    from trainers.device import resolve_device, seed_everything
-    from trainers.noise_scale import measure_noise_scale
-    from trainers.recipes import build_task
+    from batchscope.trainers.device import resolve_device, seed_everything
+    from batchscope.trainers.noise_scale import measure_noise_scale
+    from batchscope.trainers.recipes import build_task
 
     seed = cfg.train.seeds[0] if args.seed is None else args.seed
     try:
@@ -471,7 +471,7 @@ def _load_weights(model: Any, path: Path, device: Any) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     import optuna
 
-    from sweeps.stores import open_storage, quiet_libraries, resolve
+    from batchscope.sweeps.stores import open_storage, quiet_libraries, resolve
 
     quiet_libraries()
     stores = resolve(args.storage, None)
@@ -517,7 +517,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from sweeps.stores import resolve
+    from batchscope.sweeps.stores import resolve
 
     stores = resolve(args.storage, args.tracking_uri)
     if args.optuna:
@@ -552,7 +552,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _redacted(url: str) -> str:
-    from sweeps.stores import redact
+    from batchscope.sweeps.stores import redact
 
     return redact(url)
 

@@ -29,8 +29,8 @@ from pydantic import (
     model_validator,
 )
 
-from sweeps.errors import UserError
-from trainers.recipes import get_recipe
+from batchscope.sweeps.errors import UserError
+from batchscope.trainers.recipes import get_recipe
 
 
 def _to_float(value: Any) -> Any:

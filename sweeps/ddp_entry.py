@@ -1,10 +1,10 @@
 """One trial in several processes: the module that torchrun starts on every rank.
 
-    python -m torch.distributed.run --standalone --nproc_per_node N -m sweeps.ddp_entry JOB_FILE RESULT_FILE
+    python -m torch.distributed.run --standalone --nproc_per_node N -m batchscope.sweeps.ddp_entry JOB_FILE RESULT_FILE
 
 The sweep's worker process (sweeps/worker.py) pickles the trial's `Job` to JOB_FILE,
 starts torchrun and waits. Every rank joins the process group and trains
-(`trainers.loop.train`, data parallel); rank 0 alone logs to the trial's MLflow run
+(`batchscope.trainers.loop.train`, data parallel); rank 0 alone logs to the trial's MLflow run
 and writes the outcome to RESULT_FILE: ("done", TrainResult) or ("error", message,
 traceback). Files beside RESULT_FILE carry the rest: the worker creates
 `RESULT_FILE.stop` to stop the run at its next logging point, rank 0 keeps the
@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sweeps.tracking import MlflowSink
-    from sweeps.worker import Job
+    from batchscope.sweeps.tracking import MlflowSink
+    from batchscope.sweeps.worker import Job
 
 
 def stop_file(result_file: Path) -> Path:
@@ -60,8 +60,8 @@ def _open_sink(job: Job, result_file: Path, world: int) -> MlflowSink:
 
     from mlflow import MlflowClient
 
-    from sweeps.tracking import MlflowSink
-    from sweeps.worker import ProgressThrottle
+    from batchscope.sweeps.tracking import MlflowSink
+    from batchscope.sweeps.worker import ProgressThrottle
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -76,14 +76,14 @@ def _open_sink(job: Job, result_file: Path, world: int) -> MlflowSink:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2:
-        print("usage: torchrun ... -m sweeps.ddp_entry JOB_FILE RESULT_FILE", file=sys.stderr)
+        print("usage: torchrun ... -m batchscope.sweeps.ddp_entry JOB_FILE RESULT_FILE", file=sys.stderr)
         return 2
     job_file, result_file = Path(args[0]), Path(args[1])
 
-    from sweeps import faults
-    from sweeps.worker import die_with_parent
-    from trainers import distributed
-    from trainers.loop import train
+    from batchscope.sweeps import faults
+    from batchscope.sweeps.worker import die_with_parent
+    from batchscope.trainers import distributed
+    from batchscope.trainers.loop import train
 
     die_with_parent()  # torchrun starts each rank in its own session: if torchrun dies, so does the rank
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the sweep, which stops the trial

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from sweeps.errors import UserError
+from batchscope.sweeps.errors import UserError
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _FULL_TEXTS = ("database or disk is full", "no space left on device", "disk quota exceeded", "disk full")

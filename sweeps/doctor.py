@@ -27,12 +27,12 @@ import optuna
 from rich.console import Console
 from rich.markup import escape
 
-from sweeps.doctor_finding import Finding
-from sweeps.doctor_mlflow import copy_sqlite, mlflow_studies, sqlite_health
-from sweeps.doctor_study import check_study
-from sweeps.errors import UserError
-from sweeps.journal import mend_journal, mend_journal_file, scan_journal
-from sweeps.stores import (
+from batchscope.sweeps.doctor_finding import Finding
+from batchscope.sweeps.doctor_mlflow import copy_sqlite, mlflow_studies, sqlite_health
+from batchscope.sweeps.doctor_study import check_study
+from batchscope.sweeps.errors import UserError
+from batchscope.sweeps.journal import mend_journal, mend_journal_file, scan_journal
+from batchscope.sweeps.stores import (
     Stores,
     check_tracking,
     journal_storage,
@@ -191,7 +191,7 @@ class Doctor:
 
     def _check_mlflow(self, db: Path | None) -> tuple[list[Finding], Any]:
         """Findings about the MLflow store, and a Tracker when its runs can be read (else None)."""
-        from sweeps.tracking import Tracker
+        from batchscope.sweeps.tracking import Tracker
 
         if db is None:
             check_tracking(self.stores, create=False)  # a server that does not answer: one line, exit 2
@@ -260,7 +260,7 @@ class Doctor:
 
 def _first_line(exc: BaseException) -> str:
     """An error's first line, credentials masked (a driver may echo its URL)."""
-    from sweeps.stores import redact
+    from batchscope.sweeps.stores import redact
 
     lines = str(exc).strip().splitlines()
     return redact(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sweeps.doctor_finding import Finding
+from batchscope.sweeps.doctor_finding import Finding
 
 _MLFLOW_TABLES = {"alembic_version", "experiments", "runs", "metrics", "params", "tags"}
 DOCTOR_REASON = "left RUNNING by a process that stopped; closed by batchscope doctor"
@@ -81,21 +81,21 @@ def copy_sqlite(source: Path, target: Path) -> None:
 # ---- experiments and runs --------------------------------------------------------------
 def mlflow_studies(client: Any) -> list[str]:
     """Experiments made by batchscope (their `optuna.study` tag)."""
-    from sweeps.tracking import STUDY
+    from batchscope.sweeps.tracking import STUDY
 
     return [e.name for e in _pages(lambda token: client.search_experiments(page_token=token)) if STUDY in e.tags]
 
 
 def child_runs(client: Any, experiment_id: str) -> list[Any]:
     """A sweep's trial runs, active ones, oldest first."""
-    from sweeps.tracking import ROLE
+    from batchscope.sweeps.tracking import ROLE
 
     return _runs(client, experiment_id, f"tags.`{ROLE}` = 'trial'")
 
 
 def running_train_runs(client: Any, experiment_id: str) -> list[Any]:
     """The runs of `batchscope train` still RUNNING, oldest first."""
-    from sweeps.tracking import ROLE
+    from batchscope.sweeps.tracking import ROLE
 
     return _runs(client, experiment_id, f"tags.`{ROLE}` = 'train' and attributes.status = 'RUNNING'")
 
@@ -103,7 +103,7 @@ def running_train_runs(client: Any, experiment_id: str) -> list[Any]:
 def sweep_run_id(client: Any, experiment_id: str) -> str | None:
     from mlflow.entities.view_type import ViewType
 
-    from sweeps.tracking import ROLE
+    from batchscope.sweeps.tracking import ROLE
 
     runs = client.search_runs(
         [experiment_id],
@@ -116,7 +116,7 @@ def sweep_run_id(client: Any, experiment_id: str) -> str | None:
 
 
 def trial_number(run: Any) -> int | None:
-    from sweeps.tracking import TRIAL
+    from batchscope.sweeps.tracking import TRIAL
 
     try:
         return int(run.data.tags.get(TRIAL, ""))
@@ -126,7 +126,7 @@ def trial_number(run: Any) -> int | None:
 
 def close_run(tracker: Any, run: Any) -> str:
     """End a run left RUNNING as KILLED, saying why; a run that never said how it ended failed."""
-    from sweeps.tracking import REASON, STATUS
+    from batchscope.sweeps.tracking import REASON, STATUS
 
     tags = {REASON: DOCTOR_REASON}
     if run.data.tags.get(STATUS) in (None, "", "running"):

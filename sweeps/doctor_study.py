@@ -15,9 +15,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeps.doctor_finding import Finding
-from sweeps.doctor_mlflow import child_runs, close_run, running_train_runs, sweep_run_id, trial_number
-from sweeps.stores import Stores, redact
+from batchscope.sweeps.doctor_finding import Finding
+from batchscope.sweeps.doctor_mlflow import child_runs, close_run, running_train_runs, sweep_run_id, trial_number
+from batchscope.sweeps.stores import Stores, redact
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -84,7 +84,7 @@ def check_study(name: str, storage: optuna.storages.BaseStorage | None, tracker:
 
 # ---- trials whose worker is gone -------------------------------------------------------
 def _dead_trials(s: _Study, tracker: Any) -> list[Finding]:
-    from sweeps.runner import _worker_alive
+    from batchscope.sweeps.runner import _worker_alive
 
     findings = []
     for t in s.trials.values():
@@ -108,8 +108,8 @@ def _dead_trials(s: _Study, tracker: Any) -> list[Finding]:
 
 def _fail_dead_trial(s: _Study, t: FrozenTrial, tracker: Any) -> str:
     """What `Sweep._fail_and_requeue` does on resume, and its runs closed (`close_stale_runs`)."""
-    from sweeps.runner import Sweep, _stopped_reason
-    from sweeps.tracking import REASON, STATUS, STUDY, TRIAL
+    from batchscope.sweeps.runner import Sweep, _stopped_reason
+    from batchscope.sweeps.tracking import REASON, STATUS, STUDY, TRIAL
 
     storage = s.storage
     reason = _stopped_reason(t, "its worker stopped")
@@ -182,7 +182,7 @@ def _stray_runs(s: _Study, tracker: Any) -> list[Finding]:
 
 
 def _retire_run(tracker: Any, run: Any) -> str:
-    from sweeps.tracking import REASON
+    from batchscope.sweeps.tracking import REASON
 
     if run.info.status == "RUNNING":
         close_run(tracker, run)
@@ -228,8 +228,8 @@ def _unlinked_trials(s: _Study, tracker: Any) -> list[Finding]:
 def _dead_train_runs(name: str, tracker: Any, experiment_id: str) -> list[Finding]:
     """Train runs RUNNING whose process is gone (a `kill -9` leaves them so for good). Like a
     trial's worker, a process on another host is trusted; a run naming no process is only noted."""
-    from sweeps.runner import _worker_alive
-    from sweeps.tracking import WORKER
+    from batchscope.sweeps.runner import _worker_alive
+    from batchscope.sweeps.tracking import WORKER
 
     findings = []
     for run in running_train_runs(tracker.client, experiment_id):
@@ -258,7 +258,7 @@ def _linked_runs(t: FrozenTrial) -> list[str]:
 
 
 def _sampled(t: FrozenTrial) -> bool:
-    from sweeps import space
+    from batchscope.sweeps import space
 
     return bool(space.sampled(t.params))
 

@@ -9,7 +9,7 @@ against batch size mean something only when the learning rate is re-tuned at eve
   with neighbours `lr_resolution` apart. Every proposal is a grid point no trial holds (done,
   running, or queued by another worker), so workers never repeat each other.
 - A batch size not explored yet starts at the lr the law predicts from the others
-  (`analysis.fits.fit_lr_law` once three batch sizes have a best lr; before that a power law).
+  (`batchscope.analysis.fits.fit_lr_law` once three batch sizes have a best lr; before that a power law).
 - At each batch size a one-dimensional search in log lr: step out, with steps that double,
   until the best lr has a worse trial on both sides (or the grid's edge); a diverged trial
   brackets from above. Then refine inside the bracket: the parabola's vertex through the best
@@ -28,7 +28,7 @@ points once the grid is used up.
 Plain Optuna::
 
     import optuna
-    from sweeps.frontier import FrontierSampler, frontier_done
+    from batchscope.sweeps.frontier import FrontierSampler, frontier_done
 
     def objective(trial):
         batch = trial.suggest_categorical("batch_size", [16, 32, 64, 128, 256, 512])
@@ -57,11 +57,11 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from analysis.fits import fit_critical_batch, fit_lr_law
-from sweeps.frontier_line import DIVERGED, FINITE, PENDING, WORSE, Line
+from batchscope.analysis.fits import fit_critical_batch, fit_lr_law
+from batchscope.sweeps.frontier_line import DIVERGED, FINITE, PENDING, WORSE, Line
 
 if TYPE_CHECKING:
-    from sweeps.config import SearchConfig
+    from batchscope.sweeps.config import SearchConfig
 
 __all__ = ["FrontierSampler", "frontier_done", "stop_reason"]
 
@@ -370,7 +370,7 @@ def frontier_done(
     """Whether the frontier is known: every batch size's best lr bracketed on both sides, and
     B_crit's 95% bootstrap interval (high − low)/B_crit at most `b_crit_rel_ci`; and why.
 
-    B_crit is fitted (`analysis.fits.fit_critical_batch`) to the steps to target of each batch
+    B_crit is fitted (`batchscope.analysis.fits.fit_critical_batch`) to the steps to target of each batch
     size's best trial: `steps(trial)`, by default the trial's value.
     """
     space = _space(trials, names)

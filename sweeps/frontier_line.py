@@ -1,6 +1,6 @@
 """One batch size's search in log lr, on a grid: what is known at each point, and where to look next.
 
-Used by `sweeps.frontier`: step out with doubling steps until the best point has a worse one on
+Used by `batchscope.sweeps.frontier`: step out with doubling steps until the best point has a worse one on
 each side (or the grid's edge), then refine inside that bracket until both neighbours are known.
 """
 

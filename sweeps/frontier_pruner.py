@@ -62,7 +62,7 @@ class FrontierPruner(optuna.pruners.BasePruner):
         direction: "maximize" if the metric rises to the target (accuracy), "minimize" if it
             falls to it (loss, perplexity).
         unit: what the reported steps count: training steps, or examples seen (step × batch size,
-            as `sweeps.space.pruning_step` reports under a sample or epoch budget).
+            as `batchscope.sweeps.space.pruning_step` reports under a sample or epoch budget).
         min_evals: evaluations before a curve is extrapolated (the proof of rule 3 needs none).
         window: the last this many evaluations give the extrapolation's slope.
         high_lr_grace: the share of the best's steps during which a learning rate above the best's

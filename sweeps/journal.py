@@ -31,7 +31,7 @@ from typing import Any
 
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-from sweeps.errors import UserError
+from batchscope.sweeps.errors import UserError
 
 _logger = logging.getLogger(__name__)
 _CHUNK = 1 << 16

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from sweeps.errors import UserError
+from batchscope.sweeps.errors import UserError
 
 MASK = "***"
 STORAGE_SCHEMES = ("postgresql", "postgres", "mysql", "sqlite", "redis", "rediss")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sweeps.config import BatchRange, LrRange, SweepConfig
-from sweeps.errors import UserError
+from batchscope.sweeps.config import BatchRange, LrRange, SweepConfig
+from batchscope.sweeps.errors import UserError
 
 ATTR = "batchscope.autobatch"
 # Training also evaluates and measures the noise scale: leave some headroom.
@@ -25,8 +25,8 @@ def needs_autobatch(cfg: SweepConfig) -> bool:
 
 def measure(cfg: SweepConfig, *, fraction: float = SWEEP_FRACTION, budget_mb: float | None = None) -> Any:
     """Run AutoBatch for the config's model, precision and device."""
-    from sweeps.runner import make_spec
-    from trainers.autobatch import AutoBatchError, find_batch_size
+    from batchscope.sweeps.runner import make_spec
+    from batchscope.trainers.autobatch import AutoBatchError, find_batch_size
 
     spec = make_spec(cfg, 1, probe_lr(cfg), cfg.train.seeds[0])
     try:

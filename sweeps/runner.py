@@ -24,15 +24,24 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
-import trainers
-from sweeps import diskspace, frontier, memcap, memory, space
-from sweeps.config import SweepConfig, config_to_dict, torch_has_gpu_support
-from sweeps.errors import UserError
-from sweeps.stores import Stores, check_tracking, open_storage, quiet_libraries, redact, resolve, root_dir, safe_name
-from sweeps.tracking import REASON, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker
-from sweeps.worker import Job, TrialError, TrialWorker, WorkerDied
-from trainers.recipes import get_recipe
-from trainers.spec import CheckpointPolicy, TrainResult, TrainSpec
+import batchscope
+from batchscope.sweeps import diskspace, frontier, memcap, memory, space
+from batchscope.sweeps.config import SweepConfig, config_to_dict, torch_has_gpu_support
+from batchscope.sweeps.errors import UserError
+from batchscope.sweeps.stores import (
+    Stores,
+    check_tracking,
+    open_storage,
+    quiet_libraries,
+    redact,
+    resolve,
+    root_dir,
+    safe_name,
+)
+from batchscope.sweeps.tracking import REASON, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker
+from batchscope.sweeps.worker import Job, TrialError, TrialWorker, WorkerDied
+from batchscope.trainers.recipes import get_recipe
+from batchscope.trainers.spec import CheckpointPolicy, TrainResult, TrainSpec
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 FINGERPRINT_ATTR = "batchscope.fingerprint"
@@ -310,7 +319,7 @@ class Sweep:
         }
 
     def _common_tags(self) -> dict[str, str]:
-        tags = {STUDY: self.cfg.study, "batchscope.version": trainers.__version__}
+        tags = {STUDY: self.cfg.study, "batchscope.version": batchscope.__version__}
         commit = git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
@@ -731,7 +740,7 @@ class Sweep:
                 # The slot's worker has torch loaded; importing it here would stall the sweep (seconds).
                 self._slots[slot].export_weights(checkpoint, path)
             except (WorkerDied, RuntimeError):
-                from trainers.checkpoint import export_weights
+                from batchscope.trainers.checkpoint import export_weights
 
                 export_weights(checkpoint, path)
             self.tracker.client.log_artifact(run_id, str(path), artifact_path="weights")
@@ -944,7 +953,7 @@ def planned_device(device: str, precision: str) -> tuple[str, str]:
     """The device and precision a trial will train with, as the worker resolves them (trainers.device)."""
     if device in ("auto", "cpu") and precision in _CPU_PRECISION and not torch_has_gpu_support():
         return "cpu", _CPU_PRECISION[precision]
-    from trainers.device import resolve_device, resolve_precision
+    from batchscope.trainers.device import resolve_device, resolve_precision
 
     resolved = resolve_device(device)
     return str(resolved), resolve_precision(precision, resolved)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sweeps import memcap
-from sweeps.config import SweepConfig
-from sweeps.runner import make_spec, memory_cap, run_params, worker_id
-from sweeps.stores import check_tracking, quiet_libraries, redact, resolve
-from sweeps.tracking import REASON, ROLE, RUN_STATUS, SEED, STATUS, WORKER, MlflowSink, Tracker
-from trainers.loop import train
-from trainers.spec import TrainResult
+from batchscope.sweeps import memcap
+from batchscope.sweeps.config import SweepConfig
+from batchscope.sweeps.runner import make_spec, memory_cap, run_params, worker_id
+from batchscope.sweeps.stores import check_tracking, quiet_libraries, redact, resolve
+from batchscope.sweeps.tracking import REASON, ROLE, RUN_STATUS, SEED, STATUS, WORKER, MlflowSink, Tracker
+from batchscope.trainers.loop import train
+from batchscope.trainers.spec import TrainResult
 
 
 def train_once(
@@ -26,7 +26,7 @@ def train_once(
         exp, run_name=f"train bs={batch_size} lr={lr:.3g}", tags={ROLE: "train", SEED: str(seed), WORKER: worker_id()}
     )
     run_id = run.info.run_id
-    from sweeps.tracking import _params
+    from batchscope.sweeps.tracking import _params
 
     cap = memory_cap(cfg, 1)
     tracker.client.log_batch(run_id, params=_params(run_params(spec, cfg) | {"memory_limit_mb": cap}))
@@ -58,7 +58,7 @@ def resolve_weights(cfg: SweepConfig, checkpoint: str | None) -> tuple[str | Non
     """A weights file from a path, or from an MLflow run's `weights/model.pt`; (path, run id)."""
     import os
 
-    from sweeps.errors import UserError
+    from batchscope.sweeps.errors import UserError
 
     if checkpoint is None:
         return None, None

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import optuna
 
-from sweeps.config import LrRange, SearchConfig, SweepConfig, TrainConfig, config_to_dict
+from batchscope.sweeps.config import LrRange, SearchConfig, SweepConfig, TrainConfig, config_to_dict
 
 # objective name -> (direction, per-seed metric it reads from the trainer's final metrics)
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -61,7 +61,7 @@ def make_sampler(search: SearchConfig, seed: int | None = None) -> optuna.sample
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if search.sampler == "frontier":
-        from sweeps.frontier import FrontierSampler
+        from batchscope.sweeps.frontier import FrontierSampler
 
         # Its proposals follow from the study's trials (pending ones included): the seed only
         # breaks ties once the grid is used up, so a per-process seed is safe.
@@ -163,7 +163,7 @@ def make_pruner(cfg: SweepConfig, num_train: int | None = None) -> optuna.pruner
     # budget the examples the largest batch sees before its first evaluation.
     first = train.eval_every * (max(search.batch_choices()) if by_samples else 1)
     if frontier_pruning(cfg):
-        from sweeps.frontier_pruner import FrontierPruner
+        from batchscope.sweeps.frontier_pruner import FrontierPruner
 
         assert train.target is not None  # steps_to_target is refused without one (SweepConfig)
         return FrontierPruner(train.target.value, target_direction(train.target.metric), unit=pruning_unit(train))

@@ -21,9 +21,11 @@ from typing import Any
 
 import optuna
 
-from sweeps.errors import UserError
-from sweeps.locations import check_storage, check_tracking_uri, scrub
-from sweeps.locations import redact as redact  # the one mask for every URL shown in output, params, tags and errors
+from batchscope.sweeps.errors import UserError
+from batchscope.sweeps.locations import check_storage, check_tracking_uri, scrub
+from batchscope.sweeps.locations import (
+    redact as redact,  # the one mask for every URL shown in output, params, tags and errors
+)
 
 DEFAULT_ROOT = "mlruns"
 _RDB_SCHEMES = ("postgresql", "postgres", "mysql", "sqlite")
@@ -196,7 +198,7 @@ def journal_storage(path: Path | str) -> optuna.storages.JournalStorage:
     """
     from optuna.storages.journal import JournalFileOpenLock
 
-    from sweeps.journal import SafeJournalFileBackend
+    from batchscope.sweeps.journal import SafeJournalFileBackend
 
     return optuna.storages.JournalStorage(SafeJournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 
@@ -297,7 +299,7 @@ def _init_sqlite_store(uri: str, db: Path) -> None:
             # A new store that could not be made whole goes: left half-built (a disk that filled
             # during MLflow's migrations), every later command failed with "table ... already exists".
             _forget_store(uri, db)
-            from sweeps import diskspace
+            from batchscope.sweeps import diskspace
 
             if diskspace.is_disk_full(exc):
                 raise diskspace.disk_full_error({"the MLflow store": db}, None, 0) from None

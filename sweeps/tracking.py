@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
 from mlflow.entities.view_type import ViewType
 
-from sweeps.sink import MetricTransport, MetricWriter, MlflowSink, Row, log_rows, now_ms, params_of
-from sweeps.stores import safe_name
+from batchscope.sweeps.sink import MetricTransport, MetricWriter, MlflowSink, Row, log_rows, now_ms, params_of
+from batchscope.sweeps.stores import safe_name
 
 __all__ = ["MetricTransport", "MetricWriter", "MlflowSink", "Row", "Tracker"]
 

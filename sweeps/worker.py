@@ -30,11 +30,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainers.spec import TrainResult, TrainSpec
+from batchscope.trainers.spec import TrainResult, TrainSpec
 
 if TYPE_CHECKING:  # importing torch here would delay spawning the worker, which imports it anyway
-    from sweeps.sink import MetricWriter, Row
-    from trainers.checkpoint import CheckpointPolicy
+    from batchscope.sweeps.sink import MetricWriter, Row
+    from batchscope.trainers.checkpoint import CheckpointPolicy
 
 _PROGRESS_EVERY_S = 0.25
 # After a stop request, how long a torchrun trial gets to stop at its next logging point.
@@ -165,7 +165,7 @@ class TrialWorker:
     def _writer(self, tracking_uri: str) -> MetricWriter:
         writer = self._writers.get(tracking_uri)
         if writer is None:
-            from sweeps.sink import MetricWriter
+            from batchscope.sweeps.sink import MetricWriter
 
             writer = self._writers[tracking_uri] = MetricWriter(tracking_uri)
         return writer
@@ -319,10 +319,10 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
     die_with_parent()
     if os.getppid() != parent_pid:
         return
-    from sweeps import faults, memcap
-    from sweeps.sink import MlflowSink
-    from sweeps.stores import quiet_libraries
-    from trainers.loop import train
+    from batchscope.sweeps import faults, memcap
+    from batchscope.sweeps.sink import MlflowSink
+    from batchscope.sweeps.stores import quiet_libraries
+    from batchscope.trainers.loop import train
 
     _prewarm()
     baseline_kb = memcap.vm_size_kb()  # the cap counts from here: torch and its threads loaded
@@ -383,7 +383,7 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
 
 def _export_weights(checkpoint: str, dest: str) -> str | None:
     """The model's weights from a finished trial's checkpoint; None, or why it failed."""
-    from trainers.checkpoint import export_weights
+    from batchscope.trainers.checkpoint import export_weights
 
     try:
         export_weights(Path(checkpoint), Path(dest))
@@ -394,7 +394,7 @@ def _export_weights(checkpoint: str, dest: str) -> str | None:
 
 def _run_distributed(job: Job, conn: Connection, stop: Any, parent_pid: int) -> tuple[Any, ...]:
     """Run `job` under torchrun in `job.nproc` processes; the ("done", ...) or ("error", ...) message."""
-    from sweeps import ddp_entry
+    from batchscope.sweeps import ddp_entry
 
     with tempfile.TemporaryDirectory(prefix="batchscope-ddp-") as tmp:
         job_file, result_file, log_file = Path(tmp, "job.pkl"), Path(tmp, "result.pkl"), Path(tmp, "torchrun.log")
@@ -408,7 +408,7 @@ def _run_distributed(job: Job, conn: Connection, stop: Any, parent_pid: int) -> 
             "--nproc_per_node",
             str(job.nproc),
             "-m",
-            "sweeps.ddp_entry",
+            "batchscope.sweeps.ddp_entry",
             str(job_file),
             str(result_file),
         ]

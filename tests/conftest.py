@@ -70,7 +70,7 @@ def write_config(path: Path, cfg: dict) -> Path:
 def run_sweeps(base: Path, configs: list[dict]) -> Path:
     """Run each config as `batchscope sweep` with its stores in `base/mlruns` (for module-scoped
     fixtures, which cannot use `workdir`); each config is written to `base/<study>.yaml`."""
-    from sweeps.cli import main
+    from batchscope.sweeps.cli import main
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(base)

@@ -24,7 +24,7 @@ Where the memory is measured:
   `fraction` × (free device memory + what this process's allocator already holds).
   Only out-of-memory errors are caught; memory is released after each probe.
 - CPU: each probe runs in its own child process, so its peak resident memory (VmHWM)
-  is its own: a helper process started with `python -m trainers.autobatch --serve`
+  is its own: a helper process started with `python -m batchscope.trainers.autobatch --serve`
   imports torch once and forks one child per probe (a fresh interpreter per probe
   costs seconds of imports on a small machine). The child sets an address-space limit
   (RLIMIT_AS) at the budget's headroom, plus slack for glibc's per-thread arenas,
@@ -75,8 +75,8 @@ from typing import IO, Any, Literal
 
 import torch
 
-from trainers.data import DeviceBatcher
-from trainers.device import (
+from batchscope.trainers.data import DeviceBatcher
+from batchscope.trainers.device import (
     Precision,
     make_precision,
     peak_memory_mb,
@@ -85,10 +85,10 @@ from trainers.device import (
     resolve_precision,
     seed_everything,
 )
-from trainers.loop import is_oom_error, make_optimizer
-from trainers.recipes import build_task
-from trainers.spec import TrainSpec
-from trainers.task import Task
+from batchscope.trainers.loop import is_oom_error, make_optimizer
+from batchscope.trainers.recipes import build_task
+from batchscope.trainers.spec import TrainSpec
+from batchscope.trainers.task import Task
 
 __all__ = [
     "AutoBatchError",
@@ -126,7 +126,7 @@ class AutoBatchError(Exception):
     """No batch size fits, or a probe failed for a reason other than memory.
 
     Deliberately not a RuntimeError, so that it can never be mistaken for an
-    out-of-memory error by `trainers.loop.is_oom_error`.
+    out-of-memory error by `batchscope.trainers.loop.is_oom_error`.
     """
 
     def __init__(self, message: str, probes: Sequence[Probe] = ()) -> None:
@@ -694,7 +694,7 @@ class _ProbeServer:
         # 30% from one process to the next (see the module docstring).
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "trainers.autobatch", "--serve"],
+            [sys.executable, "-m", "batchscope.trainers.autobatch", "--serve"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -875,4 +875,4 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--serve"]:
         _serve()
     else:
-        sys.exit("usage: python -m trainers.autobatch --serve (the CPU probe helper of find_batch_size)")
+        sys.exit("usage: python -m batchscope.trainers.autobatch --serve (the CPU probe helper of find_batch_size)")

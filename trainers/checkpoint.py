@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 # A plain description, in trainers.spec: the sweep process builds one without importing torch.
-from trainers.spec import CheckpointPolicy
+from batchscope.trainers.spec import CheckpointPolicy
 
 FORMAT_VERSION = 1
 

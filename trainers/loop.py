@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainers import distributed
-from trainers.checkpoint import Checkpointer, CheckpointPolicy, RunState
-from trainers.checkpoint import load as checkpoint_load
-from trainers.data import DeviceBatcher
-from trainers.device import (
+from batchscope.trainers import distributed
+from batchscope.trainers.checkpoint import Checkpointer, CheckpointPolicy, RunState
+from batchscope.trainers.checkpoint import load as checkpoint_load
+from batchscope.trainers.data import DeviceBatcher
+from batchscope.trainers.device import (
     Clock,
     StepTimer,
     make_precision,
@@ -37,12 +37,12 @@ from trainers.device import (
     resolve_precision,
     seed_everything,
 )
-from trainers.gns import Cadence, NoiseScaleWindow, grad_sq_norm
-from trainers.recipes import build_task
-from trainers.schedule import lr_multiplier, scaled_lr
-from trainers.sharpness import top_hessian_eigenvalue
-from trainers.spec import NullSink, Sink, TrainResult, TrainSpec
-from trainers.task import Task
+from batchscope.trainers.gns import Cadence, NoiseScaleWindow, grad_sq_norm
+from batchscope.trainers.recipes import build_task
+from batchscope.trainers.schedule import lr_multiplier, scaled_lr
+from batchscope.trainers.sharpness import top_hessian_eigenvalue
+from batchscope.trainers.spec import NullSink, Sink, TrainResult, TrainSpec
+from batchscope.trainers.task import Task
 
 AutocastFactory = Callable[[], AbstractContextManager[Any]]
 

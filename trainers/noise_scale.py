@@ -7,7 +7,7 @@ per-example gradient covariance, Σ = mean_i (g_i − G)(g_i − G)ᵀ.
 
 `measure_noise_scale` draws big batches of `b_big` examples, takes the first `b_small`
 of each as the small batch, and turns the two squared gradient norms into unbiased
-estimates of |G|² and tr(Σ) (`trainers.gns.two_batch_estimates`). As in appendix A of
+estimates of |G|² and tr(Σ) (`batchscope.trainers.gns.two_batch_estimates`). As in appendix A of
 the paper, numerator and denominator are averaged over batches separately and divided
 once: the ratio of two means, not the mean of noisy ratios.
 
@@ -22,7 +22,7 @@ E|G_B|² = |G|² + tr(Σ)/B exactly, so both estimates are unbiased for the data
 G and Σ. Drawing without replacement (as training epochs do) would shrink the noise by
 the finite-population factor (N − B)/(N − 1) and bias |G|² low by tr(Σ)/(N − 1).
 
-The training loop measures the same quantity on the fly (`trainers.gns.NoiseScaleWindow`);
+The training loop measures the same quantity on the fly (`batchscope.trainers.gns.NoiseScaleWindow`);
 this function is for a model someone hands you, e.g. a checkpoint.
 """
 
@@ -34,8 +34,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from trainers.gns import grad_sq_norm, ratio_of_means, two_batch_estimates
-from trainers.task import LossFn
+from batchscope.trainers.gns import grad_sq_norm, ratio_of_means, two_batch_estimates
+from batchscope.trainers.task import LossFn
 
 
 @dataclass(frozen=True)

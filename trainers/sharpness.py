@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainers.task import LossFn
+from batchscope.trainers.task import LossFn
 
 
 @dataclass(frozen=True)

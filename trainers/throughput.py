@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainers.autobatch import preserved_rng
-from trainers.device import make_precision, resolve_device, resolve_precision, seed_everything
-from trainers.loop import is_oom_error
-from trainers.recipes import build_task
-from trainers.spec import TrainSpec
-from trainers.task import Task
+from batchscope.trainers.autobatch import preserved_rng
+from batchscope.trainers.device import make_precision, resolve_device, resolve_precision, seed_everything
+from batchscope.trainers.loop import is_oom_error
+from batchscope.trainers.recipes import build_task
+from batchscope.trainers.spec import TrainSpec
+from batchscope.trainers.task import Task
 
 __all__ = ["InferenceResult", "inference_table", "load_weights", "measure_inference"]
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 
-from analysis.findings import _batchnorm
+from batchscope.analysis.findings import _batchnorm
 
 
 def _sweep(rows: list[dict]) -> SimpleNamespace:

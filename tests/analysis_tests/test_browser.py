@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.load import load_sweep
-from analysis.report import render_report
+from batchscope.analysis.load import load_sweep
+from batchscope.analysis.report import render_report
 from tests.analysis_tests.conftest import SCRIPT_NAME, Stores
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

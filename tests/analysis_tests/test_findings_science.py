@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from analysis.analyze import NoiseScaleSummary, Ratio, ratio_interval
-from analysis.findings_science import lr_law_sentence, noise_sentence, vs_b_crit_sentence
-from analysis.fits import CriticalBatchFit, LrLawFit, PowerLawFit
-from analysis.noise import NoiseEstimate
+from batchscope.analysis.analyze import NoiseScaleSummary, Ratio, ratio_interval
+from batchscope.analysis.findings_science import lr_law_sentence, noise_sentence, vs_b_crit_sentence
+from batchscope.analysis.fits import CriticalBatchFit, LrLawFit, PowerLawFit
+from batchscope.analysis.noise import NoiseEstimate
 
 
 def law(

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from analysis.fits import fit_critical_batch, fit_lr_exponent, fit_lr_law, fit_power_law
+from batchscope.analysis.fits import fit_critical_batch, fit_lr_exponent, fit_lr_law, fit_power_law
 
 BATCH_SIZES = np.array([8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096], dtype=float)
 

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import frontier, tables
-from analysis.analyze import SweepAnalysis
-from analysis.findings import bracket_sentence
-from analysis.fits import fit_critical_batch
-from analysis.load import load_sweep
-from analysis.report import render_report
+from batchscope.analysis import frontier, tables
+from batchscope.analysis.analyze import SweepAnalysis
+from batchscope.analysis.findings import bracket_sentence
+from batchscope.analysis.fits import fit_critical_batch
+from batchscope.analysis.load import load_sweep
+from batchscope.analysis.report import render_report
 from tests.analysis_tests.conftest import Stores
 
 

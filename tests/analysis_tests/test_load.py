@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from analysis.load import HISTORY_COLUMNS, export_sweep, load_sweep
+from batchscope.analysis.load import HISTORY_COLUMNS, export_sweep, load_sweep
 from tests.analysis_tests.conftest import Stores, make_optuna_only_study
 
 

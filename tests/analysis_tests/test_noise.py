@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.noise import estimate, fieller_interval, over_training, ratio_of_means
+from batchscope.analysis.noise import estimate, fieller_interval, over_training, ratio_of_means
 
 
 def draws(rng: np.random.Generator, n: int, grad_sd: float) -> tuple[np.ndarray, np.ndarray]:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.paths import child_dir, safe_name
-from analysis.stores import redact_url
+from batchscope.analysis.paths import child_dir, safe_name
+from batchscope.analysis.stores import redact_url
 
 
 @pytest.mark.parametrize(

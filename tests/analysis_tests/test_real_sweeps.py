@@ -15,12 +15,12 @@ import optuna
 import pandas as pd
 import pytest
 
-from analysis.analyze import analyze
-from analysis.findings import bracket_sentence, per_batch_table
-from analysis.load import export_sweep, load_sweep
-from analysis.report import build_report
-from analysis.text import number
-from sweeps.stores import journal_storage
+from batchscope.analysis.analyze import analyze
+from batchscope.analysis.findings import bracket_sentence, per_batch_table
+from batchscope.analysis.load import export_sweep, load_sweep
+from batchscope.analysis.report import build_report
+from batchscope.analysis.text import number
+from batchscope.sweeps.stores import journal_storage
 from tests.conftest import run_sweeps, small_config
 
 OBJECTIVES: list[str | list[str]] = [

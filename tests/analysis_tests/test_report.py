@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from analysis.analyze import analyze
-from analysis.charts import CHARTS as ALL_CHARTS
-from analysis.load import load_sweep
-from analysis.report import build_report, log_report_artifacts, render_report
+from batchscope.analysis.analyze import analyze
+from batchscope.analysis.charts import CHARTS as ALL_CHARTS
+from batchscope.analysis.load import load_sweep
+from batchscope.analysis.report import build_report, log_report_artifacts, render_report
 from tests.analysis_tests.conftest import SCRIPT_NAME, TRAVERSAL_NAME, Stores, make_optuna_only_study
 
 # Charts of optional data (inference throughput) appear only when that data exists.

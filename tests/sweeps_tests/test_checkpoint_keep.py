@@ -9,8 +9,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from sweeps.cli import main
-from sweeps.stores import journal_storage
+from batchscope.sweeps.cli import main
+from batchscope.sweeps.stores import journal_storage
 from tests.conftest import small_config, write_config
 
 
@@ -52,8 +52,8 @@ def test_keep_policy(workdir: Path, keep: str) -> None:
 
 
 def test_the_worker_writes_weights_from_a_checkpoint_or_says_why_not(tmp_path: Path) -> None:
-    from sweeps.worker import TrialWorker
-    from trainers.checkpoint import FORMAT_VERSION, export_weights
+    from batchscope.sweeps.worker import TrialWorker
+    from batchscope.trainers.checkpoint import FORMAT_VERSION, export_weights
 
     model = torch.nn.Linear(3, 2)
     ckpt = tmp_path / "trial.pt"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.cli import main
+from batchscope.sweeps.cli import main
 from tests.conftest import small_config, write_config
 
 # Loose: the errors come in well under a second, but this machine may be busy.
@@ -145,7 +145,7 @@ def test_bad_config_is_one_clear_line(
 
 
 def test_full_batch_and_a_grid_past_the_training_set_are_allowed() -> None:
-    from sweeps.config import validate
+    from batchscope.sweeps.config import validate
 
     # 960 training examples: the whole set, and the power of two above it (the batch spans two epochs).
     cfg = validate(_at(("search.batch_size", {"values": [16, 960, 1024]})), "x")
@@ -153,7 +153,7 @@ def test_full_batch_and_a_grid_past_the_training_set_are_allowed() -> None:
 
 
 def _cuda_devices() -> int:
-    from sweeps.config import cuda_device_count
+    from batchscope.sweeps.config import cuda_device_count
 
     return cuda_device_count()
 
@@ -196,7 +196,7 @@ def test_bad_yaml_file_is_one_line(
 
 
 def test_a_merge_key_may_be_overridden(workdir: Path) -> None:
-    from sweeps.config import read_yaml
+    from batchscope.sweeps.config import read_yaml
 
     # `<<:` then the same key is what YAML merge keys are for: not a duplicate.
     path = workdir / "merge.yaml"
@@ -312,7 +312,7 @@ def test_bad_command_line_number(
 def test_real_process_exits_2_without_traceback(workdir: Path) -> None:
     path = write_config(workdir / "bad.yaml", _bad(train__max_steps=0))
     proc = subprocess.run(
-        [sys.executable, "-m", "sweeps.cli", "sweep", str(path)], capture_output=True, text=True, cwd=workdir
+        [sys.executable, "-m", "batchscope.sweeps.cli", "sweep", str(path)], capture_output=True, text=True, cwd=workdir
     )
     assert proc.returncode == 2
     assert "train.max_steps" in proc.stderr
@@ -334,7 +334,9 @@ def test_real_process_refuses_in_one_line_and_creates_nothing(
 ) -> None:
     (workdir / "bad.yaml").write_text(text)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "sweeps.cli", *argv], capture_output=True, text=True, cwd=workdir)
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchscope.sweeps.cli", *argv], capture_output=True, text=True, cwd=workdir
+    )
     assert time.perf_counter() - start < TIME_BOUND_S
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -344,7 +346,7 @@ def test_real_process_refuses_in_one_line_and_creates_nothing(
 
 
 def test_shipped_configs_validate() -> None:
-    from sweeps.config import load_config
+    from batchscope.sweeps.config import load_config
 
     configs = sorted((Path(__file__).parents[2] / "sweeps" / "configs").glob("*.yaml"))
     assert configs
@@ -353,7 +355,7 @@ def test_shipped_configs_validate() -> None:
 
 
 def test_overrides_parse_yaml_values() -> None:
-    from sweeps.config import apply_overrides, validate
+    from batchscope.sweeps.config import apply_overrides, validate
 
     raw = apply_overrides(small_config(), ["train.max_steps=300", "train.seeds=[0, 1]", "search.lr.low=1e-4"])
     cfg = validate(raw, "x")

@@ -8,8 +8,8 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from sweeps.cli import main
-from sweeps.stores import journal_storage
+from batchscope.sweeps.cli import main
+from batchscope.sweeps.stores import journal_storage
 from tests.conftest import small_config, write_config
 from tests.sweeps_tests.test_sweep_e2e import CHILD_PARAMS, FINALS, HISTORIES
 

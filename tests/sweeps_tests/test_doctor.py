@@ -19,9 +19,9 @@ from mlflow.entities.view_type import ViewType
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from sweeps.cli import main
-from sweeps.stores import check_tracking, journal_storage, resolve
-from sweeps.tracking import REASON, ROLE, STATUS, STUDY, TRIAL, WORKER, Tracker
+from batchscope.sweeps.cli import main
+from batchscope.sweeps.stores import check_tracking, journal_storage, resolve
+from batchscope.sweeps.tracking import REASON, ROLE, STATUS, STUDY, TRIAL, WORKER, Tracker
 from tests.conftest import small_config, write_config
 
 NAME = "doc"
@@ -41,7 +41,7 @@ def _env(base: Path) -> dict[str, str]:
 
 def _sweep(base: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sweeps.cli", "sweep", "study.yaml", "--no-report", *extra],
+        [sys.executable, "-m", "batchscope.sweeps.cli", "sweep", "study.yaml", "--no-report", *extra],
         cwd=base,
         env=_env(base),
         capture_output=True,
@@ -305,7 +305,7 @@ def test_a_killed_batchscope_train_leaves_a_run_that_doctor_closes(
     check_tracking(stores)
     client = MlflowClient(stores.tracking_uri)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sweeps.cli", "train", "train.yaml"],
+        [sys.executable, "-m", "batchscope.sweeps.cli", "train", "train.yaml"],
         cwd=workdir,
         env=_env(workdir),
         stdout=subprocess.PIPE,

@@ -16,10 +16,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from analysis.fits import fit_critical_batch
-from sweeps.config import SearchConfig, StopWhen, SweepConfig
-from sweeps.frontier import FrontierSampler, frontier_done, stop_reason
-from sweeps.frontier_line import DIVERGED, FINITE, WORSE, Line
+from batchscope.analysis.fits import fit_critical_batch
+from batchscope.sweeps.config import SearchConfig, StopWhen, SweepConfig
+from batchscope.sweeps.frontier import FrontierSampler, frontier_done, stop_reason
+from batchscope.sweeps.frontier_line import DIVERGED, FINITE, WORSE, Line
 from tests.conftest import small_config, write_config
 
 # ---- a synthetic world with a known frontier (no training) ----------------------------------
@@ -213,7 +213,7 @@ def test_stop_when_needs_a_target() -> None:
 
 
 def test_sweep_config_builds_the_sampler() -> None:
-    from sweeps.space import make_sampler, sampler_seed
+    from batchscope.sweeps.space import make_sampler, sampler_seed
 
     search = SearchConfig(sampler="frontier")
     assert isinstance(make_sampler(search, sampler_seed(search)), FrontierSampler)
@@ -223,14 +223,14 @@ def test_sweep_config_builds_the_sampler() -> None:
 
 
 def test_a_frontier_sweep_killed_and_resumed_loses_and_repeats_nothing(workdir: Path) -> None:
-    from sweeps.stores import journal_storage
+    from batchscope.sweeps.stores import journal_storage
 
     study_name = "frontier"
     cfg = small_config(study_name)
     cfg["train"].update({"max_steps": 30, "eval_every": 10, "sharpness": {"enabled": False}})
     cfg["search"].update({"sampler": "frontier", "objective": "steps_to_target", "n_trials": 6})
     config = write_config(workdir / "f.yaml", cfg)
-    cmd = [sys.executable, "-m", "sweeps.cli", "sweep", str(config), "--no-report", "--workers", "2"]
+    cmd = [sys.executable, "-m", "batchscope.sweeps.cli", "sweep", str(config), "--no-report", "--workers", "2"]
     env = {**os.environ, "BATCHSCOPE_ROOT": str(workdir / "mlruns"), "PYTHONUNBUFFERED": "1"}
     journal = workdir / "mlruns" / "optuna.journal"
 
@@ -285,8 +285,8 @@ def test_the_sweep_stops_when_the_frontier_is_known(
     workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The rule itself is tested above; here its verdict (after 2 trials) ends the sweep before n_trials.
-    from sweeps import frontier
-    from sweeps.cli import main
+    from batchscope.sweeps import frontier
+    from batchscope.sweeps.cli import main
 
     def after_two(study: optuna.Study, search: SearchConfig) -> str | None:
         assert search.stop_when is not None
@@ -302,7 +302,7 @@ def test_the_sweep_stops_when_the_frontier_is_known(
     assert main(["sweep", str(write_config(workdir / "s.yaml", cfg)), "--no-report"]) == 0
     out = capsys.readouterr()
     assert (out.out + out.err).count("frontier search done: B_crit = 100 (test); no more trials started") == 1
-    from sweeps.stores import journal_storage
+    from batchscope.sweeps.stores import journal_storage
 
     study = optuna.load_study(study_name="stops", storage=journal_storage(workdir / "mlruns" / "optuna.journal"))
     assert len(study.get_trials()) == 2

@@ -10,9 +10,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeps import space
-from sweeps.config import validate
-from sweeps.frontier_pruner import FrontierPruner
+from batchscope.sweeps import space
+from batchscope.sweeps.config import validate
+from batchscope.sweeps.frontier_pruner import FrontierPruner
 from tests.conftest import small_config
 
 DISTRIBUTIONS = {
@@ -258,7 +258,7 @@ def test_two_objectives_run_unpruned_by_default() -> None:
     [("val/acc", "maximize"), ("val/loss", "minimize"), ("val/ppl", "minimize"), ("train/acc", "maximize")],
 )
 def test_target_direction_agrees_with_the_trainer(metric: str, direction: Literal["maximize", "minimize"]) -> None:
-    from trainers.loop import target_reached
+    from batchscope.trainers.loop import target_reached
 
     assert space.target_direction(metric) == direction
     # The trainer's rule: a value above the target reaches it exactly when the metric rises to it.

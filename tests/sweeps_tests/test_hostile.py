@@ -19,14 +19,14 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from sweeps.stores import journal_storage
+from batchscope.sweeps.stores import journal_storage
 from tests.conftest import small_config, write_config
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "sweeps.cli", *args]
+    return [sys.executable, "-m", "batchscope.sweeps.cli", *args]
 
 
 def _env(root: Path, **extra: str) -> dict[str, str]:
@@ -238,7 +238,7 @@ def test_a_trial_is_created_with_its_owner_in_the_same_journal_record(tmp_path: 
     """The race's cause, checked directly: no moment exists where the trial is RUNNING with no owner."""
     import json
 
-    from sweeps.runner import ask_owned
+    from batchscope.sweeps.runner import ask_owned
 
     path = tmp_path / "optuna.journal"
     storage = journal_storage(path)
@@ -331,7 +331,7 @@ def test_an_emptied_journal_is_refused_rather_than_starting_over(workdir: Path) 
 
 def test_an_absurd_batch_ends_as_oom_under_the_default_memory_cap(workdir: Path) -> None:
     """No `train.memory_limit_mb`: the default cap (a share of the available memory) ends it."""
-    from sweeps import memcap
+    from batchscope.sweeps import memcap
 
     cap_mb = memcap.default_cap_mb(1)
     if cap_mb is None:

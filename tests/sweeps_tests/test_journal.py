@@ -21,8 +21,8 @@ from mlflow import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from sweeps.errors import UserError
-from sweeps.stores import journal_storage
+from batchscope.sweeps.errors import UserError
+from batchscope.sweeps.stores import journal_storage
 from tests.conftest import small_config, write_config
 
 STUDY = "torn"
@@ -39,7 +39,7 @@ def _config() -> dict:
 def _start(base: Path, *args: str) -> subprocess.Popen[str]:
     env = dict(os.environ, BATCHSCOPE_ROOT=str(base / "mlruns"), PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "sweeps.cli", *args],
+        [sys.executable, "-m", "batchscope.sweeps.cli", *args],
         cwd=base,
         env=env,
         stdout=subprocess.PIPE,
@@ -143,14 +143,14 @@ def test_a_torn_tail_is_set_aside_with_one_warning_line(
     journal = tmp_path / "optuna.journal"
     corrupted, complete = TORN[kind](_journal(finished).read_bytes())
     journal.write_bytes(corrupted)
-    with caplog.at_level(logging.WARNING, logger="sweeps.journal"):
+    with caplog.at_level(logging.WARNING, logger="batchscope.sweeps.journal"):
         study = optuna.load_study(study_name=STUDY, storage=journal_storage(journal))
     # The study opens as of its last complete record; the torn bytes are in the sidecar, none lost.
     assert [(t.number, t.state.name, t.params, t.values) for t in study.trials] == _expected(tmp_path, complete)
     assert journal.read_bytes() == complete
     (sidecar,) = tmp_path.glob("optuna.journal.torn-*")
     assert sidecar.read_bytes() == corrupted[len(complete) :]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "sweeps.journal"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "batchscope.sweeps.journal"]
     assert len(warnings) == 1 and "\n" not in warnings[0] and str(sidecar) in warnings[0], warnings
     # Opened again: nothing more to set aside, nothing said.
     caplog.clear()
@@ -205,7 +205,7 @@ _FULL_DISK = """
 import os, resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
 import optuna
-from sweeps.stores import journal_storage
+from batchscope.sweeps.stores import journal_storage
 
 path = sys.argv[1]
 study = optuna.load_study(study_name=sys.argv[2], storage=journal_storage(path))

@@ -8,8 +8,8 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from sweeps.cli import main
-from sweeps.stores import journal_storage
+from batchscope.sweeps.cli import main
+from batchscope.sweeps.stores import journal_storage
 from tests.conftest import small_config, write_config
 
 

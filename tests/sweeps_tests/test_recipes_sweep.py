@@ -10,7 +10,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from sweeps.cli import main
+from batchscope.sweeps.cli import main
 from tests.conftest import write_config
 from tests.sweeps_tests.test_sweep_e2e import CHILD_PARAMS
 from tests.trainers_tests.cifar_fixtures import write_fake_cifar10

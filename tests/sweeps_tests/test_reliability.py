@@ -13,7 +13,7 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from sweeps.stores import journal_storage
+from batchscope.sweeps.stores import journal_storage
 from tests.conftest import small_config, write_config
 
 
@@ -22,7 +22,7 @@ def _journal(root: Path) -> optuna.storages.JournalStorage:
 
 
 def _sweep_cmd(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "sweeps.cli", "sweep", str(config), "--no-report", *extra]
+    return [sys.executable, "-m", "batchscope.sweeps.cli", "sweep", str(config), "--no-report", *extra]
 
 
 def _env(workdir: Path, **extra: str) -> dict[str, str]:
@@ -223,9 +223,9 @@ def test_a_trial_killed_before_recording_its_run_is_linked_to_it_on_recovery(wor
     """SIGKILL between creating the MLflow run and recording its id on the trial: recovery finds the run."""
     import socket
 
-    from sweeps.config import validate
-    from sweeps.runner import Sweep
-    from sweeps.tracking import STUDY, TRIAL
+    from batchscope.sweeps.config import validate
+    from batchscope.sweeps.runner import Sweep
+    from batchscope.sweeps.tracking import STUDY, TRIAL
 
     sweep = Sweep(validate(_fast("orphan", 2), "test"))
     trial = sweep.study.ask()
@@ -248,9 +248,9 @@ def test_a_trial_killed_before_its_parameters_were_sampled_is_not_re_run_with_no
     """A sweep killed between Optuna's ask and the sampling: that trial fails; no empty 'retry' is queued."""
     import socket
 
-    from sweeps import space
-    from sweeps.config import validate
-    from sweeps.runner import Sweep
+    from batchscope.sweeps import space
+    from batchscope.sweeps.config import validate
+    from batchscope.sweeps.runner import Sweep
 
     cfg = validate(_fast("unsampled", 2), "test")
     sweep = Sweep(cfg)

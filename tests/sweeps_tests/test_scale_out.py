@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from sweeps.cli import main
+from batchscope.sweeps.cli import main
 from tests.conftest import small_config, write_config
 
 
@@ -36,7 +36,7 @@ def _env(workdir: Path) -> dict[str, str]:
 
 def _worker(config: Path, url: str, workdir: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "sweeps.cli", "worker", str(config), "--storage", url],
+        [sys.executable, "-m", "batchscope.sweeps.cli", "worker", str(config), "--storage", url],
         env=_env(workdir),
         cwd=workdir,
         stdout=subprocess.PIPE,
@@ -156,7 +156,7 @@ def mlflow_server(workdir: Path, pg_database: str) -> str:
         [
             sys.executable,
             "-m",
-            "sweeps.cli",
+            "batchscope.sweeps.cli",
             "server",
             "--backend-store-uri",
             backend,

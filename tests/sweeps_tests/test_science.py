@@ -9,10 +9,10 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from sweeps.cli import main
-from sweeps.stores import journal_storage
+from batchscope.sweeps.cli import main
+from batchscope.sweeps.stores import journal_storage
+from batchscope.trainers.schedule import lr_multiplier, scaled_lr
 from tests.conftest import small_config, write_config
-from trainers.schedule import lr_multiplier, scaled_lr
 
 
 def _study(workdir: Path, name: str) -> optuna.Study:

@@ -7,8 +7,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from sweeps import space
-from sweeps.config import validate
+from batchscope.sweeps import space
+from batchscope.sweeps.config import validate
 from tests.conftest import small_config
 
 
@@ -131,7 +131,7 @@ def test_hyperband_budget_is_in_examples_under_a_sample_or_epoch_budget() -> Non
 
 
 def test_a_sweep_under_a_sample_budget_reports_to_optuna_at_examples_seen(workdir: Path) -> None:
-    from sweeps.runner import QuietReporter, Sweep
+    from batchscope.sweeps.runner import QuietReporter, Sweep
 
     cfg = small_config("by-examples", search__pruner="successive_halving", search__n_trials=3)
     del cfg["train"]["max_steps"]

@@ -10,8 +10,8 @@ import psycopg
 import pytest
 from mlflow import MlflowClient
 
-from sweeps.cli import main
-from sweeps.stores import driver_error, redact, safe_name
+from batchscope.sweeps.cli import main
+from batchscope.sweeps.stores import driver_error, redact, safe_name
 from tests.conftest import small_config, write_config
 
 SECRET = "Pl4ntedS3cretXYZ"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from sweeps.sink import MetricWriter, MlflowSink
+from batchscope.sweeps.sink import MetricWriter, MlflowSink
 
 
 @pytest.fixture
@@ -71,7 +71,8 @@ def test_a_failed_write_is_reported_to_the_trial(store: tuple[MlflowClient, str,
 def test_the_trial_worker_does_not_import_mlflow() -> None:
     # The worker trains and sends rows; the sweep process writes them (and pays for MLflow's imports).
     code = (
-        "import sys; import sweeps.worker, sweeps.sink, sweeps.faults, trainers.loop; "
+        "import sys; import batchscope.sweeps.worker, batchscope.sweeps.sink, batchscope.sweeps.faults; "
+        "import batchscope.trainers.loop; "
         "print(sorted(m for m in sys.modules if m == 'mlflow' or m.startswith('mlflow.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sweeps import stores
-from sweeps.stores import Stores, check_tracking, empty_store_path
+from batchscope.sweeps import stores
+from batchscope.sweeps.stores import Stores, check_tracking, empty_store_path
 from tests.conftest import small_config, write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,7 +146,7 @@ def test_processes_starting_together_share_one_cached_store(tmp_path: Path, cach
         import sys
         from pathlib import Path
         from mlflow import MlflowClient
-        from sweeps.stores import Stores, check_tracking, quiet_libraries
+        from batchscope.sweeps.stores import Stores, check_tracking, quiet_libraries
 
         quiet_libraries()
         root = Path(sys.argv[1])
@@ -170,7 +170,7 @@ def test_processes_starting_together_share_one_cached_store(tmp_path: Path, cach
 
 def _assert_runs_without_torch(workdir: Path, body: str) -> None:
     """Run `body` in a fresh interpreter (the sweep process) and check that it never imported torch."""
-    from sweeps.config import torch_has_gpu_support
+    from batchscope.sweeps.config import torch_has_gpu_support
 
     if torch_has_gpu_support():
         pytest.skip("with a CUDA or ROCm build of PyTorch the sweep process asks torch for the device")
@@ -193,9 +193,9 @@ def test_the_sweep_process_does_not_import_torch(workdir: Path) -> None:
     _assert_runs_without_torch(
         workdir,
         f"""
-        import sweeps.cli, sweeps.commands, sweeps.progress
-        from sweeps.commands import load_config
-        from sweeps.runner import Sweep, planned_device, run_params
+        import batchscope.sweeps.cli, batchscope.sweeps.commands, batchscope.sweeps.progress
+        from batchscope.sweeps.commands import load_config
+        from batchscope.sweeps.runner import Sweep, planned_device, run_params
 
         cfg = load_config({str(config)!r})
         sweep = Sweep(cfg)
@@ -216,7 +216,7 @@ def test_keeping_the_best_weights_does_not_import_torch_in_the_sweep_process(wor
     _assert_runs_without_torch(
         workdir,
         f"""
-        from sweeps.cli import main
+        from batchscope.sweeps.cli import main
 
         assert main(["sweep", {str(config)!r}, "--no-report"]) == 0
         """,
@@ -225,7 +225,7 @@ def test_keeping_the_best_weights_does_not_import_torch_in_the_sweep_process(wor
     import torch
     from mlflow import MlflowClient
 
-    from sweeps.stores import journal_storage
+    from batchscope.sweeps.stores import journal_storage
 
     study = optuna.load_study(
         study_name="weights-no-torch", storage=journal_storage(workdir / "mlruns" / "optuna.journal")
@@ -262,8 +262,8 @@ def test_every_recipe_s_sample_and_epoch_budgets_need_no_torch_in_the_sweep_proc
     _assert_runs_without_torch(
         workdir,
         f"""
-        from sweeps.commands import load_config
-        from sweeps.runner import Sweep
+        from batchscope.sweeps.commands import load_config
+        from batchscope.sweeps.runner import Sweep
 
         cfg = load_config({str(config)!r})
         sweep = Sweep(cfg)

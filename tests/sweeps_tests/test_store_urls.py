@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.cli import main
-from sweeps.locations import check_storage, check_tracking_uri
+from batchscope.sweeps.cli import main
+from batchscope.sweeps.locations import check_storage, check_tracking_uri
 from tests.conftest import small_config, write_config
 
 SECRETS = ("Unenc0ded", "Xq7Part", "R3disPw", "PgUs3rPw", "QueryPw9")  # planted below; shown nowhere
@@ -129,7 +129,7 @@ def _cli(folder: Path, *argv: str) -> tuple[subprocess.CompletedProcess[str], fl
     env = {**os.environ, "BATCHSCOPE_ROOT": str(folder / "mlruns"), "OMP_NUM_THREADS": "1"}
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "sweeps.cli", *_argv(list(argv), folder)],
+        [sys.executable, "-m", "batchscope.sweeps.cli", *_argv(list(argv), folder)],
         capture_output=True,
         text=True,
         cwd=folder,

@@ -9,8 +9,8 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from sweeps.cli import main
-from sweeps.stores import journal_storage
+from batchscope.sweeps.cli import main
+from batchscope.sweeps.stores import journal_storage
 from tests.conftest import small_config, write_config
 
 CHILD_PARAMS = {

@@ -15,8 +15,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from trainers.recipes import Recipe
-from trainers.task import Task
+from batchscope.trainers.recipes import Recipe
+from batchscope.trainers.task import Task
 
 MODELS = ("mlp", "linear")
 DEFAULTS: dict[str, Any] = {"n_examples": 2000, "dim": 16, "hidden": 64, "noise": 0.1, "data_seed": 0}

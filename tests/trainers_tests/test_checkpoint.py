@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from trainers.checkpoint import CheckpointPolicy
-from trainers.loop import train
-from trainers.spec import RecordingSink, TrainSpec
+from batchscope.trainers.checkpoint import CheckpointPolicy
+from batchscope.trainers.loop import train
+from batchscope.trainers.spec import RecordingSink, TrainSpec
 
 
 def spec(**kw: object) -> TrainSpec:

@@ -20,10 +20,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from trainers import distributed
-from trainers.checkpoint import CheckpointPolicy
-from trainers.loop import train
-from trainers.spec import RecordingSink, TrainResult, TrainSpec
+from batchscope.trainers import distributed
+from batchscope.trainers.checkpoint import CheckpointPolicy
+from batchscope.trainers.loop import train
+from batchscope.trainers.spec import RecordingSink, TrainResult, TrainSpec
 
 WORLD = 2
 LOSS_RTOL = 1e-4

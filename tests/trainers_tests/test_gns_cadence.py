@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from trainers.checkpoint import CheckpointPolicy
-from trainers.gns import Cadence
-from trainers.loop import train
-from trainers.spec import RecordingSink, TrainSpec
+from batchscope.trainers.checkpoint import CheckpointPolicy
+from batchscope.trainers.gns import Cadence
+from batchscope.trainers.loop import train
+from batchscope.trainers.spec import RecordingSink, TrainSpec
 
 
 def test_fixed_cadence_measures_every_nth_step() -> None:

@@ -16,6 +16,9 @@ import pytest
 import torch
 from torch import nn
 
+from batchscope.trainers.loop import train
+from batchscope.trainers.spec import RecordingSink, TrainSpec
+from batchscope.trainers.task import LossFn, Task
 from tests.trainers_tests.test_noise_scale import (  # one_thread: the same autouse fixture here
     exact_b_simple,
     half_squared_error,
@@ -23,9 +26,6 @@ from tests.trainers_tests.test_noise_scale import (  # one_thread: the same auto
     mlp_problem,
     one_thread,  # noqa: F401
 )
-from trainers.loop import train
-from trainers.spec import RecordingSink, TrainSpec
-from trainers.task import LossFn, Task
 
 SEEDS = range(20)
 

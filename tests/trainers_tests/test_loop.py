@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from trainers.loop import crossing, micro_batches, train
-from trainers.spec import RecordingSink, TrainSpec
+from batchscope.trainers.loop import crossing, micro_batches, train
+from batchscope.trainers.spec import RecordingSink, TrainSpec
 
 OPTS = {"num_samples": 1200}
 
@@ -149,7 +149,7 @@ def test_final_validation_is_the_last_evaluation_not_a_second_one(
     monkeypatch: pytest.MonkeyPatch, max_steps: int, stop: int | None
 ) -> None:
     """The run ends on an evaluation (its last step, or a pruning stop): the final val_* are that one's values."""
-    import trainers.loop as loop
+    import batchscope.trainers.loop as loop
 
     calls: list[int] = []
     real = loop.evaluate
@@ -181,7 +181,7 @@ def test_final_validation_is_the_last_evaluation_not_a_second_one(
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_the_optimizer_is_fused_on_cpu_and_steps_like_torchs_default(optimizer: str) -> None:
     """Fused kernels make a small model's step 2-3.5x faster on the CPU; the updates must not change."""
-    from trainers.loop import make_optimizer
+    from batchscope.trainers.loop import make_optimizer
 
     s = spec(optimizer=optimizer, weight_decay=0.01)
     torch.manual_seed(0)

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.autobatch import AutoBatchError, MemoryProber, Probe, find_batch_size, search_batch_size
-from trainers.loop import is_oom_error, micro_batches, train
-from trainers.recipes import build_task
-from trainers.spec import RecordingSink, TrainSpec
-from trainers.task import Task
-from trainers.throughput import measure_inference
+from batchscope.trainers.autobatch import AutoBatchError, MemoryProber, Probe, find_batch_size, search_batch_size
+from batchscope.trainers.loop import is_oom_error, micro_batches, train
+from batchscope.trainers.recipes import build_task
+from batchscope.trainers.spec import RecordingSink, TrainSpec
+from batchscope.trainers.task import Task
+from batchscope.trainers.throughput import measure_inference
 
 OPTS = {"num_samples": 1200}
 REPO = Path(__file__).resolve().parents[2]
@@ -92,9 +92,9 @@ _LIMITED_CHILD = textwrap.dedent(
     """
     import json, resource
     import torch
-    from trainers.loop import is_oom_error, train
-    from trainers.spec import TrainSpec
-    from trainers.throughput import measure_inference
+    from batchscope.trainers.loop import is_oom_error, train
+    from batchscope.trainers.spec import TrainSpec
+    from batchscope.trainers.throughput import measure_inference
 
     def spec(batch_size):
         return TrainSpec(recipe_options={"num_samples": 1200}, batch_size=batch_size, max_steps=2,

@@ -14,14 +14,14 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from batchscope.trainers.loop import target_reached, train
+from batchscope.trainers.recipes import RECIPES, build_task, get_recipe
+from batchscope.trainers.recipes.charlm import CausalSelfAttention, CharLMOptions
+from batchscope.trainers.recipes.cifar10 import load_cifar10, random_crop, random_flip
+from batchscope.trainers.recipes.digits import DigitsOptions
+from batchscope.trainers.spec import RecordingSink, TrainResult, TrainSpec
+from batchscope.trainers.task import Task
 from tests.trainers_tests.cifar_fixtures import write_fake_cifar10
-from trainers.loop import target_reached, train
-from trainers.recipes import RECIPES, build_task, get_recipe
-from trainers.recipes.charlm import CausalSelfAttention, CharLMOptions
-from trainers.recipes.cifar10 import load_cifar10, random_crop, random_flip
-from trainers.recipes.digits import DigitsOptions
-from trainers.spec import RecordingSink, TrainResult, TrainSpec
-from trainers.task import Task
 
 CPU = torch.device("cpu")
 EXAMPLE = "tests.trainers_tests.example_recipe"

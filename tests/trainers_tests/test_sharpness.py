@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainers.sharpness import top_hessian_eigenvalue
-from trainers.task import LossFn
+from batchscope.trainers.sharpness import top_hessian_eigenvalue
+from batchscope.trainers.task import LossFn
 
 
 class Vector(nn.Module):

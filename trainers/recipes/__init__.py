@@ -1,7 +1,7 @@
 """The registry of training recipes: name -> models, options, builder.
 
 Built-in recipes are looked up by name (`mnist1d`, `digits`, `cifar10`, `charlm`).
-Their models, options and metrics come from `trainers.recipes.options`, which does not
+Their models, options and metrics come from `batchscope.trainers.recipes.options`, which does not
 import torch, so a config is checked without it (the sweep process never imports torch);
 a recipe's own module is imported when its task is built.
 A user's own recipe is named by import path, `package.module:attribute`, where the
@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from trainers.recipes import files
-from trainers.recipes import options as builtin
+from batchscope.trainers.recipes import files
+from batchscope.trainers.recipes import options as builtin
 
 if TYPE_CHECKING:
     import torch
 
-    from trainers.task import Task
+    from batchscope.trainers.task import Task
 
 DEFAULT_METRICS = ("val/loss", "val/acc", "train/loss")
 
@@ -57,10 +57,10 @@ class UserOptions(BaseModel):
 
 
 def _deferred(name: str, attr: str) -> Callable[..., Any]:
-    """`trainers.recipes.<name>.<attr>`, its module imported at the first call (it imports torch)."""
+    """`batchscope.trainers.recipes.<name>.<attr>`, its module imported at the first call (it imports torch)."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        return getattr(importlib.import_module(f"trainers.recipes.{name}"), attr)(*args, **kwargs)
+        return getattr(importlib.import_module(f"batchscope.trainers.recipes.{name}"), attr)(*args, **kwargs)
 
     call.__qualname__ = call.__name__ = f"{name}.{attr}"
     return call
@@ -167,7 +167,7 @@ def check_task(task: object, device: torch.device, name: str) -> None:
     import torch
     from torch import nn
 
-    from trainers.task import Task
+    from batchscope.trainers.task import Task
 
     if not isinstance(task, Task):
         raise ValueError(f"recipe {name!r} returned a {type(task).__name__}, not a trainers.task.Task.")

@@ -18,12 +18,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from trainers.recipes.files import charlm_num_train as num_train  # noqa: F401  (the registry's)
-from trainers.recipes.files import read_text, split_lengths
-from trainers.recipes.options import CHARLM_METRICS as METRICS  # noqa: F401  (the registry's)
-from trainers.recipes.options import CHARLM_MODELS as MODELS
-from trainers.recipes.options import CharLMOptions
-from trainers.task import Task
+from batchscope.trainers.recipes.files import charlm_num_train as num_train  # noqa: F401  (the registry's)
+from batchscope.trainers.recipes.files import read_text, split_lengths
+from batchscope.trainers.recipes.options import CHARLM_METRICS as METRICS  # noqa: F401  (the registry's)
+from batchscope.trainers.recipes.options import CHARLM_MODELS as MODELS
+from batchscope.trainers.recipes.options import CharLMOptions
+from batchscope.trainers.task import Task
 
 
 def windows(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainers.recipes.files import CIFAR10_TEST_FILE as TEST_FILE  # noqa: F401  (tests and users)
-from trainers.recipes.files import CIFAR10_TRAIN_FILES as TRAIN_FILES  # noqa: F401
-from trainers.recipes.files import cifar10_num_train as num_train  # noqa: F401  (the registry's)
-from trainers.recipes.files import load_cifar10
-from trainers.recipes.options import CIFAR10_MODELS as MODELS
-from trainers.recipes.options import Cifar10Options
-from trainers.task import Task
+from batchscope.trainers.recipes.files import CIFAR10_TEST_FILE as TEST_FILE  # noqa: F401  (tests and users)
+from batchscope.trainers.recipes.files import CIFAR10_TRAIN_FILES as TRAIN_FILES  # noqa: F401
+from batchscope.trainers.recipes.files import cifar10_num_train as num_train  # noqa: F401  (the registry's)
+from batchscope.trainers.recipes.files import load_cifar10
+from batchscope.trainers.recipes.options import CIFAR10_MODELS as MODELS
+from batchscope.trainers.recipes.options import Cifar10Options
+from batchscope.trainers.task import Task
 
 # Per-channel mean and standard deviation of the CIFAR-10 training images, in [0, 1] units.
 MEAN = (0.4914, 0.4822, 0.4465)

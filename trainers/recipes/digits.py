@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainers.recipes.options import DIGITS_MODELS as MODELS
-from trainers.recipes.options import DIGITS_NUM_EXAMPLES as NUM_EXAMPLES  # noqa: F401  (re-exported)
-from trainers.recipes.options import DigitsOptions, Norm
-from trainers.recipes.options import digits_num_train as num_train  # noqa: F401  (the registry's)
-from trainers.task import Task, classification_task
+from batchscope.trainers.recipes.options import DIGITS_MODELS as MODELS
+from batchscope.trainers.recipes.options import DIGITS_NUM_EXAMPLES as NUM_EXAMPLES  # noqa: F401  (re-exported)
+from batchscope.trainers.recipes.options import DigitsOptions, Norm
+from batchscope.trainers.recipes.options import digits_num_train as num_train  # noqa: F401  (the registry's)
+from batchscope.trainers.task import Task, classification_task
 
 
 def load_arrays(options: DigitsOptions) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainers.recipes.options import CharLMOptions, Cifar10Options
+from batchscope.trainers.recipes.options import CharLMOptions, Cifar10Options
 
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch"

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainers.recipes.options import MNIST1D_MODELS as MODELS
-from trainers.recipes.options import Mnist1dOptions
-from trainers.recipes.options import mnist1d_num_train as num_train  # noqa: F401  (the registry's)
-from trainers.task import Task, classification_task
+from batchscope.trainers.recipes.options import MNIST1D_MODELS as MODELS
+from batchscope.trainers.recipes.options import Mnist1dOptions
+from batchscope.trainers.recipes.options import mnist1d_num_train as num_train  # noqa: F401  (the registry's)
+from batchscope.trainers.task import Task, classification_task
 
 
 def cache_dir() -> Path:
