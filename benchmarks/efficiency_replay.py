@@ -83,7 +83,7 @@ def landscape(space: Space, train_seed: int, processes: int = 2) -> World:
     cfg = sweep_config(space, "landscape", "grid", "none", 1, 0)
     raw = json.loads(cfg.model_dump_json())
     # Keyed by what a run depends on: the trainer code and the spec (a change to the search does not retrain).
-    from batchscope.sweeps.runner import make_spec
+    from batchscope.sweeps.specs import make_spec
 
     spec = make_spec(cfg, space.batch_sizes[0], space.lr_low, train_seed).to_dict()
     parts = [spec, raw["train"], LR_POINTS, code_digest(("trainers",))]

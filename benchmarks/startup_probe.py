@@ -98,7 +98,8 @@ def main(config: Path, launched_at: float) -> list[Phase]:
     lap("reads + validates the config (sweeps.config: pydantic; no torch)")
     from dataclasses import replace
 
-    from batchscope.sweeps.runner import Sweep, make_spec
+    from batchscope.sweeps.runner import Sweep
+    from batchscope.sweeps.specs import make_spec
 
     lap("imports: sweeps.runner (optuna, mlflow)")
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401

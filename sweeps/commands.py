@@ -343,7 +343,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_autobatch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # --fraction, --budget-mb, --max-batch: checked by the parser
     from batchscope.sweeps.memory import probe_lr
-    from batchscope.sweeps.runner import make_spec
+    from batchscope.sweeps.specs import make_spec
     from batchscope.trainers.autobatch import AutoBatchError, find_batch_size
 
     spec = make_spec(cfg, 1, probe_lr(cfg), cfg.train.seeds[0])
@@ -369,8 +369,8 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
     if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
         raise UserError(f"--batch-sizes must be integers from 1 to 2**24 = {MAX_BATCH:,}, got {args.batch_sizes!r}")
-    from batchscope.sweeps.runner import make_spec
     from batchscope.sweeps.single import log_throughput, resolve_weights
+    from batchscope.sweeps.specs import make_spec
     from batchscope.trainers.throughput import inference_table, measure_inference
 
     weights, source_run = resolve_weights(cfg, args.checkpoint)

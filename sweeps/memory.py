@@ -12,6 +12,7 @@ from typing import Any
 
 from batchscope.sweeps.config import BatchRange, LrRange, SweepConfig
 from batchscope.sweeps.errors import UserError
+from batchscope.sweeps.specs import make_spec
 
 ATTR = "batchscope.autobatch"
 # Training also evaluates and measures the noise scale: leave some headroom.
@@ -25,7 +26,6 @@ def needs_autobatch(cfg: SweepConfig) -> bool:
 
 def measure(cfg: SweepConfig, *, fraction: float = SWEEP_FRACTION, budget_mb: float | None = None) -> Any:
     """Run AutoBatch for the config's model, precision and device."""
-    from batchscope.sweeps.runner import make_spec
     from batchscope.trainers.autobatch import AutoBatchError, find_batch_size
 
     spec = make_spec(cfg, 1, probe_lr(cfg), cfg.train.seeds[0])

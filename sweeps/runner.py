@@ -25,9 +25,10 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
 import batchscope
-from batchscope.sweeps import diskspace, frontier, memcap, memory, space
-from batchscope.sweeps.config import SweepConfig, config_to_dict, torch_has_gpu_support
+from batchscope.sweeps import diskspace, frontier, memory, space
+from batchscope.sweeps.config import SweepConfig, config_to_dict
 from batchscope.sweeps.errors import UserError
+from batchscope.sweeps.specs import budget_num_train, make_spec, memory_cap, run_params, slot_device
 from batchscope.sweeps.stores import (
     Stores,
     check_tracking,
@@ -40,7 +41,6 @@ from batchscope.sweeps.stores import (
 )
 from batchscope.sweeps.tracking import REASON, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker
 from batchscope.sweeps.worker import Job, TrialError, TrialWorker, WorkerDied
-from batchscope.trainers.recipes import get_recipe
 from batchscope.trainers.spec import CheckpointPolicy, TrainResult, TrainSpec
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -844,149 +844,7 @@ class Sweep:
         return result
 
 
-def memory_cap(cfg: SweepConfig, trials_at_once: int) -> float | None:
-    """A CPU trial's memory cap in MB: `train.memory_limit_mb`, else a share of the memory available
-    now split between the trials at a time (sweeps.memcap); none on a GPU or under torchrun."""
-    if cfg.train.distributed.nproc > 1:
-        return None
-    if cfg.train.memory_limit_mb is not None:
-        return float(cfg.train.memory_limit_mb)
-    device, _ = planned_device(cfg.device, cfg.precision)
-    return memcap.default_cap_mb(trials_at_once) if device == "cpu" else None
-
-
 def _stopped_reason(t: optuna.trial.FrozenTrial, what: str) -> str:
     if space.sampled(t.params):
         return f"{what} while this trial was running; re-run with the same parameters"
     return f"{what} before this trial's parameters were sampled; a new trial takes its place"
-
-
-def slot_device(device: str, slot: int) -> str:
-    """With several GPUs, parallel trial slots take one GPU each (cuda:0, cuda:1, ...)."""
-    if device not in ("auto", "cuda") or not torch_has_gpu_support():
-        return device
-    import torch
-
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n <= 1:
-        return device
-    return f"cuda:{slot % n}"
-
-
-def make_spec(
-    cfg: SweepConfig,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    num_train: int | None = None,
-    max_micro: int | None = None,
-) -> TrainSpec:
-    t = cfg.train
-    if t.max_steps is None and (t.max_samples is not None or t.max_epochs is not None) and num_train is None:
-        num_train = _num_train(cfg)
-    fixed = t.micro_batch_size if isinstance(t.micro_batch_size, int) else None
-    # `auto`: split only the batches larger than what fits (max_micro, measured by AutoBatch).
-    limit = fixed if fixed is not None else max_micro
-    micro = limit if limit is not None and limit < batch_size else None
-    return TrainSpec(
-        recipe=cfg.trainer.recipe,
-        model=cfg.trainer.model,
-        recipe_options=cfg.trainer.options,
-        batch_size=batch_size,
-        micro_batch_size=micro,
-        lr=lr,
-        optimizer=t.optimizer,
-        momentum=t.momentum,
-        weight_decay=t.weight_decay,
-        max_steps=t.steps_for(batch_size, num_train or 1),
-        eval_every=t.eval_every,
-        log_every=t.log_every,
-        schedule=t.schedule,
-        lr_scaling=t.lr_scaling.rule,
-        reference_batch=t.lr_scaling.reference_batch,
-        warmup_steps=t.lr_scaling.warmup_steps,
-        target_metric=t.target.metric if t.target else None,
-        target_value=t.target.value if t.target else None,
-        stop_at_target=bool(t.target and t.target.stop),
-        seed=seed,
-        device=cfg.device,
-        precision=cfg.precision,
-        compile=t.compile,
-        gns=t.gns.enabled,
-        gns_every=None if t.gns.every == "auto" else t.gns.every,
-        gns_budget=t.gns.max_overhead,
-        gns_window=None if t.gns.window == "auto" else t.gns.window,
-        divergence_factor=t.divergence_factor,
-        sharpness=t.sharpness.enabled,
-        sharpness_iters=t.sharpness.iters,
-        sharpness_tol=t.sharpness.tol,
-    )
-
-
-def budget_num_train(cfg: SweepConfig) -> int | None:
-    """The training-set size when the budget is in samples or epochs (needed to count steps), else None."""
-    t = cfg.train
-    return _num_train(cfg) if t.max_steps is None and (t.max_samples or t.max_epochs) else None
-
-
-def _num_train(cfg: SweepConfig) -> int:
-    # Sample and epoch budgets need the training-set size; recipes know it without building the model.
-    recipe = get_recipe(cfg.trainer.recipe)
-    opts = recipe.options.model_validate(cfg.trainer.options)
-    if recipe.num_train is not None:
-        return int(recipe.num_train(opts))
-    n = getattr(opts, "num_samples", None)
-    split = getattr(opts, "train_split", 1.0)
-    if not n:
-        raise UserError(
-            f"train.max_epochs/max_samples need the training-set size, which recipe {cfg.trainer.recipe!r} "
-            "does not give (Recipe.num_train); use train.max_steps"
-        )
-    return int(n * split)
-
-
-# trainers.device.resolve_precision on the CPU, where it needs no torch.
-_CPU_PRECISION = {"auto": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
-
-
-def planned_device(device: str, precision: str) -> tuple[str, str]:
-    """The device and precision a trial will train with, as the worker resolves them (trainers.device)."""
-    if device in ("auto", "cpu") and precision in _CPU_PRECISION and not torch_has_gpu_support():
-        return "cpu", _CPU_PRECISION[precision]
-    from batchscope.trainers.device import resolve_device, resolve_precision
-
-    resolved = resolve_device(device)
-    return str(resolved), resolve_precision(precision, resolved)
-
-
-def run_params(spec: TrainSpec, cfg: SweepConfig) -> dict[str, Any]:
-    """The contract's child-run params that the sweep decides.
-
-    What the trainer resolves (device, precision, micro-batch, accumulation steps, effective lr,
-    world size) it logs itself through its sink before the first step (trainers.loop): guessed
-    here, a DDP trial's micro-batch was logged as the whole batch while each process saw half.
-    """
-    opts = ",".join(f"{k}={v}" for k, v in sorted(spec.recipe_options.items()))
-    return {
-        "batch_size": spec.batch_size,
-        "lr": spec.lr,
-        "optimizer": spec.optimizer,
-        "momentum": spec.momentum,
-        "weight_decay": spec.weight_decay,
-        "seed": spec.seed,
-        "trainer": spec.recipe,
-        "model": spec.model,
-        "dataset": f"{spec.recipe}({opts})" if opts else spec.recipe,
-        "max_steps": spec.max_steps,
-        "eval_every": spec.eval_every,
-        "lr_scaling": spec.lr_scaling,
-        "reference_batch": spec.reference_batch,
-        "warmup_steps": spec.warmup_steps,
-        "schedule": spec.schedule,
-        "target": f"{spec.target_metric}={spec.target_value}" if spec.target_metric else None,
-        "gns": spec.gns,
-        # With the cadence chosen from timed steps (None here) the chosen one is logged at the end.
-        "gns_every": spec.gns_every if spec.gns else None,
-        "gns_max_overhead": spec.gns_budget if spec.gns and spec.gns_every is None else None,
-        "divergence_factor": spec.divergence_factor,
-    }

@@ -195,7 +195,8 @@ def test_the_sweep_process_does_not_import_torch(workdir: Path) -> None:
         f"""
         import batchscope.sweeps.cli, batchscope.sweeps.commands, batchscope.sweeps.progress
         from batchscope.sweeps.commands import load_config
-        from batchscope.sweeps.runner import Sweep, planned_device, run_params
+        from batchscope.sweeps.runner import Sweep
+        from batchscope.sweeps.specs import planned_device, run_params
 
         cfg = load_config({str(config)!r})
         sweep = Sweep(cfg)
