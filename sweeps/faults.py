@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
+
+from batchscope.trainers.spec import TrainSpec
 
 ENV = "BATCHSCOPE_FAULTS"
 KINDS = ("raise", "exit", "segv", "nan")
@@ -37,6 +40,20 @@ def parse(text: str | None) -> dict[int, Fault]:
 
 def for_trial(trial_number: int) -> Fault | None:
     return parse(os.environ.get(ENV)).get(trial_number)
+
+
+def inject(spec: TrainSpec, sink: Any, trial_number: int) -> tuple[TrainSpec, Any]:
+    """The spec and sink a trial trains with once its fault (if any) is planted.
+
+    `nan` makes the run truly diverge (a huge SGD step); the others strike from the sink when
+    the run reaches the fault's step. A rank without a sink (DDP ranks other than 0) gets none.
+    """
+    fault = for_trial(trial_number)
+    if fault is None:
+        return spec, sink
+    if fault.kind == "nan":
+        return replace(spec, lr=1e12, optimizer="sgd"), sink
+    return spec, (FaultySink(sink, fault) if sink is not None else None)
 
 
 class InjectedFault(RuntimeError):

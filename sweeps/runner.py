@@ -28,6 +28,7 @@ import batchscope
 from batchscope.sweeps import diskspace, frontier, memory, space
 from batchscope.sweeps.config import SweepConfig, config_to_dict
 from batchscope.sweeps.errors import UserError
+from batchscope.sweeps.job import Job
 from batchscope.sweeps.specs import budget_num_train, make_spec, memory_cap, run_params, slot_device
 from batchscope.sweeps.stores import (
     Stores,
@@ -40,7 +41,7 @@ from batchscope.sweeps.stores import (
     safe_name,
 )
 from batchscope.sweeps.tracking import REASON, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker
-from batchscope.sweeps.worker import Job, TrialError, TrialWorker, WorkerDied
+from batchscope.sweeps.worker import TrialError, TrialWorker, WorkerDied
 from batchscope.trainers.spec import CheckpointPolicy, TrainResult, TrainSpec
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)

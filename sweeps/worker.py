@@ -8,7 +8,7 @@ and starts a fresh worker (CUDA errors cannot poison the next trial). Start-up
 (importing torch, mlflow) is paid once per worker, not per trial.
 
 A job with `nproc > 1` runs data parallel: the worker starts torchrun with that
-many processes (sweeps/ddp_entry.py), waits for it and sends its outcome the same
+many processes (sweeps/ddp_launch.py), waits for it and sends its outcome the same
 way. Such trials are not pruned, and their progress is relayed through a file.
 """
 
@@ -17,41 +17,19 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
-import pickle
 import signal
-import subprocess
-import sys
-import tempfile
 import time
-import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchscope.trainers.spec import TrainResult, TrainSpec
+from batchscope.sweeps.child import ProgressThrottle, die_with_parent
+from batchscope.sweeps.job import Job, error_outcome
+from batchscope.trainers.spec import TrainResult
 
-if TYPE_CHECKING:  # importing torch here would delay spawning the worker, which imports it anyway
+if TYPE_CHECKING:
     from batchscope.sweeps.sink import MetricWriter, Row
-    from batchscope.trainers.checkpoint import CheckpointPolicy
-
-_PROGRESS_EVERY_S = 0.25
-# After a stop request, how long a torchrun trial gets to stop at its next logging point.
-_STOP_GRACE_S = 30.0
-
-
-@dataclass(frozen=True)
-class Job:
-    spec: TrainSpec
-    run_id: str
-    tracking_uri: str
-    trial_number: int
-    checkpoint: CheckpointPolicy | None = None
-    # Processes training this trial together (torchrun, data parallel); 1 trains in the worker itself.
-    nproc: int = 1
-    # CPU trials: the cap on the worker's memory above its start-up size (sweeps.memcap); None: none.
-    memory_limit_mb: float | None = None
 
 
 class WorkerDied(Exception):
@@ -266,43 +244,6 @@ class PipeTransport:
         self._conn.send(("params", run_id, dict(values)))
 
 
-def _sender(conn: Connection) -> Callable[[int, float], None]:
-    return lambda step, loss: conn.send(("step", step, loss))
-
-
-class ProgressThrottle:
-    """Hands the latest training loss to `send`, at most a few times a second."""
-
-    def __init__(self, send: Callable[[int, float], None]) -> None:
-        self._send = send
-        self._last = 0.0
-
-    def __call__(self, step: int, values: Mapping[str, float]) -> None:
-        loss = values.get("train/loss")
-        now = time.monotonic()
-        if loss is not None and now - self._last >= _PROGRESS_EVERY_S:
-            self._last = now
-            self._send(step, float(loss))
-
-
-def die_with_parent() -> None:
-    """Linux: the kernel kills this process when its parent dies (even by SIGKILL)."""
-    with contextlib.suppress(Exception):
-        _set_parent_death_signal()()
-
-
-def _set_parent_death_signal() -> Callable[[], None]:
-    """A function that sets PR_SET_PDEATHSIG; libc is looked up here, not in a forked child."""
-    import ctypes
-
-    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-
-    def set_it() -> None:
-        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-    return set_it
-
-
 def _prewarm() -> None:
     """Pay lazy first-use costs while the sweep is still setting up its stores, not on the
     first trial's clock: torch imports torch._dynamo on the first optimizer (about 1.5 s)."""
@@ -320,6 +261,7 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
     if os.getppid() != parent_pid:
         return
     from batchscope.sweeps import faults, memcap
+    from batchscope.sweeps.ddp_launch import run_distributed
     from batchscope.sweeps.sink import MlflowSink
     from batchscope.sweeps.stores import quiet_libraries
     from batchscope.trainers.loop import train
@@ -343,7 +285,7 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
         job: Job = msg[1]
         memcap.apply_cap(job.memory_limit_mb if job.nproc == 1 else None, baseline_kb)
         if job.nproc > 1:
-            conn.send(_run_distributed(job, conn, stop, parent_pid))
+            conn.send(run_distributed(job, conn, stop, parent_pid))
             continue
 
         def on_eval(step: int, values: Mapping[str, float]) -> bool:
@@ -357,14 +299,7 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
             on_eval=on_eval,
             on_metrics=ProgressThrottle(lambda step, loss: conn.send(("step", step, loss))),
         )
-        spec = job.spec
-        fault = faults.for_trial(job.trial_number)
-        run_sink: Any = sink
-        if fault is not None:
-            if fault.kind == "nan":
-                spec = replace(spec, lr=1e12, optimizer="sgd")  # a real divergence
-            else:
-                run_sink = faults.FaultySink(sink, fault)
+        spec, run_sink = faults.inject(job.spec, sink, job.trial_number)
         try:
             result = train(
                 spec,
@@ -377,8 +312,7 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
         except Exception as exc:
             with contextlib.suppress(Exception):
                 sink.close(timeout=30)
-            text = str(exc).splitlines()[0] if str(exc) else ""
-            conn.send(("error", f"{type(exc).__name__}: {text}", traceback.format_exc()))
+            conn.send(error_outcome(exc))
 
 
 def _export_weights(checkpoint: str, dest: str) -> str | None:
@@ -390,94 +324,3 @@ def _export_weights(checkpoint: str, dest: str) -> str | None:
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
-
-
-def _run_distributed(job: Job, conn: Connection, stop: Any, parent_pid: int) -> tuple[Any, ...]:
-    """Run `job` under torchrun in `job.nproc` processes; the ("done", ...) or ("error", ...) message."""
-    from batchscope.sweeps import ddp_entry
-
-    with tempfile.TemporaryDirectory(prefix="batchscope-ddp-") as tmp:
-        job_file, result_file, log_file = Path(tmp, "job.pkl"), Path(tmp, "result.pkl"), Path(tmp, "torchrun.log")
-        with open(job_file, "wb") as f:
-            pickle.dump(job, f)
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",  # rendezvous on a free local port
-            "--nproc_per_node",
-            str(job.nproc),
-            "-m",
-            "batchscope.sweeps.ddp_entry",
-            str(job_file),
-            str(result_file),
-        ]
-        with open(log_file, "wb") as log:
-            # Its own process group, to end torchrun with all it started; and it dies with this worker.
-            proc = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=_set_parent_death_signal(),
-            )
-        progress = _ProgressRelay(ddp_entry.progress_file(result_file), conn)
-        stop_asked: float | None = None
-        try:
-            while proc.poll() is None:
-                time.sleep(0.2)
-                if os.getppid() != parent_pid:
-                    return ("error", "the sweep process is gone", "")
-                if stop.is_set() and stop_asked is None:
-                    ddp_entry.stop_file(result_file).touch()  # rank 0 stops every rank at the next logging point
-                    stop_asked = time.monotonic()
-                if stop_asked is not None and time.monotonic() - stop_asked > _STOP_GRACE_S:
-                    _end_process_group(proc)
-                progress.relay()
-        finally:
-            _end_process_group(proc)
-        # Rank 0's outcome; else the first error another rank recorded (torchrun may have ended rank 0 first).
-        records = [result_file, *(ddp_entry.rank_error_file(result_file, r) for r in range(1, job.nproc))]
-        for record in records:
-            try:
-                with open(record, "rb") as f:
-                    outcome: tuple[Any, ...] = pickle.load(f)
-                return outcome
-            except (OSError, EOFError, pickle.UnpicklingError):
-                continue
-        log_tail = log_file.read_text(errors="replace")[-8000:]
-        return ("error", f"torchrun exited with code {proc.returncode} before any rank wrote a result", log_tail)
-
-
-class _ProgressRelay:
-    """Sends rank 0's latest training loss (kept in a file) to the sweep process when it changes."""
-
-    def __init__(self, path: Path, conn: Connection) -> None:
-        self._path = path
-        self._conn = conn
-        self._step = -1
-
-    def relay(self) -> None:
-        try:
-            with open(self._path, "rb") as f:
-                step, loss = pickle.load(f)
-        except (OSError, EOFError, pickle.UnpicklingError):
-            return
-        if step != self._step:
-            self._step = step
-            self._conn.send(("step", step, loss))
-
-
-def _end_process_group(proc: subprocess.Popen[bytes]) -> None:
-    """Stop torchrun (it stops its ranks on SIGTERM; they die with it in any case)."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
