@@ -108,7 +108,8 @@ def run_sweep(cfg: Any, n_trials: int | None = None) -> list[TrialCompute]:
 
     Each trial's steps come from its MLflow run.
     """
-    from batchscope.sweeps.runner import QuietReporter, Sweep
+    from batchscope.sweeps.progress import QuietReporter
+    from batchscope.sweeps.runner import Sweep
 
     sweep = Sweep(cfg)
     sweep.run(n_trials, QuietReporter())

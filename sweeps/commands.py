@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from batchscope.sweeps import optuna_attrs as attrs
 from batchscope.sweeps.errors import UserError
 
 if TYPE_CHECKING:
@@ -504,13 +505,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row(
             str(t.number),
             t.state.name,
-            escape(str(t.user_attrs.get("status", ""))),
+            escape(str(t.user_attrs.get(attrs.STATUS, ""))),
             str(t.params.get("batch_size", "")),
             f"{t.params['lr']:.4g}" if "lr" in t.params else "",
             vals,
             "" if stt is None or not math.isfinite(stt) else f"{stt:.0f}",
-            escape(str(t.user_attrs.get("mlflow_run_id", ""))),
-            escape(str(t.user_attrs.get("reason", ""))[:80]),
+            escape(str(t.user_attrs.get(attrs.MLFLOW_RUN_ID, ""))),
+            escape(str(t.user_attrs.get(attrs.REASON, ""))[:80]),
         )
     out.print(table)
     return 0

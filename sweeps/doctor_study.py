@@ -15,8 +15,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from batchscope.sweeps import optuna_attrs as attrs
 from batchscope.sweeps.doctor_finding import Finding
 from batchscope.sweeps.doctor_mlflow import child_runs, close_run, running_train_runs, sweep_run_id, trial_number
+from batchscope.sweeps.owners import worker_alive
 from batchscope.sweeps.stores import Stores, redact
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -84,14 +86,12 @@ def check_study(name: str, storage: optuna.storages.BaseStorage | None, tracker:
 
 # ---- trials whose worker is gone -------------------------------------------------------
 def _dead_trials(s: _Study, tracker: Any) -> list[Finding]:
-    from batchscope.sweeps.runner import _worker_alive
-
     findings = []
     for t in s.trials.values():
         if t.state != TrialState.RUNNING:
             continue
-        worker = t.user_attrs.get("worker")
-        if _worker_alive(worker, t.datetime_start):
+        worker = t.user_attrs.get(attrs.WORKER)
+        if worker_alive(worker, t.datetime_start):
             continue
         again = " and queue it to run again with the same parameters" if _sampled(t) else ""
         findings.append(
@@ -107,12 +107,12 @@ def _dead_trials(s: _Study, tracker: Any) -> list[Finding]:
 
 
 def _fail_dead_trial(s: _Study, t: FrozenTrial, tracker: Any) -> str:
-    """What `Sweep._fail_and_requeue` does on resume, and its runs closed (`close_stale_runs`)."""
-    from batchscope.sweeps.runner import Sweep, _stopped_reason
+    """What `Recovery._fail_and_requeue` does on resume, and its runs closed (`close_stale_runs`)."""
+    from batchscope.sweeps.recovery import requeue, stopped_reason
     from batchscope.sweeps.tracking import REASON, STATUS, STUDY, TRIAL
 
     storage = s.storage
-    reason = _stopped_reason(t, "its worker stopped")
+    reason = stopped_reason(t, "its worker stopped")
     linked = _linked_runs(t)
     tagged = [r.info.run_id for r in s.runs_by_trial.get(t.number, [])]
     run_ids = linked + [rid for rid in tagged if rid not in linked]
@@ -123,17 +123,17 @@ def _fail_dead_trial(s: _Study, t: FrozenTrial, tracker: Any) -> str:
         run_ids = [tracker.trial_run(s.experiment_id, s.parent_run_id, f"trial {t.number}", dict(t.params), tags)]
         did.append("recorded a closed run for it")
     if run_ids != linked:
-        storage.set_trial_user_attr(t._trial_id, "mlflow_run_ids", run_ids)
-        storage.set_trial_user_attr(t._trial_id, "mlflow_run_id", t.user_attrs.get("mlflow_run_id", run_ids[0]))
+        storage.set_trial_user_attr(t._trial_id, attrs.MLFLOW_RUN_IDS, run_ids)
+        storage.set_trial_user_attr(t._trial_id, attrs.MLFLOW_RUN_ID, t.user_attrs.get(attrs.MLFLOW_RUN_ID, run_ids[0]))
         if any(rid not in linked for rid in tagged):
             did.append("linked its runs by their tags")
-    storage.set_trial_user_attr(t._trial_id, "status", "failed")
-    storage.set_trial_user_attr(t._trial_id, "reason", reason)
+    storage.set_trial_user_attr(t._trial_id, attrs.STATUS, "failed")
+    storage.set_trial_user_attr(t._trial_id, attrs.REASON, reason)
     if not storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
         return "another process ended it first"
     did.append("failed it")
     if _sampled(t):
-        Sweep._requeue(s.study, t)
+        requeue(s.study, t)
         did.append("queued it again with the same parameters")
     if tracker is not None:
         for run_id in run_ids:
@@ -228,7 +228,6 @@ def _unlinked_trials(s: _Study, tracker: Any) -> list[Finding]:
 def _dead_train_runs(name: str, tracker: Any, experiment_id: str) -> list[Finding]:
     """Train runs RUNNING whose process is gone (a `kill -9` leaves them so for good). Like a
     trial's worker, a process on another host is trusted; a run naming no process is only noted."""
-    from batchscope.sweeps.runner import _worker_alive
     from batchscope.sweeps.tracking import WORKER
 
     findings = []
@@ -243,7 +242,7 @@ def _dead_train_runs(name: str, tracker: Any, experiment_id: str) -> list[Findin
                     level="note",
                 )
             )
-        elif not _worker_alive(worker, None):
+        elif not worker_alive(worker, None):
             findings.append(
                 _closable(name, f"train run {run_id} is RUNNING, but its process {worker} is not running", tracker, run)
             )
@@ -251,10 +250,10 @@ def _dead_train_runs(name: str, tracker: Any, experiment_id: str) -> list[Findin
 
 
 def _linked_runs(t: FrozenTrial) -> list[str]:
-    ids = t.user_attrs.get("mlflow_run_ids")
+    ids = t.user_attrs.get(attrs.MLFLOW_RUN_IDS)
     if ids:
         return [str(i) for i in ids]
-    return [str(t.user_attrs["mlflow_run_id"])] if "mlflow_run_id" in t.user_attrs else []
+    return [str(t.user_attrs[attrs.MLFLOW_RUN_ID])] if attrs.MLFLOW_RUN_ID in t.user_attrs else []
 
 
 def _sampled(t: FrozenTrial) -> bool:

@@ -58,6 +58,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 
 from batchscope.analysis.fits import fit_critical_batch, fit_lr_law
+from batchscope.sweeps import optuna_attrs as attrs
 from batchscope.sweeps.frontier_line import DIVERGED, FINITE, PENDING, WORSE, Line
 
 if TYPE_CHECKING:
@@ -205,7 +206,9 @@ class Frontier:
                 loss = value if minimize else -value
                 frontier.lines[b].add(i, FINITE if math.isfinite(loss) else WORSE, loss, t)
             elif t.state == TrialState.PRUNED:
-                frontier.lines[b].add(i, DIVERGED if t.user_attrs.get("status") == "diverged" else WORSE, math.nan, t)
+                frontier.lines[b].add(
+                    i, DIVERGED if t.user_attrs.get(attrs.STATUS) == "diverged" else WORSE, math.nan, t
+                )
             else:
                 frontier.lines[b].add(i, PENDING, math.nan, t)
         return frontier

@@ -1,14 +1,36 @@
-"""Rich progress for a sweep: trials done/total, each running trial's steps and loss, best so far."""
+"""A sweep's progress display: the hooks it calls, and their two drawings.
+
+`RichReporter` (the CLI) shows trials done/total, each running trial's steps and loss, and the
+best so far; `QuietReporter` (tests, benchmarks, the library) shows nothing.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+
+class Reporter(Protocol):
+    """Progress display hooks; the CLI draws them with rich, tests pass `QuietReporter`."""
+
+    def sweep_started(self, study: str, done: int, total: int) -> None: ...
+    def trial_started(self, number: int, params: Mapping[str, Any], seed: int, max_steps: int) -> None: ...
+    def trial_step(self, number: int, step: int, loss: float | None) -> None: ...
+    def trial_finished(self, number: int, status: str, values: list[float] | None, best: str | None) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+class QuietReporter:
+    def sweep_started(self, study: str, done: int, total: int) -> None: ...
+    def trial_started(self, number: int, params: Mapping[str, Any], seed: int, max_steps: int) -> None: ...
+    def trial_step(self, number: int, step: int, loss: float | None) -> None: ...
+    def trial_finished(self, number: int, status: str, values: list[float] | None, best: str | None) -> None: ...
+    def message(self, text: str) -> None: ...
 
 
 class RichReporter:

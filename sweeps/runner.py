@@ -3,69 +3,48 @@
 A trial is one sampled (batch size, lr); it trains once per seed, each seed a
 child run in MLflow. Whatever way a trial ends, its runs are ended and its
 Optuna state says so; running the same command again continues the study.
+
+Opening the study is sweeps.study's; dead trials are sweeps.recovery's; checkpoints are
+sweeps.checkpoints'; a trial trains in a worker process (sweeps.worker). What stays here is
+the slot loop, one trial, and one seed of a trial.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-import os
-import socket
-import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
-import batchscope
-from batchscope.sweeps import diskspace, frontier, memory, space
-from batchscope.sweeps.config import SweepConfig, config_to_dict
+from batchscope.sweeps import diskspace, frontier, space
+from batchscope.sweeps import optuna_attrs as attrs
+from batchscope.sweeps.checkpoints import Checkpoints, checkpoint_dir
+from batchscope.sweeps.config import SweepConfig
 from batchscope.sweeps.errors import UserError
 from batchscope.sweeps.job import Job
-from batchscope.sweeps.specs import budget_num_train, make_spec, memory_cap, run_params, slot_device
-from batchscope.sweeps.stores import (
-    Stores,
-    check_tracking,
-    open_storage,
-    quiet_libraries,
-    redact,
-    resolve,
-    root_dir,
-    safe_name,
-)
-from batchscope.sweeps.tracking import REASON, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker
+from batchscope.sweeps.owners import ask_owned, worker_id
+from batchscope.sweeps.progress import QuietReporter, Reporter
+from batchscope.sweeps.recovery import Recovery, mark_stale
+from batchscope.sweeps.specs import make_spec, memory_cap, run_params, slot_device
+from batchscope.sweeps.stores import Stores, check_tracking, open_storage, quiet_libraries, redact, resolve
+from batchscope.sweeps.study import git_commit, open_study, sweep_params, sweep_tags
+from batchscope.sweeps.tracking import REASON, RETRY_OF, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker
 from batchscope.sweeps.worker import TrialError, TrialWorker, WorkerDied
-from batchscope.trainers.spec import CheckpointPolicy, TrainResult, TrainSpec
+from batchscope.trainers.spec import TrainResult, TrainSpec
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
-FINGERPRINT_ATTR = "batchscope.fingerprint"
 # A sweep whose trials keep crashing stops rather than burning through the budget.
 MAX_CONSECUTIVE_CRASHES = 5
-
-
-class Reporter(Protocol):
-    """Progress display hooks; the CLI draws them with rich, tests pass `QuietReporter`."""
-
-    def sweep_started(self, study: str, done: int, total: int) -> None: ...
-    def trial_started(self, number: int, params: Mapping[str, Any], seed: int, max_steps: int) -> None: ...
-    def trial_step(self, number: int, step: int, loss: float | None) -> None: ...
-    def trial_finished(self, number: int, status: str, values: list[float] | None, best: str | None) -> None: ...
-    def message(self, text: str) -> None: ...
-
-
-class QuietReporter:
-    def sweep_started(self, study: str, done: int, total: int) -> None: ...
-    def trial_started(self, number: int, params: Mapping[str, Any], seed: int, max_steps: int) -> None: ...
-    def trial_step(self, number: int, step: int, loss: float | None) -> None: ...
-    def trial_finished(self, number: int, status: str, values: list[float] | None, best: str | None) -> None: ...
-    def message(self, text: str) -> None: ...
 
 
 @dataclass
@@ -93,94 +72,6 @@ class TrialCrashed(Exception):
     """A trial raised something other than OOM or divergence."""
 
 
-def git_commit(cwd: str | None = None) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-# How long a RUNNING trial that names no worker yet counts as alive: the window between
-# claiming a queued trial and recording its owner (new trials are created with theirs).
-UNOWNED_GRACE_S = 60.0
-
-
-def _worker_alive(worker: str | None, started: Any = None) -> bool:
-    """A trial's worker on this machine is alive if its process is; other hosts are trusted (heartbeat).
-
-    A trial with no worker yet was claimed a moment ago by someone, or by a process killed right
-    after claiming it: give it a minute before calling it dead, whatever the storage (another
-    sweep on the same journal would otherwise fail a live trial).
-    """
-    if not worker or ":" not in worker:
-        if started is None:
-            return False
-        import datetime
-
-        now = datetime.datetime.now(started.tzinfo) if started.tzinfo else datetime.datetime.now()
-        return bool(now - started < datetime.timedelta(seconds=UNOWNED_GRACE_S))
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def ask_owned(study: optuna.Study, storage: optuna.storages.BaseStorage, owner: Mapping[str, Any]) -> optuna.Trial:
-    """`study.ask()`, with the trial's owner (`worker`, `sampler_seed`) written with the trial.
-
-    `study.ask()` creates the trial and a later `set_user_attr` names its worker; between the
-    two writes another sweep on the same study saw a RUNNING trial with no live worker and
-    failed it (1 pair in 13). A new trial is created here with its owner in the same write;
-    a queued one (a retry) is claimed atomically and named at once, and `_worker_alive` gives
-    an unnamed trial a grace period for the moment in between.
-    """
-    import datetime
-
-    from optuna.trial import FrozenTrial
-
-    # Study.ask() drops the study's trial cache so that the sampler sees every trial so far.
-    local = getattr(study, "_thread_local", None)
-    if local is not None and hasattr(local, "cached_all_trials"):
-        local.cached_all_trials = None
-    study_id = storage.get_study_id_from_name(study.study_name)
-    for waiting in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
-        try:
-            if not storage.set_trial_state_values(waiting._trial_id, state=TrialState.RUNNING):
-                continue
-        except UpdateFinishedTrialError:
-            continue
-        for key, value in owner.items():
-            storage.set_trial_user_attr(waiting._trial_id, key, value)
-        return optuna.Trial(study, waiting._trial_id)
-    template = FrozenTrial(
-        number=-1,
-        state=TrialState.RUNNING,
-        value=None,
-        datetime_start=datetime.datetime.now(datetime.timezone.utc),
-        datetime_complete=None,
-        params={},
-        distributions={},
-        user_attrs=dict(owner),
-        system_attrs={},
-        intermediate_values={},
-        trial_id=-1,
-    )
-    return optuna.Trial(study, storage.create_new_trial(study_id, template_trial=template))
-
-
 class Sweep:
     """One study: its stores, its Optuna study, its MLflow experiment and parent run."""
 
@@ -192,139 +83,57 @@ class Sweep:
         stores: Stores | None = None,
         prestarted: list[TrialWorker] | None = None,
     ) -> None:
-        self._prestarted = list(prestarted or [])
+        """Open (or create) both stores, the study, its experiment and its parent run."""
         quiet_libraries()
-        self.cfg = cfg
+        self.cfg = cfg  # `auto` batch sizes are resolved once the study is open
         self.stores = stores or resolve(cfg.storage, cfg.tracking_uri)
-        self.checkpoint_dir = root_dir() / "checkpoints" / safe_name(cfg.study)
+        self.checkpoint_dir = checkpoint_dir(cfg.study)
+        self.memory_limit_mb: float | None = None  # decided in run(), for the trials at a time
+        self._prestarted = list(prestarted or [])
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self.memory_limit_mb: float | None = None  # decided in run(), for the trials at a time
+        # run()'s: the worker per slot, each slot's end, what the trials did, what stopped the sweep.
+        self._slots: list[TrialWorker] = []
+        self._slot_done: list[threading.Event] = []
+        self._outcomes: list[TrialOutcome] = []
+        self._errors: list[BaseException] = []
+        self._frontier_stop: str | None = None
+        with self._disk_full_in_one_line():
+            # Remote stores are checked before anything local is created.
+            check_tracking(self.stores, create=False)
+            self.storage = open_storage(self.stores, heartbeat=cfg.heartbeat.model_dump())
+            check_tracking(self.stores)
+            heartbeat = False
+            if isinstance(self.storage, optuna.storages.RDBStorage) and self.storage.heartbeat_interval is not None:
+                heartbeat = True
+                self.storage.failed_trial_callback = functools.partial(mark_stale, self.storage)
+            self.tracker = Tracker(self.stores.tracking_uri, self.stores.artifact_root)
+            opened = open_study(cfg, self.storage, self.tracker, self.stores.storage_label, force=force)
+            self.study, self.cfg, self.sampler_seed = opened.study, opened.cfg, opened.sampler_seed
+            self.max_micro, self.num_train = opened.max_micro, opened.num_train
+            self.experiment_id = self.tracker.experiment_id(cfg.study)
+            self.commit = git_commit()
+            self.parent_run_id = self.tracker.sweep_run(
+                self.experiment_id,
+                cfg.study,
+                sweep_params(self.cfg, self.stores.storage_label),
+                sweep_tags(cfg.study, self.commit),
+            )
+        self.recovery = Recovery(
+            self.study, self.storage, self.tracker, self.experiment_id, self.parent_run_id, heartbeat
+        )
+        self.checkpoints = Checkpoints(
+            self.cfg.train.checkpoint, list(self.cfg.train.seeds), self.checkpoint_dir, self.study, self.tracker
+        )
+
+    @contextlib.contextmanager
+    def _disk_full_in_one_line(self) -> Iterator[None]:
         try:
-            self._open(force)
+            yield
         except Exception as exc:
             if diskspace.is_disk_full(exc):
                 raise diskspace.disk_full_error(self._local_stores() or {"a store": Path(".")}, None, 0) from None
             raise
-
-    def _open(self, force: bool) -> None:
-        """Open (or create) both stores, the study, its experiment and its parent run."""
-        cfg = self.cfg
-        # Remote stores are checked before anything local is created.
-        check_tracking(self.stores, create=False)
-        self.storage = open_storage(self.stores, heartbeat=cfg.heartbeat.model_dump())
-        check_tracking(self.stores)
-        storage = self.storage
-        self._heartbeat = False
-        if isinstance(storage, optuna.storages.RDBStorage) and storage.heartbeat_interval is not None:
-            self._heartbeat = True
-            storage.failed_trial_callback = self._on_stale
-        self.tracker = Tracker(self.stores.tracking_uri, self.stores.artifact_root)
-        self.study = self._create_or_load(force)
-        self.experiment_id = self.tracker.experiment_id(cfg.study)
-        self.parent_run_id = self.tracker.sweep_run(
-            self.experiment_id, cfg.study, self._sweep_params(), self._common_tags()
-        )
-        self.commit = git_commit()
-
-    # ---- study ---------------------------------------------------------------
-    def _create_or_load(self, force: bool) -> optuna.Study:
-        cfg = self.cfg
-        fp = space.fingerprint(cfg)
-        dirs = space.directions(cfg.search)
-        try:
-            existing = optuna.load_study(study_name=cfg.study, storage=self.storage)
-        except KeyError:
-            existing = None
-        if existing is not None:
-            old = existing.user_attrs.get(FINGERPRINT_ATTR)
-            old = space.comparable(old) if old is not None else None
-            old_dirs = [d.name.lower() for d in existing.directions]
-            if (old is not None and old != fp) or old_dirs != dirs:
-                if not force:
-                    what = (
-                        space.describe_difference(old, fp) if old and old != fp else f"directions {old_dirs} → {dirs}"
-                    )
-                    raise UserError(
-                        f"study {cfg.study!r} already exists with a different setup ({what}); "
-                        f"use a new name (--set study={cfg.study}-2) or --force to continue it anyway"
-                    )
-                if old_dirs != dirs:
-                    raise UserError(
-                        f"study {cfg.study!r} optimizes {old_dirs}, not {dirs}; --force cannot change "
-                        "the objective of an existing study: use a new study name"
-                    )
-        self.sampler_seed = space.sampler_seed(cfg.search)
-        if existing is None and not force:
-            self._refuse_lost_study()
-        # `auto` batch sizes: measured once per study, then remembered with it.
-        remembered = existing.user_attrs.get(memory.ATTR) if existing is not None else None
-        cfg, self.max_micro, record = memory.resolve(cfg, remembered)
-        self.cfg = cfg
-        # Sample and epoch budgets need the training-set size: read once (for CIFAR-10 it reads
-        # every training file), not for each trial's spec; the recipes give it without torch.
-        self.num_train = budget_num_train(cfg)
-        study = optuna.create_study(
-            study_name=cfg.study,
-            storage=self.storage,
-            sampler=space.make_sampler(cfg.search, self.sampler_seed),
-            pruner=space.make_pruner(cfg, self.num_train if cfg.train.max_epochs is not None else None),
-            directions=dirs,  # type: ignore[arg-type]
-            load_if_exists=True,
-        )
-        if record is not None and remembered is None:
-            study.set_user_attr(memory.ATTR, record)
-        if study.user_attrs.get(FINGERPRINT_ATTR) != fp:
-            study.set_user_attr(FINGERPRINT_ATTR, fp)
-            study.set_user_attr("batchscope.config", config_to_dict(cfg) | {"storage": None, "tracking_uri": None})
-        return study
-
-    def _refuse_lost_study(self) -> None:
-        """A new Optuna study whose MLflow experiment already holds trial runs: the study's storage
-        was emptied or replaced (a journal cut to zero, another storage URL). Starting over would
-        repeat trial numbers beside the old runs without a word."""
-        from mlflow.entities.view_type import ViewType
-
-        exp = self.tracker.client.get_experiment_by_name(self.cfg.study)
-        if exp is None:
-            return
-        runs = self.tracker.client.search_runs(
-            [exp.experiment_id], filter_string=f"tags.`{TRIAL}` LIKE '%'", run_view_type=ViewType.ALL, max_results=1
-        )
-        if not runs:
-            return
-        known = optuna.get_all_study_summaries(self.storage, include_best_trial=False)
-        if self.cfg.study not in {s.study_name for s in known}:
-            # (Checked again: a peer starting at the same moment may have created it meanwhile.)
-            raise UserError(
-                f"study {self.cfg.study!r} is not in the Optuna storage {self.stores.storage_label}, but its "
-                "MLflow experiment already has trial runs: the storage was emptied or replaced. Restore it, "
-                f"run `batchscope doctor {self.cfg.study}`, use a new study name (--set study={self.cfg.study}-2), "
-                "or --force to start a new study beside the old runs"
-            )
-
-    def _sweep_params(self) -> dict[str, Any]:
-        c = self.cfg
-        return {
-            "study": c.study,
-            "trainer": c.trainer.recipe,
-            "model": c.trainer.model,
-            "sampler": c.search.sampler,
-            "pruner": c.search.pruner,
-            "n_trials": c.search.n_trials,
-            "objective": ",".join(c.search.objectives),
-            "batch_sizes": c.search.batch_choices(),
-            "lr_space": c.search.lr.model_dump(),
-            "seeds": c.train.seeds,
-            "storage": self.stores.storage_label,
-        }
-
-    def _common_tags(self) -> dict[str, str]:
-        tags = {STUDY: self.cfg.study, "batchscope.version": batchscope.__version__}
-        commit = git_commit()
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
-        return tags
 
     def total_trials(self, n_trials: int | None = None) -> int:
         total = n_trials or self.cfg.search.n_trials
@@ -334,75 +143,9 @@ class Sweep:
     def finished_count(self) -> int:
         return len(self.study.get_trials(deepcopy=False, states=FINISHED_STATES))
 
-    # ---- recovery --------------------------------------------------------------
     def recover(self, *, close_runs: bool = False) -> int:
-        """Fail trials whose worker died and queue them to re-run with the same parameters.
-
-        Local workers are checked by process id; with a database storage, workers on
-        other machines are checked by Optuna's heartbeat. Their MLflow runs end KILLED, and
-        with `close_runs` (when a sweep starts) so does any trial run left RUNNING whose trial
-        has ended (a sweep stopped by a full disk ended the trial but could not end its run).
-        """
-        recovered = 0
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            # A peer may have just claimed a trial and not named itself yet: grace for one without a worker.
-            if not _worker_alive(t.user_attrs.get("worker"), t.datetime_start) and self._fail_and_requeue(t):
-                recovered += 1
-        if self._heartbeat:
-            # Optuna fails trials whose heartbeat stopped and calls _on_stale for each.
-            recovered += len(optuna.storages.fail_stale_trials(self.study) or ())
-        if recovered or close_runs:
-            live = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            running = {rid for t in live for rid in t.user_attrs.get("mlflow_run_ids", [])}
-            # A live trial's newest run may not be recorded on it yet: its trial number keeps it.
-            numbers = {str(t.number) for t in live}
-            self.tracker.close_stale_runs(
-                self.experiment_id, lambda run_id, number: run_id in running or number in numbers
-            )
-        return recovered
-
-    def _fail_and_requeue(self, t: optuna.trial.FrozenTrial) -> bool:
-        """Mark a dead worker's trial failed; False if another process got there first."""
-        reason = _stopped_reason(t, "its worker stopped")
-        try:
-            if "mlflow_run_id" not in t.user_attrs:
-                # Killed between creating its MLflow run and recording it: find the run by its tags;
-                # killed before creating one: record a closed run, so runs and trials stay one to one.
-                run_ids = self.tracker.trial_run_ids(self.experiment_id, t.number) or [self._closed_run(t, reason)]
-                self.storage.set_trial_user_attr(t._trial_id, "mlflow_run_ids", run_ids)
-                self.storage.set_trial_user_attr(t._trial_id, "mlflow_run_id", run_ids[0])
-            self.storage.set_trial_user_attr(t._trial_id, "status", "failed")
-            self.storage.set_trial_user_attr(t._trial_id, "reason", reason)
-            if not self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                return False
-        except (UpdateFinishedTrialError, RuntimeError):
-            return False
-        self._requeue(self.study, t)
-        return True
-
-    @staticmethod
-    def _requeue(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
-        """Queue a stopped trial to re-run with its parameters; one stopped before sampling them has none."""
-        if space.sampled(t.params):
-            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number}, skip_if_exists=False)
-
-    def _closed_run(self, t: optuna.trial.FrozenTrial, reason: str) -> str:
-        run_id = self.tracker.trial_run(
-            self.experiment_id,
-            self.parent_run_id,
-            f"trial {t.number}",
-            dict(t.params),
-            {STUDY: self.cfg.study, TRIAL: str(t.number), STATUS: "failed"},
-        )
-        self.tracker.end(run_id, "KILLED", tags={STATUS: "failed", REASON: reason})
-        return run_id
-
-    def _on_stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        # Called by Optuna after it failed a trial whose heartbeat stopped (a dead remote worker).
-        self.storage.set_trial_user_attr(trial._trial_id, "status", "failed")
-        reason = _stopped_reason(trial, "its worker stopped sending heartbeats")
-        self.storage.set_trial_user_attr(trial._trial_id, "reason", reason)
-        self._requeue(study, trial)
+        """Fail the trials whose worker died and queue them to re-run (sweeps.recovery)."""
+        return self.recovery.recover(close_runs=close_runs)
 
     # ---- the loop ----------------------------------------------------------------
     def run(
@@ -431,9 +174,9 @@ class Sweep:
         reporter.sweep_started(self.cfg.study, self.finished_count(), total)
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self._outcomes: list[TrialOutcome] = []
-        self._errors: list[BaseException] = []
-        self.memory_limit_mb = self._memory_cap(workers)
+        self._outcomes = []
+        self._errors = []
+        self.memory_limit_mb = memory_cap(self.cfg, workers)
         slots = [*self._prestarted[:workers]]
         slots += [TrialWorker() for _ in range(workers - len(slots))]
         for extra in self._prestarted[workers:]:
@@ -523,11 +266,6 @@ class Sweep:
         per_trial = diskspace.used_bytes(where.values()) / trials if trials and where else None
         return diskspace.disk_full_error(where or {"a store": Path(".")}, per_trial, left)
 
-    def _memory_cap(self, workers: int) -> float | None:
-        """Each CPU trial's memory cap in MB: `train.memory_limit_mb`, else a share of the memory
-        available now split between the `workers` trials at a time (sweeps.memcap); none on a GPU."""
-        return memory_cap(self.cfg, workers)
-
     def _slot_loop(self, slot: int, total: int, reporter: Reporter) -> None:
         consecutive_crashes = 0
         try:
@@ -539,12 +277,12 @@ class Sweep:
                         return
                     # search.stop_when: the frontier is known well enough (said once per sweep).
                     if (why := frontier.stop_reason(self.study, self.cfg.search)) is not None:
-                        if getattr(self, "_frontier_stop", None) is None:
+                        if self._frontier_stop is None:
                             self._frontier_stop = why
                             reporter.message(f"{why}; no more trials started")
                         return
                     trial = ask_owned(
-                        self.study, self.storage, {"worker": worker_id(), "sampler_seed": self.sampler_seed}
+                        self.study, self.storage, {attrs.WORKER: worker_id(), attrs.SAMPLER_SEED: self.sampler_seed}
                     )
                     if self._surplus(trial, total):
                         return
@@ -576,10 +314,10 @@ class Sweep:
         ahead = sum(1 for t in trials if t.state != TrialState.RUNNING or t.number < trial.number)
         if ahead < total:
             return False
-        trial.set_user_attr("status", "failed")
-        trial.set_user_attr("reason", "not run: other workers had already started the study's last trials")
-        if "retry_of" in trial.user_attrs:  # keep a retry queued for whoever needs it next
-            self.study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.user_attrs["retry_of"]})
+        trial.set_user_attr(attrs.STATUS, "failed")
+        trial.set_user_attr(attrs.REASON, "not run: other workers had already started the study's last trials")
+        if attrs.RETRY_OF in trial.user_attrs:  # keep a retry queued for whoever needs it next
+            self.study.enqueue_trial(dict(trial.params), user_attrs={attrs.RETRY_OF: trial.user_attrs[attrs.RETRY_OF]})
         self.study.tell(trial, state=TrialState.FAIL)
         return True
 
@@ -608,16 +346,16 @@ class Sweep:
             with contextlib.suppress(Exception):
                 self._tell(trial, TrialState.FAIL, None, "failed", "the sweep stopped during this trial")
                 if not isinstance(exc, UpdateFinishedTrialError):
-                    self.study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+                    self.study.enqueue_trial(dict(trial.params), user_attrs={attrs.RETRY_OF: trial.number})
             raise
         values: list[float] | None = None
         if status == "failed":
             if self._stopping.is_set():
                 reason = "interrupted by the user (Ctrl-C); it re-runs when the sweep continues"
-                self.study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+                self.study.enqueue_trial(dict(trial.params), user_attrs={attrs.RETRY_OF: trial.number})
             elif diskspace.full_paths(self._local_stores().values()):
                 reason = f"the disk is full ({reason}); it re-runs when the sweep continues"
-                self.study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+                self.study.enqueue_trial(dict(trial.params), user_attrs={attrs.RETRY_OF: trial.number})
             self._tell(trial, TrialState.FAIL, None, status, reason)
         elif status == "ok":
             values = space.objective_values(self.cfg.search, finals)
@@ -627,16 +365,18 @@ class Sweep:
             # Pruned, diverged and out-of-memory trials count towards n_trials and tell the
             # sampler that this region is bad (a FAIL would be ignored by the sampler).
             self._tell(trial, TrialState.PRUNED, None, status, reason)
-        self._keep_checkpoints(trial, status, values, run_ids, slot)
+        self.checkpoints.keep(
+            trial, status, values, run_ids, interrupted=self._stopping.is_set(), export=self._slots[slot].export_weights
+        )
         reporter.trial_finished(trial.number, status, values, self._best_text())
         return TrialOutcome(trial.number, status, reason, values, run_ids)
 
     def _record_finals(self, trial: optuna.Trial, finals: list[Mapping[str, float]]) -> None:
         # A few headline values on the Optuna trial too, for `batchscope status` and dashboards.
-        for key in ("final/steps_to_target", "final/best_val_acc", "final/val_loss"):
-            vals = [f[key] for f in finals if key in f]
+        for name in attrs.FINAL_SUMMARY:
+            vals = [f[f"final/{name}"] for f in finals if f"final/{name}" in f]
             if vals:
-                trial.set_user_attr(key.removeprefix("final/"), sum(vals) / len(vals))
+                trial.set_user_attr(name, sum(vals) / len(vals))
 
     def _tell(
         self, trial: optuna.Trial, state: TrialState, values: list[float] | None, status: str, reason: str
@@ -645,8 +385,8 @@ class Sweep:
             state, values = TrialState.FAIL, None
         with self._lock:
             try:
-                trial.set_user_attr("status", status)
-                trial.set_user_attr("reason", redact(reason)[:2000])
+                trial.set_user_attr(attrs.STATUS, status)
+                trial.set_user_attr(attrs.REASON, redact(reason)[:2000])
                 self.study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
             except UpdateFinishedTrialError:
                 # Another process judged this trial dead and ended it (and queued its re-run); its
@@ -668,83 +408,6 @@ class Sweep:
             return None
         name = self.cfg.search.objectives[0]
         return f"{name}={best.value:.4g} (bs={best.params.get('batch_size')}, lr={best.params.get('lr'):.3g})"
-
-    # ---- checkpoints -----------------------------------------------------------------
-    def checkpoint_path(self, number: int, seed: int) -> Path:
-        return self.checkpoint_dir / f"trial-{number}-seed-{seed}.pt"
-
-    def _checkpoint_policy(self, trial: optuna.Trial, seed: int) -> CheckpointPolicy | None:
-        c = self.cfg.train.checkpoint
-        if c.every_steps is None and c.every_minutes is None:
-            return None
-        retry_of = trial.user_attrs.get("retry_of")
-        resume = self.checkpoint_path(int(retry_of), seed) if retry_of is not None else None
-        return CheckpointPolicy(
-            self.checkpoint_path(trial.number, seed),
-            every_steps=c.every_steps,
-            every_seconds=c.every_minutes * 60 if c.every_minutes is not None else None,
-            resume_from=resume,
-        )
-
-    def _keep_checkpoints(
-        self, trial: optuna.Trial, status: str, values: list[float] | None, run_ids: list[str], slot: int
-    ) -> None:
-        """Apply `train.checkpoint.keep` once a trial has ended; log kept final weights to MLflow."""
-        keep = self.cfg.train.checkpoint.keep
-        seeds = self.cfg.train.seeds
-        mine = [self.checkpoint_path(trial.number, s) for s in seeds]
-        retry_of = trial.user_attrs.get("retry_of")
-        if retry_of is not None:  # the checkpoint this trial resumed from is no longer needed
-            for s in seeds:
-                self.checkpoint_path(int(retry_of), s).unlink(missing_ok=True)
-        if status == "failed" and self._stopping.is_set():
-            return  # interrupted: its re-run resumes from these
-        kept = status == "ok" and (keep == "all" or (keep == "best" and self._is_best(trial, values)))
-        if kept:
-            for path, run_id in zip(mine, run_ids, strict=False):
-                self._log_weights(path, run_id, slot)
-            if keep == "best":
-                previous = self.study.user_attrs.get("batchscope.best_checkpoint_trial")
-                if previous is not None and previous != trial.number:
-                    for s in seeds:
-                        self.checkpoint_path(int(previous), s).unlink(missing_ok=True)
-                self.study.set_user_attr("batchscope.best_checkpoint_trial", trial.number)
-            return
-        for path in mine:
-            path.unlink(missing_ok=True)
-
-    def _is_best(self, trial: optuna.Trial, values: list[float] | None) -> bool:
-        if values is None:
-            return False
-        if len(self.study.directions) > 1:
-            return True  # every trial may be on the Pareto front
-        previous = [
-            t.value
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.number != trial.number and t.value is not None
-        ]
-        if not previous:
-            return True
-        if self.study.direction == optuna.study.StudyDirection.MINIMIZE:
-            return values[0] <= min(previous)
-        return values[0] >= max(previous)
-
-    def _log_weights(self, checkpoint: Path, run_id: str, slot: int) -> None:
-        """Log the final weights (`weights/model.pt`, a state_dict) from a kept checkpoint."""
-        if not checkpoint.exists():
-            return
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.pt"
-            try:
-                # The slot's worker has torch loaded; importing it here would stall the sweep (seconds).
-                self._slots[slot].export_weights(checkpoint, path)
-            except (WorkerDied, RuntimeError):
-                from batchscope.trainers.checkpoint import export_weights
-
-                export_weights(checkpoint, path)
-            self.tracker.client.log_artifact(run_id, str(path), artifact_path="weights")
 
     # ---- one seed of one trial ------------------------------------------------------
     def spec_for(self, params: Mapping[str, Any], seed: int, slot: int = 0) -> TrainSpec:
@@ -785,15 +448,13 @@ class Sweep:
                 SEED: str(seed),
                 STATUS: "running",
                 **({"mlflow.source.git.commit": self.commit} if self.commit else {}),
-                **(
-                    {"batchscope.retry_of": str(trial.user_attrs["retry_of"])} if "retry_of" in trial.user_attrs else {}
-                ),
+                **({RETRY_OF: str(trial.user_attrs[attrs.RETRY_OF])} if attrs.RETRY_OF in trial.user_attrs else {}),
             },
         )
         run_ids.append(run_id)
-        trial.set_user_attr("mlflow_run_ids", list(run_ids))
+        trial.set_user_attr(attrs.MLFLOW_RUN_IDS, list(run_ids))
         if len(run_ids) == 1:
-            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr(attrs.MLFLOW_RUN_ID, run_id)
         prune_key = space.pruning_metric(self.cfg) if prune else None
 
         evals: list[Mapping[str, float]] = []  # for the val_loss / val_acc objectives (space.tail_means)
@@ -811,7 +472,7 @@ class Sweep:
             run_id,
             self.stores.tracking_uri,
             trial.number,
-            self._checkpoint_policy(trial, seed),
+            self.checkpoints.policy(trial, seed),
             nproc=self.cfg.train.distributed.nproc,
             memory_limit_mb=self.memory_limit_mb,
         )
@@ -843,9 +504,3 @@ class Sweep:
             self.tracker.log_final(run_id, result.steps, result.final)
         self.tracker.end(run_id, RUN_STATUS[result.status], tags={STATUS: result.status, REASON: result.reason})
         return result
-
-
-def _stopped_reason(t: optuna.trial.FrozenTrial, what: str) -> str:
-    if space.sampled(t.params):
-        return f"{what} while this trial was running; re-run with the same parameters"
-    return f"{what} before this trial's parameters were sampled; a new trial takes its place"

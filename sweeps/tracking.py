@@ -25,6 +25,8 @@ REASON = "batchscope.reason"
 SEED = "batchscope.seed"
 # The process (host:pid) that runs a `batchscope train` run: `batchscope doctor` closes it if that is gone.
 WORKER = "batchscope.worker"
+# On a re-run's runs: the number of the stopped trial it re-runs.
+RETRY_OF = "batchscope.retry_of"
 STUDY = "optuna.study"
 TRIAL = "optuna.trial_number"
 # MLflow's run states for how a trial ended.

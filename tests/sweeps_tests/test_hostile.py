@@ -238,7 +238,7 @@ def test_a_trial_is_created_with_its_owner_in_the_same_journal_record(tmp_path: 
     """The race's cause, checked directly: no moment exists where the trial is RUNNING with no owner."""
     import json
 
-    from batchscope.sweeps.runner import ask_owned
+    from batchscope.sweeps.owners import ask_owned
 
     path = tmp_path / "optuna.journal"
     storage = journal_storage(path)

@@ -131,7 +131,8 @@ def test_hyperband_budget_is_in_examples_under_a_sample_or_epoch_budget() -> Non
 
 
 def test_a_sweep_under_a_sample_budget_reports_to_optuna_at_examples_seen(workdir: Path) -> None:
-    from batchscope.sweeps.runner import QuietReporter, Sweep
+    from batchscope.sweeps.progress import QuietReporter
+    from batchscope.sweeps.runner import Sweep
 
     cfg = small_config("by-examples", search__pruner="successive_halving", search__n_trials=3)
     del cfg["train"]["max_steps"]

@@ -204,7 +204,7 @@ def test_the_sweep_process_does_not_import_torch(workdir: Path) -> None:
         spec = sweep.spec_for({{"batch_size": 16, "lr": 0.1}}, seed=0)
         assert run_params(spec, cfg)["batch_size"] == 16
         assert planned_device(spec.device, spec.precision) == ("cpu", "fp32")
-        assert sweep._checkpoint_policy(trial, 0) is not None
+        assert sweep.checkpoints.policy(trial, 0) is not None
         """,
     )
 

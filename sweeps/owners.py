@@ -1,0 +1,89 @@
+"""Which process runs a trial, and whether it is still alive.
+
+A trial records its worker (`host:pid`) when it is created; a sweep that finds a RUNNING
+trial whose worker is gone fails it and re-runs it (sweeps.recovery), and `batchscope doctor`
+does the same by hand.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+# How long a RUNNING trial that names no worker yet counts as alive: the window between
+# claiming a queued trial and recording its owner (new trials are created with theirs).
+UNOWNED_GRACE_S = 60.0
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_alive(worker: str | None, started: datetime.datetime | None = None) -> bool:
+    """A trial's worker on this machine is alive if its process is; other hosts are trusted (heartbeat).
+
+    A trial with no worker yet was claimed a moment ago by someone, or by a process killed right
+    after claiming it: give it a minute before calling it dead, whatever the storage (another
+    sweep on the same journal would otherwise fail a live trial).
+    """
+    if not worker or ":" not in worker:
+        if started is None:
+            return False
+        now = datetime.datetime.now(started.tzinfo) if started.tzinfo else datetime.datetime.now()
+        return bool(now - started < datetime.timedelta(seconds=UNOWNED_GRACE_S))
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def ask_owned(study: optuna.Study, storage: optuna.storages.BaseStorage, owner: Mapping[str, Any]) -> optuna.Trial:
+    """`study.ask()`, with the trial's owner (`worker`, `sampler_seed`) written with the trial.
+
+    `study.ask()` creates the trial and a later `set_user_attr` names its worker; between the
+    two writes another sweep on the same study saw a RUNNING trial with no live worker and
+    failed it (1 pair in 13). A new trial is created here with its owner in the same write;
+    a queued one (a retry) is claimed atomically and named at once, and `worker_alive` gives
+    an unnamed trial a grace period for the moment in between.
+    """
+    # Study.ask() drops the study's trial cache so that the sampler sees every trial so far.
+    local = getattr(study, "_thread_local", None)
+    if local is not None and hasattr(local, "cached_all_trials"):
+        local.cached_all_trials = None
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for waiting in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if not storage.set_trial_state_values(waiting._trial_id, state=TrialState.RUNNING):
+                continue
+        except UpdateFinishedTrialError:
+            continue
+        for key, value in owner.items():
+            storage.set_trial_user_attr(waiting._trial_id, key, value)
+        return optuna.Trial(study, waiting._trial_id)
+    template = FrozenTrial(
+        number=-1,
+        state=TrialState.RUNNING,
+        value=None,
+        datetime_start=datetime.datetime.now(datetime.timezone.utc),
+        datetime_complete=None,
+        params={},
+        distributions={},
+        user_attrs=dict(owner),
+        system_attrs={},
+        intermediate_values={},
+        trial_id=-1,
+    )
+    return optuna.Trial(study, storage.create_new_trial(study_id, template_trial=template))
