@@ -25,6 +25,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from batchscope import contract
 from batchscope.analysis import _mlflow_raw
 from batchscope.analysis.paths import safe_name
 from batchscope.analysis.stores import (
@@ -40,13 +41,13 @@ ReadMethod = Literal["auto", "sql", "client"]
 
 # Contract tag names, and the trials columns they become.
 _TAG_COLUMNS = {
-    "batchscope.role": "role",
-    "mlflow.parentRunId": "parent_run_id",
-    "optuna.study": "study",
-    "optuna.trial_number": "trial",
-    "batchscope.seed": "seed",
-    "batchscope.status": "status",
-    "batchscope.reason": "reason",
+    contract.ROLE: "role",
+    contract.PARENT_RUN: "parent_run_id",
+    contract.STUDY: "study",
+    contract.TRIAL: "trial",
+    contract.SEED: "seed",
+    contract.STATUS: "status",
+    contract.REASON: "reason",
 }
 _STATE_TO_STATUS = {"COMPLETE": "ok", "PRUNED": "pruned", "FAIL": "failed"}
 
@@ -261,14 +262,15 @@ def _throughput_table(run_info: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataF
 def _parent_run_id(run_info: pd.DataFrame, study_name: str) -> str | None:
     if "role" not in run_info:
         return None
-    parents = run_info[run_info["role"] == "sweep"]
+    parents = run_info[run_info["role"] == contract.SWEEP_ROLE]
     if "study" in parents:
         named = parents[parents["study"] == study_name]
         parents = named if not named.empty else parents
     if parents.empty:
         return None
-    # A resumed sweep may have several parent runs; the latest is the live one.
-    return str(parents.sort_values("start_time")["run_id"].iloc[-1])
+    # The oldest, as the sweep and the report pick it (batchscope.contract.sweep_run): a resumed
+    # sweep takes up its parent run again, so several exist only if two sweeps started at once.
+    return str(parents.sort_values("start_time")["run_id"].iloc[0])
 
 
 def _run_params(params: pd.DataFrame, run_id: str | None) -> dict[str, str]:

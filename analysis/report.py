@@ -37,6 +37,7 @@ from batchscope.analysis.stores import (
 )
 from batchscope.analysis.style import BatchColors, ImageFormat
 from batchscope.analysis.text import interval, number
+from batchscope.contract import ROLE, SWEEP_ROLE, sweep_run
 
 REPORT_FILE = "index.html"
 SUMMARY_FILE = "summary.md"
@@ -224,15 +225,10 @@ def _parent_run_id(client: object, study: str) -> str:
     experiment = client.get_experiment_by_name(study)
     if experiment is None:
         raise LookupError(f"No MLflow experiment named {study!r}.")
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string="tags.`batchscope.role` = 'sweep'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs:
-        raise LookupError(f"No sweep parent run (tag batchscope.role=sweep) in study {study!r}.")
-    return str(runs[0].info.run_id)
+    run = sweep_run(client, experiment.experiment_id)
+    if run is None:
+        raise LookupError(f"No sweep parent run (tag {ROLE}={SWEEP_ROLE}) in study {study!r}.")
+    return str(run.info.run_id)
 
 
 # --- HTML -----------------------------------------------------------------------------------

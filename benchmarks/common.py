@@ -198,7 +198,7 @@ def quiet() -> None:
     """MLflow's and alembic's INFO lines (database creation) would drown the tables."""
     import logging
 
-    from batchscope.sweeps.stores import quiet_libraries
+    from batchscope.sweeps.store_setup import quiet_libraries
 
     quiet_libraries()
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)

@@ -166,7 +166,7 @@ SWEEP_IMPORTS = (
 )
 WORKER_IMPORTS = (
     "import batchscope.sweeps.worker, batchscope.sweeps.faults, batchscope.sweeps.sink, "
-    "batchscope.sweeps.stores, batchscope.trainers.loop"
+    "batchscope.sweeps.store_setup, batchscope.trainers.loop"
 )
 
 
@@ -204,7 +204,7 @@ def cold_store_seconds() -> float:
     """Making the cached empty MLflow store (MLflow's migrations): once per MLflow version on a machine."""
     with tempfile.TemporaryDirectory() as cache:
         code = (
-            "import time; import mlflow.store.db.utils; from batchscope.sweeps.stores import empty_store; "
+            "import time; import mlflow.store.db.utils; from batchscope.sweeps.store_setup import empty_store; "
             "t = time.perf_counter(); empty_store(); print(time.perf_counter() - t)"
         )
         env = subprocess_env() | {"BATCHSCOPE_CACHE": cache}

@@ -51,7 +51,7 @@ def _worker_side(conn: Connection, spawned_at: float) -> None:
 
     from batchscope.sweeps import faults  # noqa: F401
     from batchscope.sweeps.sink import MlflowSink  # noqa: F401
-    from batchscope.sweeps.stores import quiet_libraries
+    from batchscope.sweeps.store_setup import quiet_libraries
     from batchscope.trainers.loop import train
 
     quiet_libraries()
@@ -105,7 +105,7 @@ def main(config: Path, launched_at: float) -> list[Phase]:
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
     lap("imports: MLflow's SQL store (sqlalchemy, alembic; Sweep() does this)")
-    from batchscope.sweeps.stores import check_tracking, resolve
+    from batchscope.sweeps.store_setup import check_tracking, resolve
 
     check_tracking(resolve(cfg.storage, cfg.tracking_uri))
     lap("stores: MLflow's schema, copied from the cache (Sweep() does this)")

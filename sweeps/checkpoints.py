@@ -16,9 +16,10 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from batchscope.analysis.paths import safe_name
 from batchscope.sweeps import optuna_attrs as attrs
 from batchscope.sweeps.config import CheckpointConfig
-from batchscope.sweeps.stores import root_dir, safe_name
+from batchscope.sweeps.store_setup import root_dir
 from batchscope.sweeps.tracking import Tracker
 from batchscope.sweeps.worker import WorkerDied
 from batchscope.trainers.spec import CheckpointPolicy

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from types import ModuleType
 from typing import NoReturn
 
 import batchscope
 from batchscope.sweeps.errors import UserError
-
-DEMO_CONFIG = Path(__file__).parent / "configs" / "mnist1d_demo.yaml"
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -72,9 +69,11 @@ def _positive_number(high: float | None = None) -> Callable[[str], float]:
     return positive_number
 
 
-def _config_limit(name: str) -> Callable[[], int]:
-    """A bound from sweeps.config, imported only when an argument needs it (it builds the models)."""
-    return lambda: int(getattr(importlib.import_module("batchscope.sweeps.config"), name))
+def _config() -> ModuleType:
+    """sweeps.config, imported only when an argument's bound needs it (it builds the models)."""
+    from batchscope.sweeps import config
+
+    return config
 
 
 def _max_workers() -> int:
@@ -85,9 +84,9 @@ def _max_workers() -> int:
 # Each trial worker is a training process with its own PyTorch; past a few per core they only wait
 # for each other (and hold memory), so more is a typo.
 _WORKERS = _whole_number(1, _max_workers, " (4 per CPU core here)")
-_TRIALS = _whole_number(1, _config_limit("MAX_TRIALS"))
-_BATCH = _whole_number(1, _config_limit("MAX_BATCH"))
-_SEED = _whole_number(0, _config_limit("SEED_MAX"), " (numpy's seed range)")
+_TRIALS = _whole_number(1, lambda: _config().MAX_TRIALS)
+_BATCH = _whole_number(1, lambda: _config().MAX_BATCH)
+_SEED = _whole_number(0, lambda: _config().SEED_MAX, " (numpy's seed range)")
 # Timed passes or batch pairs: a million is hours of measuring; more is a typo.
 _REPEATS = 10**6
 
@@ -223,13 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     err = Console(stderr=True)
     restore = _sigterm_like_ctrl_c()
     try:
-        if args.command == "doctor":
-            from batchscope.sweeps.doctor import cmd_doctor as handler
-        else:
-            from batchscope.sweeps import commands
-
-            handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
-        return int(handler(args) or 0)
+        return int(_handler(args.command)(args) or 0)
     except UserError as exc:
         err.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
@@ -241,6 +234,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         restore()
+
+
+def _handler(command: str) -> Callable[[argparse.Namespace], int]:
+    """The function that runs `command` (imported now: the commands load what they need)."""
+    from batchscope.sweeps import commands
+
+    def doctor(args: argparse.Namespace) -> int:
+        from batchscope.sweeps.doctor import cmd_doctor  # optuna, the journal tools: only for doctor
+
+        return cmd_doctor(args)
+
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "sweep": commands.cmd_sweep,
+        "worker": commands.cmd_worker,
+        "server": commands.cmd_server,
+        "train": commands.cmd_train,
+        "status": commands.cmd_status,
+        "autobatch": commands.cmd_autobatch,
+        "throughput": commands.cmd_throughput,
+        "noise-scale": commands.cmd_noise_scale,
+        "report": commands.cmd_report,
+        "export": commands.cmd_export,
+        "ui": commands.cmd_ui,
+        "doctor": doctor,
+    }
+    return handlers[command]
 
 
 class Terminated(KeyboardInterrupt):

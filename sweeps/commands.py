@@ -118,7 +118,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from batchscope.sweeps.stores import Stores, check_tracking, redact
+    from batchscope.sweeps.locations import redact
+    from batchscope.sweeps.store_setup import Stores, check_tracking
 
     if args.check is not None:
         check_tracking(Stores("", args.check, None, None), create=False)
@@ -159,7 +160,7 @@ def _check_database(url: str) -> None:
         raise UserError(f"--backend-store-uri {url!r}: use a postgresql://, mysql:// or sqlite:/// URL")
     import sqlalchemy
 
-    from batchscope.sweeps.stores import redact
+    from batchscope.sweeps.locations import redact
 
     try:
         engine = sqlalchemy.create_engine(url)
@@ -234,7 +235,7 @@ def _store_errors(stores: Any) -> Iterator[None]:
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
-    from batchscope.sweeps.stores import driver_error
+    from batchscope.sweeps.store_setup import driver_error
 
     try:
         yield
@@ -250,7 +251,7 @@ def _store_errors(stores: Any) -> Iterator[None]:
 def _analysis_stores(storage: str | None, tracking_uri: str | None) -> Any:
     """The stores a report or an export reads, checked first: URLs parsed, files there (a reader
     must not leave an empty database behind), a tracking server answering within seconds."""
-    from batchscope.sweeps.stores import check_tracking, quiet_libraries, resolve
+    from batchscope.sweeps.store_setup import check_tracking, quiet_libraries, resolve
 
     quiet_libraries()
     stores = resolve(storage, tracking_uri, fields=("--storage", "--tracking-uri"), writing=False)
@@ -280,7 +281,7 @@ def _optuna_storage(stores: Any) -> Any:
     a journal file is given to analysis/ by its path."""
     if "://" not in stores.storage_url:
         return stores.storage_url
-    from batchscope.sweeps.stores import open_storage
+    from batchscope.sweeps.store_setup import open_storage
 
     return open_storage(stores, heartbeat=False)
 
@@ -472,7 +473,7 @@ def _load_weights(model: Any, path: Path, device: Any) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     import optuna
 
-    from batchscope.sweeps.stores import open_storage, quiet_libraries, resolve
+    from batchscope.sweeps.store_setup import open_storage, quiet_libraries, resolve
 
     quiet_libraries()
     stores = resolve(args.storage, None)
@@ -518,7 +519,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from batchscope.sweeps.stores import resolve
+    from batchscope.sweeps.store_setup import resolve
 
     stores = resolve(args.storage, args.tracking_uri)
     if args.optuna:
@@ -553,7 +554,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _redacted(url: str) -> str:
-    from batchscope.sweeps.stores import redact
+    from batchscope.sweeps.locations import redact
 
     return redact(url)
 

@@ -697,10 +697,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _known_paths(model: type[BaseModel]) -> set[str]:
-    return set(model.model_fields)
-
-
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides; values are parsed as YAML (`300`, `[0, 1]`, `true`)."""
     out = _deep_copy(raw)

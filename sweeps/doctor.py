@@ -32,7 +32,7 @@ from batchscope.sweeps.doctor_mlflow import copy_sqlite, mlflow_studies, sqlite_
 from batchscope.sweeps.doctor_study import check_study
 from batchscope.sweeps.errors import UserError
 from batchscope.sweeps.journal import mend_journal, mend_journal_file, scan_journal
-from batchscope.sweeps.stores import (
+from batchscope.sweeps.store_setup import (
     Stores,
     check_tracking,
     journal_storage,
@@ -260,7 +260,7 @@ class Doctor:
 
 def _first_line(exc: BaseException) -> str:
     """An error's first line, credentials masked (a driver may echo its URL)."""
-    from batchscope.sweeps.stores import redact
+    from batchscope.sweeps.locations import redact
 
     lines = str(exc).strip().splitlines()
     return redact(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)

@@ -88,9 +88,9 @@ def mlflow_studies(client: Any) -> list[str]:
 
 def child_runs(client: Any, experiment_id: str) -> list[Any]:
     """A sweep's trial runs, active ones, oldest first."""
-    from batchscope.sweeps.tracking import ROLE
+    from batchscope.contract import ROLE, TRIAL_ROLE
 
-    return _runs(client, experiment_id, f"tags.`{ROLE}` = 'trial'")
+    return _runs(client, experiment_id, f"tags.`{ROLE}` = '{TRIAL_ROLE}'")
 
 
 def running_train_runs(client: Any, experiment_id: str) -> list[Any]:
@@ -101,18 +101,10 @@ def running_train_runs(client: Any, experiment_id: str) -> list[Any]:
 
 
 def sweep_run_id(client: Any, experiment_id: str) -> str | None:
-    from mlflow.entities.view_type import ViewType
+    from batchscope.contract import sweep_run
 
-    from batchscope.sweeps.tracking import ROLE
-
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{ROLE}` = 'sweep'",
-        run_view_type=ViewType.ACTIVE_ONLY,
-        max_results=1,
-        order_by=["attributes.start_time ASC"],
-    )
-    return str(runs[0].info.run_id) if runs else None
+    run = sweep_run(client, experiment_id)
+    return str(run.info.run_id) if run is not None else None
 
 
 def trial_number(run: Any) -> int | None:

@@ -18,8 +18,9 @@ from optuna.trial import FrozenTrial, TrialState
 from batchscope.sweeps import optuna_attrs as attrs
 from batchscope.sweeps.doctor_finding import Finding
 from batchscope.sweeps.doctor_mlflow import child_runs, close_run, running_train_runs, sweep_run_id, trial_number
+from batchscope.sweeps.locations import redact
 from batchscope.sweeps.owners import worker_alive
-from batchscope.sweeps.stores import Stores, redact
+from batchscope.sweeps.store_setup import Stores
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 

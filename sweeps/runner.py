@@ -32,11 +32,12 @@ from batchscope.sweeps.checkpoints import Checkpoints, checkpoint_dir
 from batchscope.sweeps.config import SweepConfig
 from batchscope.sweeps.errors import UserError
 from batchscope.sweeps.job import Job
+from batchscope.sweeps.locations import redact
 from batchscope.sweeps.owners import ask_owned, worker_id
 from batchscope.sweeps.progress import QuietReporter, Reporter
 from batchscope.sweeps.recovery import Recovery, mark_stale
 from batchscope.sweeps.specs import make_spec, memory_cap, run_params, slot_device
-from batchscope.sweeps.stores import Stores, check_tracking, open_storage, quiet_libraries, redact, resolve
+from batchscope.sweeps.store_setup import Stores, check_tracking, open_storage, quiet_libraries, resolve
 from batchscope.sweeps.study import git_commit, open_study, sweep_params, sweep_tags
 from batchscope.sweeps.tracking import REASON, RETRY_OF, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker
 from batchscope.sweeps.worker import TrialError, TrialWorker, WorkerDied

@@ -6,9 +6,10 @@ from typing import Any
 
 from batchscope.sweeps import memcap
 from batchscope.sweeps.config import SweepConfig
+from batchscope.sweeps.locations import redact
 from batchscope.sweeps.owners import worker_id
 from batchscope.sweeps.specs import make_spec, memory_cap, run_params
-from batchscope.sweeps.stores import check_tracking, quiet_libraries, redact, resolve
+from batchscope.sweeps.store_setup import check_tracking, quiet_libraries, resolve
 from batchscope.sweeps.tracking import REASON, ROLE, RUN_STATUS, SEED, STATUS, WORKER, MlflowSink, Tracker
 from batchscope.trainers.loop import train
 from batchscope.trainers.spec import TrainResult

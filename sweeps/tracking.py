@@ -14,21 +14,40 @@ from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
 from mlflow.entities.view_type import ViewType
 
+from batchscope.analysis.paths import safe_name
+from batchscope.contract import (
+    PARENT_RUN,
+    REASON,
+    RETRY_OF,
+    ROLE,
+    SEED,
+    STATUS,
+    STUDY,
+    SWEEP_ROLE,
+    TRIAL,
+    TRIAL_ROLE,
+    WORKER,
+    sweep_run,
+)
 from batchscope.sweeps.sink import MetricTransport, MetricWriter, MlflowSink, Row, log_rows, now_ms, params_of
-from batchscope.sweeps.stores import safe_name
 
-__all__ = ["MetricTransport", "MetricWriter", "MlflowSink", "Row", "Tracker"]
+# The contract's tag names are defined in batchscope.contract and re-exported for the sweeps' modules.
+__all__ = [
+    "REASON",
+    "RETRY_OF",
+    "ROLE",
+    "SEED",
+    "STATUS",
+    "STUDY",
+    "TRIAL",
+    "WORKER",
+    "MetricTransport",
+    "MetricWriter",
+    "MlflowSink",
+    "Row",
+    "Tracker",
+]
 
-ROLE = "batchscope.role"
-STATUS = "batchscope.status"
-REASON = "batchscope.reason"
-SEED = "batchscope.seed"
-# The process (host:pid) that runs a `batchscope train` run: `batchscope doctor` closes it if that is gone.
-WORKER = "batchscope.worker"
-# On a re-run's runs: the number of the stopped trial it re-runs.
-RETRY_OF = "batchscope.retry_of"
-STUDY = "optuna.study"
-TRIAL = "optuna.trial_number"
 # MLflow's run states for how a trial ended.
 RUN_STATUS = {"ok": "FINISHED", "pruned": "KILLED", "diverged": "FAILED", "oom": "FAILED", "failed": "FAILED"}
 
@@ -61,20 +80,14 @@ class Tracker:
 
     def sweep_run(self, experiment_id: str, study: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         """The study's parent run: found again when a sweep resumes, created otherwise."""
-        runs = self.client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{ROLE}` = 'sweep'",
-            run_view_type=ViewType.ACTIVE_ONLY,
-            max_results=1,
-            order_by=["attributes.start_time ASC"],
-        )
-        if runs:
-            run_id = runs[0].info.run_id
-            if runs[0].info.status != "RUNNING":
+        found = sweep_run(self.client, experiment_id)
+        if found is not None:
+            run_id = found.info.run_id
+            if found.info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
             return str(run_id)
         run = self.client.create_run(
-            experiment_id, run_name=f"sweep {study}", tags={ROLE: "sweep", STUDY: study, **tags}
+            experiment_id, run_name=f"sweep {study}", tags={ROLE: SWEEP_ROLE, STUDY: study, **tags}
         )
         self.client.log_batch(run.info.run_id, params=_params(params))
         return str(run.info.run_id)
@@ -90,7 +103,7 @@ class Tracker:
         run = self.client.create_run(
             experiment_id,
             run_name=name,
-            tags={ROLE: "trial", "mlflow.parentRunId": parent_id, **tags},
+            tags={ROLE: TRIAL_ROLE, PARENT_RUN: parent_id, **tags},
         )
         self.client.log_batch(run.info.run_id, params=_params(params))
         return str(run.info.run_id)
@@ -111,7 +124,7 @@ class Tracker:
         """The child runs of one Optuna trial, oldest first (one per seed)."""
         runs = self.client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{ROLE}` = 'trial' and tags.`{TRIAL}` = '{int(trial_number)}'",
+            filter_string=f"tags.`{ROLE}` = '{TRIAL_ROLE}' and tags.`{TRIAL}` = '{int(trial_number)}'",
             run_view_type=ViewType.ACTIVE_ONLY,
             order_by=["attributes.start_time ASC"],
         )
@@ -124,7 +137,7 @@ class Tracker:
         """
         runs = self.client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{ROLE}` = 'trial' and attributes.status = 'RUNNING'",
+            filter_string=f"tags.`{ROLE}` = '{TRIAL_ROLE}' and attributes.status = 'RUNNING'",
             run_view_type=ViewType.ACTIVE_ONLY,
             max_results=10_000,
         )

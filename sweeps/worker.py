@@ -263,7 +263,7 @@ def _worker_main(conn: Connection, stop: Any, parent_pid: int) -> None:
     from batchscope.sweeps import faults, memcap
     from batchscope.sweeps.ddp_launch import run_distributed
     from batchscope.sweeps.sink import MlflowSink
-    from batchscope.sweeps.stores import quiet_libraries
+    from batchscope.sweeps.store_setup import quiet_libraries
     from batchscope.trainers.loop import train
 
     _prewarm()

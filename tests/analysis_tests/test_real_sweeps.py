@@ -20,7 +20,7 @@ from batchscope.analysis.findings import bracket_sentence, per_batch_table
 from batchscope.analysis.load import export_sweep, load_sweep
 from batchscope.analysis.report import build_report
 from batchscope.analysis.text import number
-from batchscope.sweeps.stores import journal_storage
+from batchscope.sweeps.store_setup import journal_storage
 from tests.conftest import run_sweeps, small_config
 
 OBJECTIVES: list[str | list[str]] = [

@@ -10,7 +10,7 @@ import torch
 from mlflow import MlflowClient
 
 from batchscope.sweeps.cli import main
-from batchscope.sweeps.stores import journal_storage
+from batchscope.sweeps.store_setup import journal_storage
 from tests.conftest import small_config, write_config
 
 

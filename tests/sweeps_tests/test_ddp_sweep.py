@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from batchscope.sweeps.cli import main
-from batchscope.sweeps.stores import journal_storage
+from batchscope.sweeps.store_setup import journal_storage
 from tests.conftest import small_config, write_config
 from tests.sweeps_tests.test_sweep_e2e import CHILD_PARAMS, FINALS, HISTORIES
 

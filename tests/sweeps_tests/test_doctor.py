@@ -20,7 +20,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from batchscope.sweeps.cli import main
-from batchscope.sweeps.stores import check_tracking, journal_storage, resolve
+from batchscope.sweeps.store_setup import check_tracking, journal_storage, resolve
 from batchscope.sweeps.tracking import REASON, ROLE, STATUS, STUDY, TRIAL, WORKER, Tracker
 from tests.conftest import small_config, write_config
 

@@ -223,7 +223,7 @@ def test_sweep_config_builds_the_sampler() -> None:
 
 
 def test_a_frontier_sweep_killed_and_resumed_loses_and_repeats_nothing(workdir: Path) -> None:
-    from batchscope.sweeps.stores import journal_storage
+    from batchscope.sweeps.store_setup import journal_storage
 
     study_name = "frontier"
     cfg = small_config(study_name)
@@ -302,7 +302,7 @@ def test_the_sweep_stops_when_the_frontier_is_known(
     assert main(["sweep", str(write_config(workdir / "s.yaml", cfg)), "--no-report"]) == 0
     out = capsys.readouterr()
     assert (out.out + out.err).count("frontier search done: B_crit = 100 (test); no more trials started") == 1
-    from batchscope.sweeps.stores import journal_storage
+    from batchscope.sweeps.store_setup import journal_storage
 
     study = optuna.load_study(study_name="stops", storage=journal_storage(workdir / "mlruns" / "optuna.journal"))
     assert len(study.get_trials()) == 2

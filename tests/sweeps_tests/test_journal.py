@@ -22,7 +22,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from batchscope.sweeps.errors import UserError
-from batchscope.sweeps.stores import journal_storage
+from batchscope.sweeps.store_setup import journal_storage
 from tests.conftest import small_config, write_config
 
 STUDY = "torn"
@@ -205,7 +205,7 @@ _FULL_DISK = """
 import os, resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
 import optuna
-from batchscope.sweeps.stores import journal_storage
+from batchscope.sweeps.store_setup import journal_storage
 
 path = sys.argv[1]
 study = optuna.load_study(study_name=sys.argv[2], storage=journal_storage(path))

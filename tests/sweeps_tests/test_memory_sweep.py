@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from batchscope.sweeps.cli import main
-from batchscope.sweeps.stores import journal_storage
+from batchscope.sweeps.store_setup import journal_storage
 from tests.conftest import small_config, write_config
 
 

@@ -13,7 +13,7 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from batchscope.sweeps.stores import journal_storage
+from batchscope.sweeps.store_setup import journal_storage
 from tests.conftest import small_config, write_config
 
 

@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from batchscope.sweeps.cli import main
-from batchscope.sweeps.stores import journal_storage
+from batchscope.sweeps.store_setup import journal_storage
 from batchscope.trainers.schedule import lr_multiplier, scaled_lr
 from tests.conftest import small_config, write_config
 

@@ -10,8 +10,10 @@ import psycopg
 import pytest
 from mlflow import MlflowClient
 
+from batchscope.analysis.paths import safe_name
 from batchscope.sweeps.cli import main
-from batchscope.sweeps.stores import driver_error, redact, safe_name
+from batchscope.sweeps.locations import redact
+from batchscope.sweeps.store_setup import driver_error
 from tests.conftest import small_config, write_config
 
 SECRET = "Pl4ntedS3cretXYZ"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from batchscope.sweeps import stores
-from batchscope.sweeps.stores import Stores, check_tracking, empty_store_path
+from batchscope.sweeps import store_setup as stores
+from batchscope.sweeps.store_setup import Stores, check_tracking, empty_store_path
 from tests.conftest import small_config, write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,7 +146,7 @@ def test_processes_starting_together_share_one_cached_store(tmp_path: Path, cach
         import sys
         from pathlib import Path
         from mlflow import MlflowClient
-        from batchscope.sweeps.stores import Stores, check_tracking, quiet_libraries
+        from batchscope.sweeps.store_setup import Stores, check_tracking, quiet_libraries
 
         quiet_libraries()
         root = Path(sys.argv[1])
@@ -226,7 +226,7 @@ def test_keeping_the_best_weights_does_not_import_torch_in_the_sweep_process(wor
     import torch
     from mlflow import MlflowClient
 
-    from batchscope.sweeps.stores import journal_storage
+    from batchscope.sweeps.store_setup import journal_storage
 
     study = optuna.load_study(
         study_name="weights-no-torch", storage=journal_storage(workdir / "mlruns" / "optuna.journal")

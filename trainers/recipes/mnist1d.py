@@ -9,24 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from batchscope.cache import cache_dir
 from batchscope.trainers.recipes.options import MNIST1D_MODELS as MODELS
 from batchscope.trainers.recipes.options import Mnist1dOptions
 from batchscope.trainers.recipes.options import mnist1d_num_train as num_train  # noqa: F401  (the registry's)
 from batchscope.trainers.task import Task, classification_task
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("BATCHSCOPE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "batchscope"
-    )
-    return Path(root)
 
 
 def make_arrays(opts: Mnist1dOptions) -> dict[str, np.ndarray]:

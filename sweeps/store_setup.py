@@ -1,4 +1,6 @@
-"""Where a sweep keeps its state: the Optuna storage and the MLflow tracking store.
+"""Set up where a sweep keeps its state, the Optuna storage and the MLflow tracking store: decide, check, create, open.
+
+(`batchscope.analysis.stores` opens the same stores read-only, for reports.)
 
 Default (nothing to start): everything under `mlruns/` in the working directory,
 an Optuna journal file (safe for several processes, unlike SQLite) and MLflow's
@@ -21,11 +23,9 @@ from typing import Any
 
 import optuna
 
+from batchscope.cache import cache_dir
 from batchscope.sweeps.errors import UserError
-from batchscope.sweeps.locations import check_storage, check_tracking_uri, scrub
-from batchscope.sweeps.locations import (
-    redact as redact,  # the one mask for every URL shown in output, params, tags and errors
-)
+from batchscope.sweeps.locations import check_storage, check_tracking_uri, redact, scrub
 
 DEFAULT_ROOT = "mlruns"
 _RDB_SCHEMES = ("postgresql", "postgres", "mysql", "sqlite")
@@ -306,14 +306,6 @@ def _init_sqlite_store(uri: str, db: Path) -> None:
             raise
 
 
-def cache_dir() -> Path:
-    """batchscope's cache: $BATCHSCOPE_CACHE, else ~/.cache/batchscope (as the MNIST-1D data cache)."""
-    root = os.environ.get("BATCHSCOPE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "batchscope"
-    )
-    return Path(root)
-
-
 def empty_store_path() -> Path:
     """Where the empty, migrated MLflow database of this MLflow version is cached.
 
@@ -455,9 +447,3 @@ def quiet_libraries() -> None:
 def _first_line(exc: object) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def safe_name(name: str) -> str:
-    """A study name made safe as one path component (no separators, no `..`)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
-    return cleaned[:100] or "study"
