@@ -76,7 +76,7 @@ class TrialCompute:
 
 
 def sweep_config(space: Space, study: str, sampler: str, pruner: str, n_trials: int, seed: int) -> Any:
-    from batchscope.sweeps.config import validate
+    from batchscope.sweeps.config_load import validate
 
     raw = {
         "study": study,

@@ -92,7 +92,7 @@ def main(config: Path, launched_at: float) -> list[Phase]:
     if early:
         proc.start()
         lap("starts the worker process")
-    from batchscope.sweeps.config import load_config
+    from batchscope.sweeps.config_load import load_config
 
     cfg = load_config(config)
     lap("reads + validates the config (sweeps.config: pydantic; no torch)")

@@ -69,11 +69,11 @@ def _positive_number(high: float | None = None) -> Callable[[str], float]:
     return positive_number
 
 
-def _config() -> ModuleType:
-    """sweeps.config, imported only when an argument's bound needs it (it builds the models)."""
-    from batchscope.sweeps import config
+def _bounds() -> ModuleType:
+    """sweeps.config_bounds, imported only when an argument's bound needs it."""
+    from batchscope.sweeps import config_bounds
 
-    return config
+    return config_bounds
 
 
 def _max_workers() -> int:
@@ -84,9 +84,9 @@ def _max_workers() -> int:
 # Each trial worker is a training process with its own PyTorch; past a few per core they only wait
 # for each other (and hold memory), so more is a typo.
 _WORKERS = _whole_number(1, _max_workers, " (4 per CPU core here)")
-_TRIALS = _whole_number(1, lambda: _config().MAX_TRIALS)
-_BATCH = _whole_number(1, lambda: _config().MAX_BATCH)
-_SEED = _whole_number(0, lambda: _config().SEED_MAX, " (numpy's seed range)")
+_TRIALS = _whole_number(1, lambda: _bounds().MAX_TRIALS)
+_BATCH = _whole_number(1, lambda: _bounds().MAX_BATCH)
+_SEED = _whole_number(0, lambda: _bounds().SEED_MAX, " (numpy's seed range)")
 # Timed passes or batch pairs: a million is hours of measuring; more is a typo.
 _REPEATS = 10**6
 

@@ -43,9 +43,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
-    """batchscope.sweeps.config.load_config, imported when first used (building its pydantic models takes
+    """batchscope.sweeps.config_load.load_config, imported when first used (building its pydantic models takes
     0.3 s, which commands that need no config do not spend)."""
-    from batchscope.sweeps.config import load_config as load
+    from batchscope.sweeps.config_load import load_config as load
 
     return load(path, overrides)
 
@@ -305,7 +305,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     import math as _m
 
-    from batchscope.sweeps.config import check_batch_size
+    from batchscope.sweeps.config_bounds import check_batch_size
 
     if args.batch_size is not None:  # its range and --lr's, --seed's are checked by the parser
         check_batch_size(cfg, args.batch_size, "--batch-size")
@@ -363,7 +363,7 @@ def cmd_autobatch(args: argparse.Namespace) -> int:
 
 def cmd_throughput(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from batchscope.sweeps.config import MAX_BATCH
+    from batchscope.sweeps.config_bounds import MAX_BATCH
 
     try:
         sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from batchscope.sweeps import memcap
-from batchscope.sweeps.config import SweepConfig, torch_has_gpu_support
+from batchscope.sweeps.config import SweepConfig
+from batchscope.sweeps.devices import torch_has_gpu_support
 from batchscope.sweeps.errors import UserError
 from batchscope.trainers.recipes import get_recipe
 from batchscope.trainers.spec import TrainSpec

@@ -145,7 +145,7 @@ def test_bad_config_is_one_clear_line(
 
 
 def test_full_batch_and_a_grid_past_the_training_set_are_allowed() -> None:
-    from batchscope.sweeps.config import validate
+    from batchscope.sweeps.config_load import validate
 
     # 960 training examples: the whole set, and the power of two above it (the batch spans two epochs).
     cfg = validate(_at(("search.batch_size", {"values": [16, 960, 1024]})), "x")
@@ -153,7 +153,7 @@ def test_full_batch_and_a_grid_past_the_training_set_are_allowed() -> None:
 
 
 def _cuda_devices() -> int:
-    from batchscope.sweeps.config import cuda_device_count
+    from batchscope.sweeps.devices import cuda_device_count
 
     return cuda_device_count()
 
@@ -196,7 +196,7 @@ def test_bad_yaml_file_is_one_line(
 
 
 def test_a_merge_key_may_be_overridden(workdir: Path) -> None:
-    from batchscope.sweeps.config import read_yaml
+    from batchscope.sweeps.config_load import read_yaml
 
     # `<<:` then the same key is what YAML merge keys are for: not a duplicate.
     path = workdir / "merge.yaml"
@@ -346,7 +346,7 @@ def test_real_process_refuses_in_one_line_and_creates_nothing(
 
 
 def test_shipped_configs_validate() -> None:
-    from batchscope.sweeps.config import load_config
+    from batchscope.sweeps.config_load import load_config
 
     configs = sorted((Path(__file__).parents[2] / "sweeps" / "configs").glob("*.yaml"))
     assert configs
@@ -355,7 +355,7 @@ def test_shipped_configs_validate() -> None:
 
 
 def test_overrides_parse_yaml_values() -> None:
-    from batchscope.sweeps.config import apply_overrides, validate
+    from batchscope.sweeps.config_load import apply_overrides, validate
 
     raw = apply_overrides(small_config(), ["train.max_steps=300", "train.seeds=[0, 1]", "search.lr.low=1e-4"])
     cfg = validate(raw, "x")

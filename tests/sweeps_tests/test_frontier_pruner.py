@@ -11,7 +11,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from batchscope.sweeps import space
-from batchscope.sweeps.config import validate
+from batchscope.sweeps.config_load import validate
 from batchscope.sweeps.frontier_pruner import FrontierPruner
 from tests.conftest import small_config
 

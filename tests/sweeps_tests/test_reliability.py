@@ -223,7 +223,7 @@ def test_a_trial_killed_before_recording_its_run_is_linked_to_it_on_recovery(wor
     """SIGKILL between creating the MLflow run and recording its id on the trial: recovery finds the run."""
     import socket
 
-    from batchscope.sweeps.config import validate
+    from batchscope.sweeps.config_load import validate
     from batchscope.sweeps.runner import Sweep
     from batchscope.sweeps.tracking import STUDY, TRIAL
 
@@ -249,7 +249,7 @@ def test_a_trial_killed_before_its_parameters_were_sampled_is_not_re_run_with_no
     import socket
 
     from batchscope.sweeps import space
-    from batchscope.sweeps.config import validate
+    from batchscope.sweeps.config_load import validate
     from batchscope.sweeps.runner import Sweep
 
     cfg = validate(_fast("unsampled", 2), "test")

@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from batchscope.sweeps import space
-from batchscope.sweeps.config import validate
+from batchscope.sweeps.config_load import validate
 from tests.conftest import small_config
 
 

@@ -170,7 +170,7 @@ def test_processes_starting_together_share_one_cached_store(tmp_path: Path, cach
 
 def _assert_runs_without_torch(workdir: Path, body: str) -> None:
     """Run `body` in a fresh interpreter (the sweep process) and check that it never imported torch."""
-    from batchscope.sweeps.config import torch_has_gpu_support
+    from batchscope.sweeps.devices import torch_has_gpu_support
 
     if torch_has_gpu_support():
         pytest.skip("with a CUDA or ROCm build of PyTorch the sweep process asks torch for the device")
