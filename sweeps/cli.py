@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _handler(command: str) -> Callable[[argparse.Namespace], int]:
     """The function that runs `command` (imported now: the commands load what they need)."""
-    from batchscope.sweeps import commands
+    from batchscope.sweeps import commands, commands_measure
 
     def doctor(args: argparse.Namespace) -> int:
         from batchscope.sweeps.doctor import cmd_doctor  # optuna, the journal tools: only for doctor
@@ -251,9 +251,9 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
         "server": commands.cmd_server,
         "train": commands.cmd_train,
         "status": commands.cmd_status,
-        "autobatch": commands.cmd_autobatch,
-        "throughput": commands.cmd_throughput,
-        "noise-scale": commands.cmd_noise_scale,
+        "autobatch": commands_measure.cmd_autobatch,
+        "throughput": commands_measure.cmd_throughput,
+        "noise-scale": commands_measure.cmd_noise_scale,
         "report": commands.cmd_report,
         "export": commands.cmd_export,
         "ui": commands.cmd_ui,

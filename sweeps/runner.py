@@ -114,12 +114,8 @@ class Sweep:
             self.max_micro, self.num_train = opened.max_micro, opened.num_train
             self.experiment_id = self.tracker.experiment_id(cfg.study)
             self.commit = git_commit()
-            self.parent_run_id = self.tracker.sweep_run(
-                self.experiment_id,
-                cfg.study,
-                sweep_params(self.cfg, self.stores.storage_label),
-                sweep_tags(cfg.study, self.commit),
-            )
+            params, tags = sweep_params(self.cfg, self.stores.storage_label), sweep_tags(cfg.study, self.commit)
+            self.parent_run_id = self.tracker.sweep_run(self.experiment_id, cfg.study, params, tags)
         self.recovery = Recovery(
             self.study, self.storage, self.tracker, self.experiment_id, self.parent_run_id, heartbeat
         )
@@ -246,13 +242,7 @@ class Sweep:
 
     def _local_stores(self) -> dict[str, Path]:
         """The stores (and checkpoints) kept on this machine's disks, by name."""
-        paths: dict[str, Path] = {}
-        if "://" not in self.stores.storage_url:
-            paths["the Optuna journal"] = Path(self.stores.storage_url)
-        if self.stores.tracking_uri.startswith("sqlite:///"):
-            paths["the MLflow store"] = Path(self.stores.tracking_uri.removeprefix("sqlite:///"))
-        if self.stores.artifact_root and self.stores.artifact_root.startswith("file://"):
-            paths["MLflow's artifacts"] = Path(self.stores.artifact_root.removeprefix("file://"))
+        paths = self.stores.local_paths()
         if self.cfg.train.checkpoint.every_steps is not None or self.cfg.train.checkpoint.every_minutes is not None:
             paths["the checkpoints"] = self.checkpoint_dir
         return paths

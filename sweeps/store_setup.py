@@ -48,6 +48,17 @@ class Stores:
     def storage_label(self) -> str:
         return redact(self.storage_url)
 
+    def local_paths(self) -> dict[str, Path]:
+        """The stores kept on this machine's disks, by name (for a full disk's message)."""
+        paths: dict[str, Path] = {}
+        if "://" not in self.storage_url:
+            paths["the Optuna journal"] = Path(self.storage_url)
+        if self.tracking_uri.startswith("sqlite:///"):
+            paths["the MLflow store"] = Path(self.tracking_uri.removeprefix("sqlite:///"))
+        if self.artifact_root and self.artifact_root.startswith("file://"):
+            paths["MLflow's artifacts"] = Path(self.artifact_root.removeprefix("file://"))
+        return paths
+
 
 def resolve(
     storage: str | None,

@@ -1,0 +1,141 @@
+"""The commands that measure the config's model outside a sweep: `autobatch`, `throughput`, `noise-scale`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from batchscope.sweeps.commands import err, load_config, out
+from batchscope.sweeps.errors import UserError
+
+
+def cmd_autobatch(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # --fraction, --budget-mb, --max-batch: checked by the parser
+    from batchscope.sweeps.memory import probe_lr
+    from batchscope.sweeps.specs import make_spec
+    from batchscope.trainers.autobatch import AutoBatchError, find_batch_size
+
+    spec = make_spec(cfg, 1, probe_lr(cfg), cfg.train.seeds[0])
+    err.print("Probing real training steps at growing batch sizes…")
+    try:
+        result = find_batch_size(spec, fraction=args.fraction, budget_mb=args.budget_mb, max_batch=args.max_batch)
+    except (AutoBatchError, ValueError) as exc:
+        raise UserError(f"AutoBatch: {exc}") from None
+    out.print(result.table())
+    out.print()
+    out.print(f"[bold]largest batch size that fits: {result.batch_size}[/]")
+    out.print(escape(result.method))
+    return 0
+
+
+def cmd_throughput(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from batchscope.sweeps.config_bounds import MAX_BATCH
+
+    try:
+        sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
+        raise UserError(f"--batch-sizes must be integers from 1 to 2**24 = {MAX_BATCH:,}, got {args.batch_sizes!r}")
+    from batchscope.sweeps.single import log_throughput, resolve_weights
+    from batchscope.sweeps.specs import make_spec
+    from batchscope.trainers.throughput import inference_table, measure_inference
+
+    weights, source_run = resolve_weights(cfg, args.checkpoint)
+    spec = make_spec(cfg, max(sizes), 1e-3, cfg.train.seeds[0])
+    results = measure_inference(spec, sizes, iters=args.iters, weights=weights)
+    out.print(inference_table(results))
+    run_id = log_throughput(cfg, results, source_run)
+    out.print(f"logged to MLflow run {run_id} (experiment {escape(cfg.study)})")
+    return 0
+
+
+def cmd_noise_scale(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    min_batches = 32  # (--batches, --precision and --seed are held to their ranges by the parser)
+    if args.max_batches < min_batches:
+        raise UserError(f"--max-batches must be at least {min_batches}, got {args.max_batches}")
+    import torch
+
+    from batchscope.trainers.device import resolve_device, seed_everything
+    from batchscope.trainers.noise_scale import measure_noise_scale
+    from batchscope.trainers.recipes import build_task
+
+    seed = cfg.train.seeds[0] if args.seed is None else args.seed
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as exc:
+        raise UserError(f"device: {exc}") from None
+    seed_everything(seed)
+    task = build_task(cfg.trainer.recipe, cfg.trainer.model, cfg.trainer.options, device)
+    where = "initialization"
+    if args.checkpoint is not None:
+        _load_weights(task.model, Path(args.checkpoint), device)
+        where = f"checkpoint {args.checkpoint}"
+    n = task.num_train
+    b_big = args.b_big if args.b_big is not None else min(512, n)
+    b_small = args.b_small if args.b_small is not None else max(1, b_big // 8)
+    if not 1 <= b_small < b_big <= n:
+        raise UserError(
+            f"need 1 ≤ --b-small < --b-big ≤ {n} (the training set), got --b-small {b_small} and --b-big {b_big}"
+        )
+    est = measure_noise_scale(
+        task.model,
+        task.loss_fn,
+        task.train_x,
+        task.train_y,
+        b_small=b_small,
+        b_big=b_big,
+        n_batches=args.batches,
+        rel_precision=args.precision,
+        min_batches=min_batches,
+        max_batches=args.max_batches,
+        seed=seed,
+    )
+    out.print(f"Gradient noise scale of {cfg.trainer.recipe}/{cfg.trainer.model} at {escape(where)}")
+    table = Table()
+    table.add_column("quantity")
+    table.add_column("estimate", justify="right")
+    table.add_column("± std. error", justify="right")
+    table.add_row("B_simple = tr(Σ)/|G|²", f"{est.b_simple:.4g}", f"{est.b_simple_stderr:.2g}")
+    table.add_row("|G|²", f"{est.grad_sq:.4g}", f"{est.grad_sq_stderr:.2g}")
+    table.add_row("tr(Σ)", f"{est.trace_sigma:.4g}", f"{est.trace_sigma_stderr:.2g}")
+    out.print(table)
+    target = f", target ±{100 * args.precision:g}%" if est.precision_reached is not None else ""
+    out.print(
+        f"B_simple = {est.b_simple:.4g} ± {est.b_simple_stderr:.2g} (±{est.rel_stderr:.1%}{target}) "
+        f"from {est.n_batches} pairs of batches of {est.b_small} and {est.b_big} examples on {device} "
+        f"(McCandlish et al. 2018); torch {torch.__version__}"
+    )
+    if est.b_simple != est.b_simple:  # NaN
+        out.print("[yellow]|G|² is not distinguishable from zero here (near a minimum?); B_simple is undefined.[/]")
+    if est.precision_reached is False:
+        out.print(
+            f"[yellow]The target precision ±{100 * args.precision:g}% was not reached within --max-batches "
+            f"{args.max_batches} pairs: raise --max-batches, or use a larger --b-big.[/]"
+        )
+    return 0
+
+
+def _load_weights(model: Any, path: Path, device: Any) -> None:
+    import torch
+
+    if not path.is_file():
+        raise UserError(f"--checkpoint {str(path)!r} is not a file")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise UserError(f"--checkpoint {str(path)!r} cannot be read as weights: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and "objects" in state and "model" in state.get("objects", {}):
+        state = state["objects"]["model"]  # a batchscope checkpoint
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise UserError(
+            f"--checkpoint {str(path)!r} does not fit this config's model: {str(exc).splitlines()[0]}"
+        ) from None
