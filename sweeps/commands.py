@@ -18,6 +18,7 @@ from rich.table import Table
 
 from batchscope.sweeps import optuna_attrs as attrs
 from batchscope.sweeps.errors import UserError
+from batchscope.sweeps.locations import redact
 
 if TYPE_CHECKING:
     from batchscope.sweeps.config import SweepConfig
@@ -84,7 +85,7 @@ def _run_sweep(args: argparse.Namespace, cfg: Any, sweep: Any) -> int:
     out.print()
     out.print(f"[bold]{escape(cfg.study)}[/]: {summary.completed}/{summary.total} trials finished.")
     out.print(f"  Optuna study:   {escape(summary.storage)}")
-    out.print(f"  MLflow runs:    {escape(_redacted(summary.tracking_uri))} (experiment {escape(cfg.study)})")
+    out.print(f"  MLflow runs:    {escape(redact(summary.tracking_uri))} (experiment {escape(cfg.study)})")
     if report_path is not None:
         out.print(f"  Report:         {report_path}")
     out.print("  Look at it:     [bold]batchscope ui[/]  then open http://127.0.0.1:5000")
@@ -118,7 +119,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from batchscope.sweeps.locations import redact
     from batchscope.sweeps.store_setup import Stores, check_tracking
 
     if args.check is not None:
@@ -160,8 +160,6 @@ def _check_database(url: str) -> None:
         raise UserError(f"--backend-store-uri {url!r}: use a postgresql://, mysql:// or sqlite:/// URL")
     import sqlalchemy
 
-    from batchscope.sweeps.locations import redact
-
     try:
         engine = sqlalchemy.create_engine(url)
         with engine.connect() as conn:
@@ -185,7 +183,7 @@ def _write_report(sweep: Any) -> Path | None:
         )
         log_report_artifacts(path, [sweep.cfg.study], tracking_uri=sweep.stores.tracking_uri)
     except Exception as exc:  # the sweep is done and stored; say why the report is missing
-        err.print(f"[yellow]The report could not be written[/]: {escape(_redacted(str(exc)))[:300]}")
+        err.print(f"[yellow]The report could not be written[/]: {escape(redact(str(exc)))[:300]}")
         err.print(f"Try again with: batchscope report {escape(_quote(sweep.cfg.study))}")
         return None
     return Path(path)
@@ -240,10 +238,10 @@ def _store_errors(stores: Any) -> Iterator[None]:
     try:
         yield
     except (LookupError, FileNotFoundError) as exc:
-        raise UserError(_redacted(str(exc).strip("'\""))) from None
+        raise UserError(redact(str(exc).strip("'\""))) from None
     except (SQLAlchemyError, MlflowException) as exc:
         raise UserError(
-            f"the MLflow store {_redacted(stores.tracking_uri)!r} could not be read: "
+            f"the MLflow store {redact(stores.tracking_uri)!r} could not be read: "
             f"{driver_error(exc, stores.tracking_uri)[:300]}"
         ) from None
 
@@ -423,12 +421,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
         return 0
-
-
-def _redacted(url: str) -> str:
-    from batchscope.sweeps.locations import redact
-
-    return redact(url)
 
 
 def _quote(name: str) -> str:

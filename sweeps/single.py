@@ -28,10 +28,8 @@ def train_once(
         exp, run_name=f"train bs={batch_size} lr={lr:.3g}", tags={ROLE: "train", SEED: str(seed), WORKER: worker_id()}
     )
     run_id = run.info.run_id
-    from batchscope.sweeps.tracking import _params
-
     cap = memory_cap(cfg, 1)
-    tracker.client.log_batch(run_id, params=_params(run_params(spec, cfg) | {"memory_limit_mb": cap}))
+    tracker.log_params(run_id, run_params(spec, cfg) | {"memory_limit_mb": cap})
     sink = MlflowSink(tracker.client, run_id)
     try:
         memcap.apply_cap(cap, memcap.vm_size_kb())  # an absurd batch ends as `oom`, not the machine

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Param, RunTag
+from mlflow.entities import RunTag
 from mlflow.entities.view_type import ViewType
 
 from batchscope.analysis.paths import safe_name
@@ -89,7 +89,7 @@ class Tracker:
         run = self.client.create_run(
             experiment_id, run_name=f"sweep {study}", tags={ROLE: SWEEP_ROLE, STUDY: study, **tags}
         )
-        self.client.log_batch(run.info.run_id, params=_params(params))
+        self.client.log_batch(run.info.run_id, params=params_of(params))
         return str(run.info.run_id)
 
     def trial_run(
@@ -105,7 +105,7 @@ class Tracker:
             run_name=name,
             tags={ROLE: TRIAL_ROLE, PARENT_RUN: parent_id, **tags},
         )
-        self.client.log_batch(run.info.run_id, params=_params(params))
+        self.client.log_batch(run.info.run_id, params=params_of(params))
         return str(run.info.run_id)
 
     def end(self, run_id: str, status: str, *, tags: Mapping[str, str] | None = None) -> None:
@@ -114,7 +114,7 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        self.client.log_batch(run_id, params=_params(params))
+        self.client.log_batch(run_id, params=params_of(params))
 
     def log_final(self, run_id: str, step: int, values: Mapping[str, float]) -> None:
         now = now_ms()
@@ -152,7 +152,3 @@ class Tracker:
             )
             closed += 1
         return closed
-
-
-def _params(params: Mapping[str, Any]) -> list[Param]:
-    return params_of(params)
