@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchscope.trainers.autobatch import AutoBatchError, MemoryProber, Probe, find_batch_size, search_batch_size
+from batchscope.trainers.autobatch import find_batch_size, search_batch_size
 from batchscope.trainers.loop import is_oom_error, micro_batches, train
+from batchscope.trainers.memory_probe import AutoBatchError, MemoryProber, Probe
 from batchscope.trainers.recipes import build_task
 from batchscope.trainers.spec import RecordingSink, TrainSpec
 from batchscope.trainers.task import Task
