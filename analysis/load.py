@@ -27,7 +27,7 @@ import pandas as pd
 
 from batchscope.analysis import _mlflow_raw
 from batchscope.analysis.paths import safe_name
-from batchscope.analysis.stores import (
+from batchscope.analysis.readonly_stores import (
     DEFAULT_JOURNAL,
     DEFAULT_TRACKING_URI,
     StorageLike,

@@ -28,7 +28,7 @@ from batchscope.analysis.charts import CHARTS, Chart, render_charts, render_comp
 from batchscope.analysis.findings import Findings, findings, per_batch_note, per_batch_table
 from batchscope.analysis.load import ReadMethod, SweepData, load_sweep
 from batchscope.analysis.paths import child_dir, safe_name
-from batchscope.analysis.stores import (
+from batchscope.analysis.readonly_stores import (
     DEFAULT_JOURNAL,
     DEFAULT_TRACKING_UI,
     DEFAULT_TRACKING_URI,

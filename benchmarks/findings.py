@@ -460,7 +460,9 @@ def exact_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
 
 
 def per_example_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[float, float]:
-    """(|G|², tr Σ) from every example's gradient by torch.func (as tests/trainers_tests/test_noise_scale.py)."""
+    """(|G|², tr Σ) from every example's gradient by torch.func.
+
+    As tests/trainers_tests/test_noise_scale_offline.py does."""
     import torch
     from torch.func import functional_call, grad, vmap
 

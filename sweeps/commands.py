@@ -390,7 +390,7 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
     import torch
 
     from batchscope.trainers.device import resolve_device, seed_everything
-    from batchscope.trainers.noise_scale import measure_noise_scale
+    from batchscope.trainers.noise_scale_offline import measure_noise_scale
     from batchscope.trainers.recipes import build_task
 
     seed = cfg.train.seeds[0] if args.seed is None else args.seed

@@ -43,7 +43,7 @@ class RunState:
     initial_loss: float | None = None
     # (step, {metric: value}) in the order the sink received them
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
-    # The noise-scale cadence once chosen (trainers.gns.Cadence): a resumed run keeps it.
+    # The noise-scale cadence once chosen (trainers.noise_scale_in_loop.Cadence): a resumed run keeps it.
     gns_every: int | None = None
 
     def to_dict(self) -> dict[str, Any]:

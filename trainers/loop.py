@@ -40,7 +40,7 @@ from batchscope.trainers.device import (
     seed_everything,
 )
 from batchscope.trainers.evaluation import HIGHER_IS_BETTER, crossing, target_reached
-from batchscope.trainers.gns import Cadence, NoiseScaleWindow, grad_sq_norm
+from batchscope.trainers.noise_scale_in_loop import Cadence, NoiseScaleWindow, grad_sq_norm
 from batchscope.trainers.recipes import build_task
 from batchscope.trainers.schedule import lr_multiplier, scaled_lr
 from batchscope.trainers.spec import NullSink, Sink, Status, TrainResult, TrainSpec

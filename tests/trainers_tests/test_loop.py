@@ -35,7 +35,7 @@ def test_loss_falls_and_accuracy_beats_chance() -> None:
 
 def test_same_seed_gives_identical_metrics_on_cpu() -> None:
     a, b = RecordingSink(), RecordingSink()
-    # A fixed noise-scale cadence: a chosen one comes from timings (see test_gns_cadence).
+    # A fixed noise-scale cadence: a chosen one comes from timings (see test_noise_scale_cadence).
     ra, rb = train(spec(seed=3, gns_every=10), a), train(spec(seed=3, gns_every=10), b)
     assert a.history["train/loss"] == b.history["train/loss"]
     for key in ("final/val_loss", "final/train_loss", "final/val_acc", "final/sharpness"):

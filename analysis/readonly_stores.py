@@ -1,5 +1,8 @@
-"""Where a sweep lives: the Optuna storage and the MLflow tracking URI, resolved the same way
-everywhere in analysis/ (and the same defaults as the sweep runner's embedded store)."""
+"""A sweep's stores opened for reading: the Optuna storage and the MLflow tracking URI, resolved
+the same way everywhere in analysis/ (and the same defaults as the sweep runner's embedded store).
+
+Read-only: nothing here creates a store or a file (a missing journal is an error). Creating,
+locking and writing the stores is the sweep's job, in sweeps/stores.py."""
 
 from __future__ import annotations
 
