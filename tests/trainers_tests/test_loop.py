@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from batchscope.trainers.evaluation import crossing
 from batchscope.trainers.loop import micro_batches, train
 from batchscope.trainers.spec import RecordingSink, TrainSpec
 
@@ -202,22 +201,6 @@ def test_the_optimizer_is_fused_on_cpu_and_steps_like_torchs_default(optimizer: 
             opt.step()
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    ("before", "after", "target", "expected"),
-    [
-        ((50, 0.40, 1.0), (100, 0.60, 2.0), 0.50, (75.0, 1.5)),  # half-way in value: half-way in steps and time
-        ((50, 0.40, 1.0), (100, 0.60, 2.0), 0.60, (100.0, 2.0)),  # reached exactly at the evaluation
-        ((50, 2.0, 1.0), (100, 1.0, 3.0), 1.5, (75.0, 2.0)),  # a loss target, reached from above
-        (None, (100, 0.60, 2.0), 0.50, (100.0, 2.0)),  # nothing to interpolate from
-        ((50, 0.40, 1.0), (100, 0.40, 2.0), 0.40, (100.0, 2.0)),  # flat: the evaluation itself
-    ],
-)
-def test_crossing_interpolates_between_the_evaluations_around_it(
-    before: tuple[float, float, float] | None, after: tuple[float, float, float], target: float, expected: tuple
-) -> None:
-    assert crossing(before, after, target) == pytest.approx(expected)
 
 
 def test_steps_to_target_do_not_depend_on_the_evaluation_cadence() -> None:
