@@ -1,9 +1,9 @@
 """The training loop: one recipe, one batch size, one learning rate, measured.
 
 Read top to bottom: `train` decides the batch split, precision and learning rate once
-(`_plan`), sets up the data, model and optimizer (`_Run`), runs the loop, then takes the
-end-of-run measurements. Each part of a step is a method of `_Run`: the training step,
-the logging point, the evaluation point, the end of the run. Inside the loop nothing
+(`plan_run`, trainers/plan.py), sets up the data, model and optimizer (`_Run`), runs the
+loop, then takes the end-of-run measurements. Each part of a step is a method of `_Run`:
+the training step, the logging point, the evaluation point, the end of the run. Inside the loop nothing
 reads a value back to the host except at logging and evaluation points, which are marked.
 
 Under torchrun (a process group of W processes, see trainers/distributed.py) the
@@ -18,8 +18,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,21 +26,12 @@ from batchscope.trainers import distributed, evaluation
 from batchscope.trainers.checkpoint import Checkpointer, CheckpointPolicy, RunState
 from batchscope.trainers.checkpoint import load as checkpoint_load
 from batchscope.trainers.data import DeviceBatcher
-from batchscope.trainers.device import (
-    Clock,
-    Precision,
-    StepTimer,
-    make_precision,
-    peak_memory_mb,
-    reset_peak_memory,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-)
+from batchscope.trainers.device import Clock, StepTimer, peak_memory_mb
 from batchscope.trainers.evaluation import HIGHER_IS_BETTER, crossing, target_reached
 from batchscope.trainers.noise_scale_in_loop import Cadence, NoiseScaleWindow, grad_sq_norm
+from batchscope.trainers.plan import RunPlan, plan_run
 from batchscope.trainers.recipes import build_task
-from batchscope.trainers.schedule import lr_multiplier, scaled_lr
+from batchscope.trainers.schedule import lr_multiplier
 from batchscope.trainers.spec import NullSink, Sink, Status, TrainResult, TrainSpec
 from batchscope.trainers.task import Task
 
@@ -63,11 +52,6 @@ def is_oom_error(exc: BaseException) -> bool:
             or "CUDA error: out of memory" in msg
         )
     return False
-
-
-def micro_batches(batch_size: int, micro_batch_size: int) -> list[tuple[int, int]]:
-    """[lo, hi) slices covering the batch; the last may be smaller."""
-    return [(lo, min(lo + micro_batch_size, batch_size)) for lo in range(0, batch_size, micro_batch_size)]
 
 
 def make_optimizer(spec: TrainSpec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -112,7 +96,7 @@ def train(
     # Data parallel: only rank 0 reports; the others train the same model in step with it.
     sink = sink if sink is not None and distributed.is_main() else NullSink()
     wall_start = time.perf_counter()
-    plan = _plan(spec)
+    plan = plan_run(spec)  # device, precision, batch split, effective lr: decided once
     # Logged from here, before the first step: the one home of these decisions (rank 0's
     # micro-batch is what each process's forward pass sees, which BatchNorm statistics depend on).
     sink.params(dict(plan.resolved))
@@ -156,66 +140,6 @@ def train(
     return run.finish(status, reason, wall_start)
 
 
-# ---- set-up: everything decided once, before anything is built -------------------------
-
-
-@dataclass
-class _Plan:
-    """Device, precision, the batch split and the learning rate: decided once, logged whole."""
-
-    device: torch.device
-    precision: Precision
-    world: int  # processes training data parallel (1: alone)
-    local_batch: int  # this process's share of the batch
-    shard: slice  # this process's slice of every global batch
-    accum_plan: list[tuple[int, int]]  # the micro-batches of a plain step
-    gns_on: bool
-    gns_plan: list[tuple[int, int]]  # the micro-batches of a step that measures the noise scale
-    small_at: int  # the noise scale's small batch ends with micro-batch gns_plan[small_at]
-    lr: float
-    resolved: dict[str, Any]  # what the run returns and the sink logs as params
-
-
-def _plan(spec: TrainSpec) -> _Plan:
-    device = resolve_device(spec.device)
-    precision = make_precision(resolve_precision(spec.precision, device), device)
-    seed_everything(spec.seed)
-    reset_peak_memory(device)
-    B = spec.batch_size
-    # Data parallel: every process draws the same global batch of B and trains on its slice.
-    W = distributed.world()
-    if B % W:
-        raise ValueError(f"batch_size must be divisible by the number of processes, got {B=} with {W} processes.")
-    local_B = B // W
-    shard = slice(distributed.rank() * local_B, (distributed.rank() + 1) * local_B)
-    micro = min(spec.micro_batch_size or B, local_B)
-    accum_plan = micro_batches(local_B, micro)
-    # The noise scale needs gradients at two batch sizes: the mean gradient of the first
-    # plan[small_at][1] examples (small) and of the whole batch B (big). Data parallel, the
-    # small batch is each process's own slice, measured before the gradients are averaged:
-    # no extra cost. Alone, without accumulation, the batch is split in two halves on
-    # measuring steps, so such a step costs about the same as a plain one.
-    gns_plan, small_at = accum_plan, 0
-    if W > 1:
-        small_at = len(accum_plan) - 1
-    elif len(accum_plan) < 2:
-        gns_plan = micro_batches(B, (B + 1) // 2)
-    lr = scaled_lr(spec.lr, B, spec.lr_scaling, spec.reference_batch)
-    resolved: dict[str, Any] = {
-        "device": str(device),
-        "precision": precision.name,
-        "micro_batch_size": micro,
-        "accum_steps": len(accum_plan),
-        "effective_lr": lr,
-        # What `mem/peak_mb` measures: tensors on a GPU, or the whole process on a CPU.
-        "memory_measure": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
-    }
-    if W > 1:
-        resolved["world_size"] = W
-    gns_on = spec.gns and B >= 2
-    return _Plan(device, precision, W, local_B, shard, accum_plan, gns_on, gns_plan, small_at, lr, resolved)
-
-
 # ---- the run: set-up, the step, the logging point, the evaluation point, the end -------
 
 
@@ -223,7 +147,7 @@ class _Run:
     """One training run's objects and bookkeeping, built once; the loop in `train` drives it."""
 
     def __init__(
-        self, spec: TrainSpec, plan: _Plan, sink: Sink, task: Task | None, checkpoint: CheckpointPolicy | None
+        self, spec: TrainSpec, plan: RunPlan, sink: Sink, task: Task | None, checkpoint: CheckpointPolicy | None
     ) -> None:
         self.spec, self.plan, self.sink = spec, plan, sink
         self.device, self.resolved = plan.device, plan.resolved
@@ -255,7 +179,7 @@ class _Run:
         self.clock = Clock(plan.device)
         self.t_mark = self.clock.now()
 
-    def _build_training(self, spec: TrainSpec, plan: _Plan) -> None:
+    def _build_training(self, spec: TrainSpec, plan: RunPlan) -> None:
         """Model, optimizer, schedule, batches and the noise-scale window."""
         self.model: nn.Module = self.task.model
         if plan.world > 1:

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from batchscope.trainers.loop import micro_batches, train
+from batchscope.trainers.loop import train
+from batchscope.trainers.plan import micro_batches
 from batchscope.trainers.spec import RecordingSink, TrainSpec
 
 OPTS = {"num_samples": 1200}

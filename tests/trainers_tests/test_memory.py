@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchscope.trainers.loop import is_oom_error, micro_batches, train
+from batchscope.trainers.loop import is_oom_error, train
+from batchscope.trainers.plan import micro_batches
 from batchscope.trainers.recipes import build_task
 from batchscope.trainers.spec import RecordingSink, TrainSpec
 from batchscope.trainers.task import Task
