@@ -521,12 +521,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     stores = resolve(args.storage, args.tracking_uri)
     if args.optuna:
-        try:
-            import optuna_dashboard  # noqa: F401
-        except ImportError:
-            raise UserError("optuna-dashboard is not installed: pip install 'batchscope[dashboard]'") from None
+        from batchscope.sweeps import dashboard
+
+        dashboard.check_installed()
         port = args.port or 8080
-        cmd = [sys.executable, "-m", "optuna_dashboard", stores.storage_url, "--host", args.host, "--port", str(port)]
+        cmd = [sys.executable, "-m", "batchscope.sweeps.dashboard", stores.storage_url, "--host", args.host]
+        cmd += ["--port", str(port)]
         err.print(f"optuna-dashboard on http://{args.host}:{port} (Ctrl-C to stop)")
     else:
         port = args.port or 5000

@@ -32,6 +32,7 @@ from batchscope.sweeps.stores import (
     Stores,
     check_tracking,
     open_storage,
+    quiet_experimental,
     quiet_libraries,
     redact,
     resolve,
@@ -273,6 +274,10 @@ class Sweep:
         )
         if record is not None and remembered is None:
             study.set_user_attr(memory.ATTR, record)
+        names = list(cfg.search.objectives)
+        if study.metric_names != names:  # optuna-dashboard and optuna.visualization label the objectives with these
+            with quiet_experimental():
+                study.set_metric_names(names)
         if study.user_attrs.get(FINGERPRINT_ATTR) != fp:
             study.set_user_attr(FINGERPRINT_ATTR, fp)
             study.set_user_attr("batchscope.config", config_to_dict(cfg) | {"storage": None, "tracking_uri": None})

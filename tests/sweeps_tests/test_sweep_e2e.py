@@ -149,3 +149,43 @@ def test_train_command_logs_one_run(workdir: Path, capsys: pytest.CaptureFixture
     assert run.info.status == "FINISHED"
     assert run.data.params["batch_size"] == "32"
     assert "final/val_acc" in run.data.metrics
+
+
+def test_optuna_dashboard_serves_the_study_with_its_objective_named(workdir: Path, swept: Path) -> None:
+    """`batchscope ui --optuna` starts optuna-dashboard (its public run_server) on the journal."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("optuna_dashboard")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    cmd = [sys.executable, "-m", "batchscope.sweeps.cli", "ui", "--optuna", "--port", str(port)]
+    env = dict(os.environ, BATCHSCOPE_ROOT=str(workdir / "mlruns"))
+    proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    summaries = json.load(r)["study_summaries"]
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[0].decode()
+                assert time.monotonic() < deadline, "optuna-dashboard did not answer in 60 s"
+                time.sleep(0.3)
+        (study,) = [s for s in summaries if s["study_name"] == "e2e"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}", timeout=5) as r:
+            detail = json.load(r)
+        assert detail["objective_names"] == ["val_loss"]  # not "Objective 0"
+        assert len(detail["trials"]) == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0].decode()
+    assert "Traceback" not in out, out
