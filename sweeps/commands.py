@@ -34,11 +34,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
     cfg = load_config(args.config, args.overrides)
+    _say_starting(cfg.study, args.workers)
     with _early_workers(args.workers) as early:
         from batchscope.sweeps.runner import Sweep
 
         sweep = Sweep(cfg, force=args.force, prestarted=early)
     return _run_sweep(args, cfg, sweep)
+
+
+def _say_starting(study: str, workers: int) -> None:
+    """A line within a second of the command: the next seconds go to imports and stores (about 20 s
+    on a loaded machine before the first trial's bar appeared, with nothing on screen)."""
+    from batchscope.sweeps.progress import clock
+
+    each = "each loads" if workers > 1 else "it loads"
+    err.print(
+        f"{clock()} {escape(study)}: starting {workers} trial worker{'s' if workers > 1 else ''} "
+        f"({each} PyTorch: a few seconds) and opening the stores",
+        highlight=False,
+    )
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
@@ -105,6 +119,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
+    _say_starting(cfg.study, args.workers)
     from batchscope.sweeps.progress import RichReporter
     from batchscope.sweeps.runner import Sweep
 
