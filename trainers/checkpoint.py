@@ -33,7 +33,7 @@ class RunState:
     last_eval_step: int = 0
     best: dict[str, float] = field(default_factory=dict)
     evals: dict[str, float] = field(default_factory=dict)
-    # Steps and training time to the target, interpolated between evaluations (trainers.loop.crossing);
+    # Steps and training time to the target, interpolated between evaluations (trainers.evaluation.crossing);
     # the evaluation steps that bracket the crossing; (step, value, time) of the last evaluation short of it.
     target_step: float | None = None
     target_time_s: float | None = None

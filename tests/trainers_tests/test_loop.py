@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from batchscope.trainers.loop import crossing, micro_batches, train
+from batchscope.trainers.evaluation import crossing
+from batchscope.trainers.loop import micro_batches, train
 from batchscope.trainers.spec import RecordingSink, TrainSpec
 
 OPTS = {"num_samples": 1200}
@@ -149,16 +150,16 @@ def test_final_validation_is_the_last_evaluation_not_a_second_one(
     monkeypatch: pytest.MonkeyPatch, max_steps: int, stop: int | None
 ) -> None:
     """The run ends on an evaluation (its last step, or a pruning stop): the final val_* are that one's values."""
-    import batchscope.trainers.loop as loop
+    import batchscope.trainers.evaluation as evaluation
 
     calls: list[int] = []
-    real = loop.evaluate
+    real = evaluation.evaluate
 
     def counting(task, x, y, autocast, chunk=4096):  # type: ignore[no-untyped-def]
         calls.append(len(x))
         return real(task, x, y, autocast, chunk)
 
-    monkeypatch.setattr(loop, "evaluate", counting)
+    monkeypatch.setattr(evaluation, "evaluate", counting)
 
     class Pruning(FlushRecordingSink):
         def evaluated(self, step: int, values) -> bool:  # type: ignore[no-untyped-def]
