@@ -158,7 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("noise-scale", help="measure the gradient noise scale B_simple of the config's model")
     _add_config_args(p)
-    p.add_argument("--checkpoint", default=None, help="weights to load (a state_dict .pt or a batchscope checkpoint)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="an MLflow run id with weights/model.pt, or a weights file (a state_dict .pt or a batchscope checkpoint)",
+    )
     p.add_argument("--b-small", type=_BATCH, default=None, help="small batch size (default: b_big / 8)")
     p.add_argument("--b-big", type=_BATCH, default=None, help="big batch size (default: 512, at most the training set)")
     p.add_argument(
