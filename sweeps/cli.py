@@ -77,14 +77,14 @@ def _config_limit(name: str) -> Callable[[], int]:
     return lambda: int(getattr(importlib.import_module("batchscope.sweeps.config"), name))
 
 
-def _max_workers() -> int:
+def max_workers() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 4 * cpus
 
 
 # Each trial worker is a training process with its own PyTorch; past a few per core they only wait
 # for each other (and hold memory), so more is a typo.
-_WORKERS = _whole_number(1, _max_workers, " (4 per CPU core here)")
+_WORKERS = _whole_number(1, max_workers, " (4 per CPU core here)")
 _TRIALS = _whole_number(1, _config_limit("MAX_TRIALS"))
 _BATCH = _whole_number(1, _config_limit("MAX_BATCH"))
 _SEED = _whole_number(0, _config_limit("SEED_MAX"), " (numpy's seed range)")
