@@ -108,6 +108,20 @@ def test_a_bad_config_is_refused_before_anything_starts(tmp_path: Path) -> None:
     assert not root.exists()  # nothing was opened
 
 
+def test_a_recipe_defined_in_the_callers_script_is_refused_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers never run the caller's script, so what it defines cannot be found there."""
+
+    def build(model: str, options: dict, device: torch.device) -> None:
+        raise AssertionError("never built")
+
+    monkeypatch.setattr(sys.modules["__main__"], "build", build, raising=False)  # as a script's own def
+    with pytest.raises(batchscope.UserError, match="put the recipe in a module"):
+        batchscope.sweep(small_config("bad"), overrides={"trainer.recipe": "__main__:build"}, root=tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
 def test_overrides_are_read_as_the_command_lines_set_reads_them() -> None:
     from batchscope._common import read_config
 
