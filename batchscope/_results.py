@@ -74,6 +74,9 @@ def report(
     studies = [study] if isinstance(study, str) else list(study)
     if not studies or not all(isinstance(s, str) and s for s in studies):
         raise ValueError(f"study must be a study's name or a list of names, but got {study=}.")
+    from batchscope.sweeps.locations import check_output_folder
+
+    check_output_folder(os.fspath(out_dir), "out_dir")  # named as here (write_report names the CLI's --out)
     with local_root(root):
         from batchscope.analysis.stores import DEFAULT_TRACKING_UI
         from batchscope.sweeps.commands import write_report

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchscope._common import ConfigLike, Overrides, local_root, read_config, user_errors
+from batchscope.sweeps.errors import UserError
 
 if TYPE_CHECKING:
     import optuna
@@ -107,6 +108,12 @@ def sweep(
         raise ValueError(f"n_trials must be from 1 to {MAX_TRIALS:,}, but got {n_trials=}.")
     with local_root(root):
         cfg = read_config(config, overrides)  # checked before any worker starts
+        if cfg.trainer.recipe.startswith("__main__:"):
+            # The workers do not run the caller's script (sweeps/spawning.py), so nothing defined in it exists there.
+            raise UserError(
+                f"recipe {cfg.trainer.recipe!r}: trials run in worker processes that do not run your script "
+                "or notebook; put the recipe in a module next to it (e.g. myrecipes.py) and name it 'myrecipes:build'"
+            )
         from batchscope.sweeps import commands
 
         opened = commands.open_sweep(cfg, workers=workers, force=force)

@@ -108,6 +108,36 @@ def test_a_bad_config_is_refused_before_anything_starts(tmp_path: Path) -> None:
     assert not root.exists()  # nothing was opened
 
 
+def test_a_recipe_defined_in_the_callers_script_is_refused_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers never run the caller's script, so what it defines cannot be found there."""
+
+    def build(model: str, options: dict, device: torch.device) -> None:
+        raise AssertionError("never built")
+
+    monkeypatch.setattr(sys.modules["__main__"], "build", build, raising=False)  # as a script's own def
+    with pytest.raises(batchscope.UserError, match="put the recipe in a module"):
+        batchscope.sweep(small_config("bad"), overrides={"trainer.recipe": "__main__:build"}, root=tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_overrides_are_read_as_the_command_lines_set_reads_them() -> None:
+    from batchscope._common import read_config
+
+    overrides = {"train.max_steps": 7, "search.lr": {"values": [0.1, 1e-5]}, "study": "123", "train.target": None}
+    cfg = read_config(small_config("o"), overrides)
+    assert (cfg.train.max_steps, cfg.search.lr_choices(), cfg.study, cfg.train.target) == (7, [0.1, 1e-5], "123", None)
+    assert read_config(small_config("o"), ["train.max_steps=7"]).train.max_steps == 7
+    with pytest.raises(ValueError, match="overrides must be a mapping"):
+        read_config(small_config("o"), [("train.max_steps", 7)])  # type: ignore[list-item]
+
+
+def test_report_names_its_own_argument(walkthrough: Walkthrough) -> None:
+    with pytest.raises(batchscope.UserError, match=r"out_dir .* is a file, not a folder"):
+        batchscope.report(STUDY, walkthrough.store, out_dir=walkthrough.store / "mlflow.db")
+
+
 def test_autobatch_refuses_a_bad_fraction_in_one_line() -> None:
     with pytest.raises(batchscope.UserError, match=r"fraction must be in \(0, 1\], got fraction=2"):
         batchscope.autobatch(small_config("ab"), fraction=2)
