@@ -32,13 +32,14 @@ from batchscope.sweeps.stores import (
     Stores,
     check_tracking,
     open_storage,
+    quiet_experimental,
     quiet_libraries,
     redact,
     resolve,
     root_dir,
     safe_name,
 )
-from batchscope.sweeps.tracking import REASON, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker
+from batchscope.sweeps.tracking import REASON, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker, trial_run_name
 from batchscope.sweeps.worker import Job, TrialError, TrialWorker, WorkerDied
 from batchscope.trainers.recipes import get_recipe
 from batchscope.trainers.spec import CheckpointPolicy, TrainResult, TrainSpec
@@ -273,6 +274,10 @@ class Sweep:
         )
         if record is not None and remembered is None:
             study.set_user_attr(memory.ATTR, record)
+        names = list(cfg.search.objectives)
+        if study.metric_names != names:  # optuna-dashboard and optuna.visualization label the objectives with these
+            with quiet_experimental():
+                study.set_metric_names(names)
         if study.user_attrs.get(FINGERPRINT_ATTR) != fp:
             study.set_user_attr(FINGERPRINT_ATTR, fp)
             study.set_user_attr("batchscope.config", config_to_dict(cfg) | {"storage": None, "tracking_uri": None})
@@ -389,7 +394,7 @@ class Sweep:
         run_id = self.tracker.trial_run(
             self.experiment_id,
             self.parent_run_id,
-            f"trial {t.number}",
+            trial_run_name(t.number, t.params),
             dict(t.params),
             {STUDY: self.cfg.study, TRIAL: str(t.number), STATUS: "failed"},
         )
@@ -627,6 +632,7 @@ class Sweep:
             # sampler that this region is bad (a FAIL would be ignored by the sampler).
             self._tell(trial, TrialState.PRUNED, None, status, reason)
         self._keep_checkpoints(trial, status, values, run_ids, slot)
+        self._log_sweep_progress()
         reporter.trial_finished(trial.number, status, values, self._best_text())
         return TrialOutcome(trial.number, status, reason, values, run_ids)
 
@@ -656,6 +662,21 @@ class Sweep:
                 # optimize(); the trial's state is stored before that, and n_trials is capped at the grid.
                 if "stop" not in str(exc).lower():
                     raise
+
+    def _log_sweep_progress(self) -> None:
+        """The parent run's metrics, so that MLflow's runs table and charts show the sweep's state:
+        trials finished (complete or pruned: what counts towards n_trials), of them complete, and the
+        best objective so far (single objective)."""
+        done = self.study.get_trials(deepcopy=False, states=FINISHED_STATES)
+        values = {
+            "sweep/trials_finished": float(len(done)),
+            "sweep/trials_complete": float(sum(t.state == TrialState.COMPLETE for t in done)),
+        }
+        if len(self.study.directions) == 1:
+            with contextlib.suppress(ValueError):  # no completed trial yet
+                values[f"sweep/best_{self.cfg.search.objectives[0]}"] = float(self.study.best_value)
+        with contextlib.suppress(Exception):  # a progress metric must never fail a trial
+            self.tracker.log_sweep_progress(self.parent_run_id, len(done), values)
 
     def _best_text(self) -> str | None:
         if len(self.study.directions) != 1:
@@ -776,7 +797,7 @@ class Sweep:
         run_id = self.tracker.trial_run(
             self.experiment_id,
             self.parent_run_id,
-            f"trial {trial.number}" + (f" seed {seed}" if len(self.cfg.train.seeds) > 1 else ""),
+            trial_run_name(trial.number, params, seed if len(self.cfg.train.seeds) > 1 else None),
             run_params(spec, self.cfg) | {"memory_limit_mb": self.memory_limit_mb},
             {
                 STUDY: self.cfg.study,

@@ -30,6 +30,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchscope.sweeps.spawning import without_callers_main
 from batchscope.trainers.spec import TrainResult, TrainSpec
 
 if TYPE_CHECKING:  # importing torch here would delay spawning the worker, which imports it anyway
@@ -88,7 +89,10 @@ class TrialWorker:
             self._proc = self._ctx.Process(
                 target=_worker_main, args=(child, self._stop, os.getpid()), daemon=True, name="batchscope-trial"
             )
-            self._proc.start()
+            # Not the caller's main module: a script without a main guard would start its sweep again
+            # in the child, and fail every trial (sweeps/spawning.py).
+            with without_callers_main():
+                self._proc.start()
         finally:
             for k, v in old.items():
                 if v is None:

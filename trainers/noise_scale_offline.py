@@ -200,6 +200,16 @@ def measure_noise_scale(
     return replace(estimate, precision_reached=estimate.rel_stderr <= rel_precision)
 
 
+def default_batch_sizes(num_examples: int, b_small: int | None = None, b_big: int | None = None) -> tuple[int, int]:
+    """(b_small, b_big) with those not given filled in: b_big = 512 (at most `num_examples`),
+    b_small = b_big / 8. The defaults of `batchscope noise-scale` and `batchscope.noise_scale`:
+    a wide ratio and a large b_big make both estimates less noisy (fewer pairs for ±10%), and
+    512 examples a pair stay cheap for small models."""
+    big = b_big if b_big is not None else min(512, num_examples)
+    small = b_small if b_small is not None else max(1, big // 8)
+    return small, big
+
+
 def _pair_norms(
     model: nn.Module,
     loss_fn: LossFn,
