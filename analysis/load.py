@@ -28,11 +28,10 @@ import pandas as pd
 from batchscope import contract
 from batchscope.analysis import _mlflow_raw
 from batchscope.analysis.paths import safe_name
-from batchscope.analysis.stores import (
-    DEFAULT_JOURNAL,
-    DEFAULT_TRACKING_URI,
+from batchscope.analysis.readonly_stores import (
     StorageLike,
     is_sql_tracking_uri,
+    local_stores,
     open_optuna_storage,
     redact_url,
 )
@@ -95,17 +94,23 @@ class SweepData:
 def load_sweep(
     study_name: str,
     *,
-    storage: StorageLike = DEFAULT_JOURNAL,
-    tracking_uri: str = DEFAULT_TRACKING_URI,
+    storage: StorageLike | None = None,
+    tracking_uri: str | None = None,
     method: ReadMethod = "auto",
 ) -> SweepData:
     """Read one study: Optuna trials from `storage`, runs and histories from `tracking_uri`.
+
+    Either left out is the local store's, as the CLI finds it: under $BATCHSCOPE_ROOT, else ./mlruns.
 
     `method="auto"` reads MLflow's tables directly for database URIs (a few queries whatever
     the sweep's size) and goes through MlflowClient otherwise (tracking servers).
     """
     if method not in ("auto", "sql", "client"):
         raise ValueError(f"method must be 'auto', 'sql' or 'client', but got {method=}.")
+    if storage is None or tracking_uri is None:
+        local_journal, local_tracking = local_stores()
+        storage = local_journal if storage is None else storage
+        tracking_uri = local_tracking if tracking_uri is None else tracking_uri
     study = _load_study(study_name, storage)
     use_sql = method == "sql" or (method == "auto" and is_sql_tracking_uri(tracking_uri))
     if use_sql:

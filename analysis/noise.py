@@ -146,7 +146,7 @@ def ratio_of_means(
 ) -> tuple[float, float]:
     """mean(tr Σ)/mean(|G|²) and its delta-method standard error, sqrt(Var(t̄ − R·ḡ))/|ḡ|.
 
-    Without `groups`, the same estimator as the training loop's (trainers.gns.ratio_of_means;
+    Without `groups`, the same estimator as the training loop's (trainers.noise_scale_in_loop.ratio_of_means;
     analysis does not import trainers). NaN when the mean |G|² is not positive; NaN error below
     2 measurements.
     """

@@ -28,11 +28,10 @@ from batchscope.analysis.charts import CHARTS, Chart, render_charts, render_comp
 from batchscope.analysis.findings import Findings, findings, per_batch_note, per_batch_table
 from batchscope.analysis.load import ReadMethod, SweepData, load_sweep
 from batchscope.analysis.paths import child_dir, safe_name
-from batchscope.analysis.stores import (
-    DEFAULT_JOURNAL,
+from batchscope.analysis.readonly_stores import (
     DEFAULT_TRACKING_UI,
-    DEFAULT_TRACKING_URI,
     StorageLike,
+    local_stores,
     redact_url,
 )
 from batchscope.analysis.style import BatchColors, ImageFormat
@@ -128,8 +127,8 @@ class StudyReport:
 def build_report(
     studies: Sequence[str],
     *,
-    storage: StorageLike = DEFAULT_JOURNAL,
-    tracking_uri: str = DEFAULT_TRACKING_URI,
+    storage: StorageLike | None = None,
+    tracking_uri: str | None = None,
     out_dir: Path = Path("reports"),
     tracking_ui: str = DEFAULT_TRACKING_UI,
     image_format: ImageFormat = "png",
@@ -141,6 +140,7 @@ def build_report(
     One study: `out_dir/<safe-study-name>/index.html`. Several: one comparison report in
     `out_dir/<safe-name-of-"compare-a-vs-b">/index.html` with a combined findings table and a
     section per study. `summary.md` (and, with write_images, the charts as files) sit beside it.
+    `storage` and `tracking_uri` left out are the local store's (see `load_sweep`).
     """
     if isinstance(studies, str):
         raise TypeError(f"studies must be a list of study names, but got a string: {studies=}")
@@ -196,12 +196,16 @@ def log_report_artifacts(
     report: Path,
     studies: Sequence[str],
     *,
-    tracking_uri: str = DEFAULT_TRACKING_URI,
+    tracking_uri: str | None = None,
     artifact_path: str = ARTIFACT_PATH,
 ) -> list[str]:
     """Log index.html and summary.md (from `report`, the path build_report returned, or its
-    folder) as artifacts of each study's sweep parent run; returns the parent run ids."""
+    folder) as artifacts of each study's sweep parent run; returns the parent run ids.
+    `tracking_uri` left out is the local store's (see `load_sweep`)."""
     from mlflow import MlflowClient
+
+    if tracking_uri is None:
+        tracking_uri = local_stores()[1]
 
     folder = report if report.is_dir() else report.parent
     files = [folder / REPORT_FILE, folder / SUMMARY_FILE]

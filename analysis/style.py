@@ -1,18 +1,21 @@
 """Shared chart style: one colour per batch size across every chart of a report, the
-"not enough data" panel, and figure → bytes."""
+"not enough data" panel, and figure → bytes.
+
+Importing this module changes nothing in matplotlib: figures are built from
+`matplotlib.figure.Figure` (no pyplot, so no backend is chosen and no window can open;
+`savefig` renders PNG with Agg and SVG with its own writer), and the report's look
+(`RC`) applies only inside `rc_context()`, which the chart rendering enters. A notebook
+or program that imports batchscope keeps its own backend and rcParams."""
 
 from __future__ import annotations
 
 import io
 import textwrap
 from collections.abc import Iterable
-from typing import Literal
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Literal
 
 import matplotlib
-
-matplotlib.use("Agg")  # reports are rendered headless; never open a window
-
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -20,6 +23,9 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
 
 from batchscope.analysis.text import compact
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
 
 ImageFormat = Literal["png", "svg"]
 MIME = {"png": "image/png", "svg": "image/svg+xml"}
@@ -31,24 +37,28 @@ REFERENCE_COLOR = "0.45"
 EMPTY_COLOR = "0.35"
 NOTE_BOX = {"facecolor": "white", "alpha": 0.85, "linewidth": 0, "pad": 2}  # notes stay legible over lines
 
-plt.rcParams.update(
-    {
-        "axes.grid": True,
-        "grid.alpha": 0.3,
-        "axes.spines.top": False,
-        "axes.spines.right": False,
-        "axes.titlesize": 10.5,
-        "axes.labelsize": 9.5,
-        "xtick.labelsize": 8.5,
-        "ytick.labelsize": 8.5,
-        "legend.fontsize": 8,
-        # A light box: legends placed over data stay readable.
-        "legend.frameon": True,
-        "legend.framealpha": 0.85,
-        "legend.edgecolor": "none",
-        "svg.fonttype": "none",
-    }
-)
+# The report's look: applied by `rc_context()` while charts are drawn and saved, never globally.
+RC: dict[RcKeyType, Any] = {
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 10.5,
+    "axes.labelsize": 9.5,
+    "xtick.labelsize": 8.5,
+    "ytick.labelsize": 8.5,
+    "legend.fontsize": 8,
+    # A light box: legends placed over data stay readable.
+    "legend.frameon": True,
+    "legend.framealpha": 0.85,
+    "legend.edgecolor": "none",
+    "svg.fonttype": "none",
+}
+
+
+def rc_context() -> AbstractContextManager[Any]:
+    """The report's rcParams for the figures drawn and saved inside it; the caller's come back after."""
+    return matplotlib.rc_context(RC)
 
 
 class BatchColors:
@@ -73,7 +83,9 @@ class BatchColors:
 
 def figure(n_panels: int, *, rows: int = 1) -> tuple[Figure, list[Axes]]:
     cols = int(np.ceil(n_panels / rows))
-    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_SIZE[0] * cols, PANEL_SIZE[1] * rows), squeeze=False)
+    # A Figure of its own, not pyplot's: nothing to close, no backend, no window.
+    fig = Figure(figsize=(PANEL_SIZE[0] * cols, PANEL_SIZE[1] * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     return fig, list(axes.ravel())
 
 
@@ -155,7 +167,7 @@ def to_bytes(
     title: str = "",
     legend_handles: list[Line2D] | None = None,
 ) -> bytes:
-    """Render and close the figure; with a title (and a batch-size legend) in a top band."""
+    """Render the figure; with a title (and a batch-size legend) in a top band."""
     if image_format not in MIME:
         raise ValueError(f"image_format must be 'png' or 'svg', but got {image_format=}.")
     _tidy_log_axes(fig)
@@ -163,5 +175,4 @@ def to_bytes(
     buffer = io.BytesIO()
     fig.tight_layout(rect=(0, 0, 1, 1 - band))
     fig.savefig(buffer, format=image_format, dpi=DPI)
-    plt.close(fig)
     return buffer.getvalue()

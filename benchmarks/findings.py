@@ -8,7 +8,7 @@ off), so each (batch size, learning rate, seed) of a dense MNIST-1D grid is trai
 evaluation at every step, and the runs a sweep with `eval_every = k` would have seen are read off
 that curve: the first evaluation at a multiple of k at or above the target (what batchscope
 recorded before) and the crossing interpolated between it and the evaluation before it
-(`trainers.loop.crossing`, what it records now). Per cadence and reading, each batch size's
+(`trainers.evaluation.crossing`, what it records now). Per cadence and reading, each batch size's
 fastest learning rate is picked and S(B) = S_min (1 + B_crit/B) fitted as the report does
 (`analysis.tables.fastest_to_target`, `analysis.fits.fit_critical_batch`), against the reference
 read at every step. One real run with `eval_every = 50` checks the reconstruction. The curves
@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchscope.trainers.spec import (  # torch-free: the trainers themselves are imported where they run
     RecordingSink,
+    Sink,
     TrainSpec,
 )
 from benchmarks.common import Section, cache_root, code_digest, markdown_table
@@ -124,7 +125,7 @@ class Curve:
     seconds: float  # wall time of its training, when it was trained
 
 
-class UntilEveryCadence:
+class UntilEveryCadence(Sink):
     """Keeps val/acc; stops the run once, for every cadence, an evaluation at a multiple of it reached the target."""
 
     def __init__(self) -> None:
@@ -214,7 +215,7 @@ def first_reach(curve: Curve, cadence: int) -> float | None:
 
 def interpolated(curve: Curve, cadence: int) -> float | None:
     """The crossing interpolated between the evaluations around it, as `train()` records it now."""
-    from batchscope.trainers.loop import crossing
+    from batchscope.trainers.evaluation import crossing
 
     points = evaluations(curve, cadence)
     if points[0][1] >= TARGET:
@@ -400,7 +401,7 @@ NOISE_FULL = NoiseRun()
 NOISE_QUICK = NoiseRun(max_steps=1000, report_at=(200, 400, 700, 1000))
 
 
-class Snapshots:
+class Snapshots(Sink):
     """A recording sink that also copies the model's weights at chosen evaluations."""
 
     def __init__(self, model: nn.Module, steps: set[int]) -> None:
@@ -459,7 +460,9 @@ def exact_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
 
 
 def per_example_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[float, float]:
-    """(|G|², tr Σ) from every example's gradient by torch.func (as tests/trainers_tests/test_noise_scale.py)."""
+    """(|G|², tr Σ) from every example's gradient by torch.func.
+
+    As tests/trainers_tests/test_noise_scale_offline.py does."""
     import torch
     from torch.func import functional_call, grad, vmap
 

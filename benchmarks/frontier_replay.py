@@ -46,7 +46,7 @@ def steps_to_target(run: Run, last_step: int, target: float = TARGET_ACC) -> flo
     """Interpolated steps to `target` (as the loop reads them) among evaluations up to `last_step`;
     inf if not reached there. The landscape has no step-0 evaluation: a crossing at the first
     evaluation is read at that evaluation."""
-    from batchscope.trainers.loop import crossing
+    from batchscope.trainers.evaluation import crossing
 
     before = None
     for step, value in zip(run.eval_steps, run.evals, strict=True):

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from batchscope.trainers.device import make_precision, resolve_precision
-from batchscope.trainers.loop import evaluate, make_optimizer, train
+from batchscope.trainers.evaluation import evaluate
+from batchscope.trainers.loop import make_optimizer, train
 from batchscope.trainers.spec import RecordingSink, TrainResult, TrainSpec
 from benchmarks.bare import OnStep, OptimizerFactory, bare_loop, build, torch_default_optimizer
 from benchmarks.common import Ratio, Section, Timing, markdown_table, timed

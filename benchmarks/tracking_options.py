@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from batchscope.trainers.loop import evaluate, train
+from batchscope.trainers.evaluation import evaluate
+from batchscope.trainers.loop import train
 from batchscope.trainers.spec import TrainSpec
 from benchmarks.bare import bare_loop, build
 from benchmarks.common import Timing, markdown_table

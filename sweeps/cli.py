@@ -76,14 +76,14 @@ def _bounds() -> ModuleType:
     return config_bounds
 
 
-def _max_workers() -> int:
+def max_workers() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 4 * cpus
 
 
 # Each trial worker is a training process with its own PyTorch; past a few per core they only wait
 # for each other (and hold memory), so more is a typo.
-_WORKERS = _whole_number(1, _max_workers, " (4 per CPU core here)")
+_WORKERS = _whole_number(1, max_workers, " (4 per CPU core here)")
 _TRIALS = _whole_number(1, lambda: _bounds().MAX_TRIALS)
 _BATCH = _whole_number(1, lambda: _bounds().MAX_BATCH)
 _SEED = _whole_number(0, lambda: _bounds().SEED_MAX, " (numpy's seed range)")
@@ -157,7 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("noise-scale", help="measure the gradient noise scale B_simple of the config's model")
     _add_config_args(p)
-    p.add_argument("--checkpoint", default=None, help="weights to load (a state_dict .pt or a batchscope checkpoint)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="an MLflow run id with weights/model.pt, or a weights file (a state_dict .pt or a batchscope checkpoint)",
+    )
     p.add_argument("--b-small", type=_BATCH, default=None, help="small batch size (default: b_big / 8)")
     p.add_argument("--b-big", type=_BATCH, default=None, help="big batch size (default: 512, at most the training set)")
     p.add_argument(

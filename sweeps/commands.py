@@ -21,7 +21,9 @@ from batchscope.sweeps.errors import UserError
 from batchscope.sweeps.locations import redact
 
 if TYPE_CHECKING:
+    from batchscope.analysis.load import SweepData
     from batchscope.sweeps.config import SweepConfig
+    from batchscope.sweeps.runner import Sweep, SweepSummary
 
 # Tables stay readable when piped or captured (rich would fold them to 80 columns).
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -36,11 +38,38 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
     cfg = load_config(args.config, args.overrides)
-    with _early_workers(args.workers) as early:
+    sweep = open_sweep(cfg, workers=args.workers, force=args.force)
+    return _run_sweep(args, cfg, sweep)
+
+
+def open_sweep(cfg: SweepConfig, *, workers: int, force: bool = False) -> Sweep:
+    """The sweep's stores, study and parent run, opened while its `workers` trial workers start."""
+    _say_starting(cfg.study, workers)
+    with _early_workers(workers) as early:
         from batchscope.sweeps.runner import Sweep
 
-        sweep = Sweep(cfg, force=args.force, prestarted=early)
-    return _run_sweep(args, cfg, sweep)
+        return Sweep(cfg, force=force, prestarted=early)
+
+
+def run_with_progress(sweep: Sweep, n_trials: int | None, workers: int) -> SweepSummary:
+    """Run the sweep's trials with rich progress on stderr (a live display in a terminal or Jupyter)."""
+    from batchscope.sweeps.progress import RichReporter
+
+    with RichReporter(err) as reporter:
+        return sweep.run(n_trials, reporter, workers=workers)
+
+
+def _say_starting(study: str, workers: int) -> None:
+    """A line within a second of the command: the next seconds go to imports and stores (about 20 s
+    on a loaded machine before the first trial's bar appeared, with nothing on screen)."""
+    from batchscope.sweeps.progress import clock
+
+    each = "each loads" if workers > 1 else "it loads"
+    err.print(
+        f"{clock()} {escape(study)}: starting {workers} trial worker{'s' if workers > 1 else ''} "
+        f"({each} PyTorch: a few seconds) and opening the stores",
+        highlight=False,
+    )
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
@@ -74,14 +103,11 @@ def _early_workers(n: int) -> Iterator[list[Any]]:
 
 
 def _run_sweep(args: argparse.Namespace, cfg: Any, sweep: Any) -> int:
-    from batchscope.sweeps.progress import RichReporter
-
-    with RichReporter(err) as reporter:
-        summary = sweep.run(args.n_trials, reporter, workers=args.workers)
+    summary = run_with_progress(sweep, args.n_trials, args.workers)
     _print_best(sweep)
     report_path = None
     if cfg.report.auto and not args.no_report:
-        report_path = _write_report(sweep)
+        report_path = write_sweep_report(sweep)
     out.print()
     out.print(f"[bold]{escape(cfg.study)}[/]: {summary.completed}/{summary.total} trials finished.")
     out.print(f"  Optuna study:   {escape(summary.storage)}")
@@ -107,6 +133,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
+    _say_starting(cfg.study, args.workers)
     from batchscope.sweeps.progress import RichReporter
     from batchscope.sweeps.runner import Sweep
 
@@ -170,7 +197,7 @@ def _check_database(url: str) -> None:
         raise UserError(f"--backend-store-uri {redact(url)!r} cannot be reached: {redact(first)}") from None
 
 
-def _write_report(sweep: Any) -> Path | None:
+def write_sweep_report(sweep: Any) -> Path | None:
     """The report at the end of a sweep; a failure here never loses the sweep's results."""
     from batchscope.analysis.report import build_report, log_report_artifacts
 
@@ -190,37 +217,69 @@ def _write_report(sweep: Any) -> Path | None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    path = write_report(
+        args.studies,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        out=args.out,
+        ui_url=args.ui_url,
+        svg=args.svg,
+        log=not args.no_log,
+    )
+    out.print(f"Report: {path}")
+    out.print(f"Summary: {Path(path).parent / 'summary.md'}")
+    return 0
+
+
+def write_report(
+    studies: Sequence[str],
+    *,
+    storage: str | None,
+    tracking_uri: str | None,
+    out: str | Path,
+    ui_url: str,
+    svg: bool = False,
+    log: bool = True,
+) -> Path:
+    """What `batchscope report` writes (and batchscope.report): the stores checked, the report of
+    `studies` written under `out`, and logged to each study's sweep run unless `log` is False."""
     from batchscope.sweeps.locations import check_output_folder
 
-    out_dir = check_output_folder(args.out, "--out")  # before anything is read: a bad folder costs nothing
-    stores = _analysis_stores(args.storage, args.tracking_uri)
+    out_dir = check_output_folder(out, "--out")  # before anything is read: a bad folder costs nothing
+    stores = _analysis_stores(storage, tracking_uri)
     from batchscope.analysis.report import build_report, log_report_artifacts  # 3-5 s of imports: after the checks
 
     with _store_errors(stores):
         path = build_report(
-            args.studies,
+            studies,
             storage=_optuna_storage(stores),
             tracking_uri=stores.tracking_uri,
             out_dir=out_dir,
-            tracking_ui=args.ui_url,
-            image_format="svg" if args.svg else "png",
+            tracking_ui=ui_url,
+            image_format="svg" if svg else "png",
         )
-        if not args.no_log:
-            log_report_artifacts(path, args.studies, tracking_uri=stores.tracking_uri)
-    out.print(f"Report: {path}")
-    out.print(f"Summary: {Path(path).parent / 'summary.md'}")
-    return 0
+        if log:
+            log_report_artifacts(path, studies, tracking_uri=stores.tracking_uri)
+    return Path(path)
+
+
+def load_data(study: str, *, storage: str | None = None, tracking_uri: str | None = None) -> SweepData:
+    """One study read from its stores, checked first (what `batchscope export` writes out, and
+    batchscope.load returns); a missing study or store is a UserError of one line."""
+    stores = _analysis_stores(storage, tracking_uri)
+    from batchscope.analysis.load import load_sweep
+
+    with _store_errors(stores):
+        return load_sweep(study, storage=_optuna_storage(stores), tracking_uri=stores.tracking_uri)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from batchscope.sweeps.locations import check_output_folder
 
     out_dir = check_output_folder(args.out, "--out")  # before anything is read: a bad folder costs nothing
-    stores = _analysis_stores(args.storage, args.tracking_uri)
-    from batchscope.analysis.load import export_sweep, load_sweep
+    data = load_data(args.study, storage=args.storage, tracking_uri=args.tracking_uri)
+    from batchscope.analysis.load import export_sweep
 
-    with _store_errors(stores):
-        data = load_sweep(args.study, storage=_optuna_storage(stores), tracking_uri=stores.tracking_uri)
     for path in export_sweep(data, out_dir, file_format=args.format):
         out.print(f"wrote {path}")
     return 0
@@ -393,12 +452,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     stores = resolve(args.storage, args.tracking_uri)
     if args.optuna:
-        try:
-            import optuna_dashboard  # noqa: F401
-        except ImportError:
-            raise UserError("optuna-dashboard is not installed: pip install 'batchscope[dashboard]'") from None
+        from batchscope.sweeps import dashboard
+
+        dashboard.check_installed()
         port = args.port or 8080
-        cmd = [sys.executable, "-m", "optuna_dashboard", stores.storage_url, "--host", args.host, "--port", str(port)]
+        cmd = [sys.executable, "-m", "batchscope.sweeps.dashboard", stores.storage_url, "--host", args.host]
+        cmd += ["--port", str(port)]
         err.print(f"optuna-dashboard on http://{args.host}:{port} (Ctrl-C to stop)")
     else:
         port = args.port or 5000

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.table import Table
@@ -12,24 +12,36 @@ from rich.table import Table
 from batchscope.sweeps.commands import err, load_config, out
 from batchscope.sweeps.errors import UserError
 
+if TYPE_CHECKING:
+    from batchscope.sweeps.config import SweepConfig
+    from batchscope.trainers.autobatch import AutoBatchResult
+
 
 def cmd_autobatch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # --fraction, --budget-mb, --max-batch: checked by the parser
-    from batchscope.sweeps.memory import probe_lr
-    from batchscope.sweeps.specs import make_spec
-    from batchscope.trainers.autobatch import AutoBatchError, find_batch_size
-
-    spec = make_spec(cfg, 1, probe_lr(cfg), cfg.train.seeds[0])
     err.print("Probing real training steps at growing batch sizes…")
-    try:
-        result = find_batch_size(spec, fraction=args.fraction, budget_mb=args.budget_mb, max_batch=args.max_batch)
-    except (AutoBatchError, ValueError) as exc:
-        raise UserError(f"AutoBatch: {exc}") from None
+    result = find_config_batch_size(cfg, fraction=args.fraction, budget_mb=args.budget_mb, max_batch=args.max_batch)
     out.print(result.table())
     out.print()
     out.print(f"[bold]largest batch size that fits: {result.batch_size}[/]")
     out.print(escape(result.method))
     return 0
+
+
+def find_config_batch_size(
+    cfg: SweepConfig, *, fraction: float = 0.9, budget_mb: float | None = None, max_batch: int = 65536
+) -> AutoBatchResult:
+    """AutoBatch on the config's model and optimizer (what `batchscope autobatch` shows, and
+    batchscope.autobatch returns); a search that cannot answer is a UserError of one line."""
+    from batchscope.sweeps.memory import probe_lr
+    from batchscope.sweeps.specs import make_spec
+    from batchscope.trainers.autobatch import AutoBatchError, find_batch_size
+
+    spec = make_spec(cfg, 1, probe_lr(cfg), cfg.train.seeds[0])
+    try:
+        return find_batch_size(spec, fraction=fraction, budget_mb=budget_mb, max_batch=max_batch)
+    except (AutoBatchError, ValueError) as exc:
+        raise UserError(f"AutoBatch: {exc}") from None
 
 
 def cmd_throughput(args: argparse.Namespace) -> int:
@@ -63,7 +75,7 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
     import torch
 
     from batchscope.trainers.device import resolve_device, seed_everything
-    from batchscope.trainers.noise_scale import measure_noise_scale
+    from batchscope.trainers.noise_scale_offline import default_batch_sizes, measure_noise_scale
     from batchscope.trainers.recipes import build_task
 
     seed = cfg.train.seeds[0] if args.seed is None else args.seed
@@ -71,15 +83,18 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
         device = resolve_device(cfg.device)
     except ValueError as exc:
         raise UserError(f"device: {exc}") from None
+    from batchscope.sweeps.single import resolve_weights
+
+    # A weights file, or an MLflow run id whose weights/model.pt is fetched, as for `throughput`.
+    weights, source_run = resolve_weights(cfg, args.checkpoint)
     seed_everything(seed)
     task = build_task(cfg.trainer.recipe, cfg.trainer.model, cfg.trainer.options, device)
     where = "initialization"
-    if args.checkpoint is not None:
-        _load_weights(task.model, Path(args.checkpoint), device)
-        where = f"checkpoint {args.checkpoint}"
+    if weights is not None:
+        _load_weights(task.model, Path(weights), device, shown=args.checkpoint)
+        where = f"checkpoint {args.checkpoint}" if source_run is None else f"the weights of MLflow run {source_run}"
     n = task.num_train
-    b_big = args.b_big if args.b_big is not None else min(512, n)
-    b_small = args.b_small if args.b_small is not None else max(1, b_big // 8)
+    b_small, b_big = default_batch_sizes(n, args.b_small, args.b_big)
     if not 1 <= b_small < b_big <= n:
         raise UserError(
             f"need 1 ≤ --b-small < --b-big ≤ {n} (the training set), got --b-small {b_small} and --b-big {b_big}"
@@ -122,20 +137,21 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_weights(model: Any, path: Path, device: Any) -> None:
+def _load_weights(model: Any, path: Path, device: Any, *, shown: str) -> None:
+    """Load the weights in `path` (what the user gave as `shown`: a file, or a run id) into `model`."""
     import torch
 
     if not path.is_file():
-        raise UserError(f"--checkpoint {str(path)!r} is not a file")
+        raise UserError(f"--checkpoint {shown!r} is not a file")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
-        raise UserError(f"--checkpoint {str(path)!r} cannot be read as weights: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"--checkpoint {shown!r} cannot be read as weights: {str(exc).splitlines()[0]}") from None
     if isinstance(state, dict) and "objects" in state and "model" in state.get("objects", {}):
         state = state["objects"]["model"]  # a batchscope checkpoint
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:
         raise UserError(
-            f"--checkpoint {str(path)!r} does not fit this config's model: {str(exc).splitlines()[0]}"
+            f"--checkpoint {shown!r} does not fit this config's model: {str(exc).splitlines()[0]}"
         ) from None

@@ -110,7 +110,7 @@ def _dead_trials(s: _Study, tracker: Any) -> list[Finding]:
 def _fail_dead_trial(s: _Study, t: FrozenTrial, tracker: Any) -> str:
     """What `Recovery._fail_and_requeue` does on resume, and its runs closed (`close_stale_runs`)."""
     from batchscope.sweeps.recovery import requeue, stopped_reason
-    from batchscope.sweeps.tracking import REASON, STATUS, STUDY, TRIAL
+    from batchscope.sweeps.tracking import REASON, STATUS, STUDY, TRIAL, trial_run_name
 
     storage = s.storage
     reason = stopped_reason(t, "its worker stopped")
@@ -121,7 +121,8 @@ def _fail_dead_trial(s: _Study, t: FrozenTrial, tracker: Any) -> str:
     if not run_ids and tracker is not None and s.experiment_id is not None and s.parent_run_id is not None:
         # Killed before creating its run: a closed one keeps trials and runs one to one.
         tags = {STUDY: s.name, TRIAL: str(t.number), STATUS: "failed"}
-        run_ids = [tracker.trial_run(s.experiment_id, s.parent_run_id, f"trial {t.number}", dict(t.params), tags)]
+        name = trial_run_name(t.number, t.params)
+        run_ids = [tracker.trial_run(s.experiment_id, s.parent_run_id, name, dict(t.params), tags)]
         did.append("recorded a closed run for it")
     if run_ids != linked:
         storage.set_trial_user_attr(t._trial_id, attrs.MLFLOW_RUN_IDS, run_ids)

@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from batchscope.sweeps import optuna_attrs as attrs
 from batchscope.sweeps import space
 from batchscope.sweeps.owners import worker_alive
-from batchscope.sweeps.tracking import REASON, STATUS, STUDY, TRIAL, Tracker
+from batchscope.sweeps.tracking import REASON, STATUS, STUDY, TRIAL, Tracker, trial_run_name
 
 
 def stopped_reason(t: FrozenTrial, what: str) -> str:
@@ -99,7 +99,7 @@ class Recovery:
         run_id = self.tracker.trial_run(
             self.experiment_id,
             self.parent_run_id,
-            f"trial {t.number}",
+            trial_run_name(t.number, t.params),
             dict(t.params),
             {STUDY: self.study.study_name, TRIAL: str(t.number), STATUS: "failed"},
         )

@@ -38,8 +38,8 @@ from batchscope.sweeps.progress import QuietReporter, Reporter
 from batchscope.sweeps.recovery import Recovery, mark_stale
 from batchscope.sweeps.specs import make_spec, memory_cap, run_params, slot_device
 from batchscope.sweeps.store_setup import Stores, check_tracking, open_storage, quiet_libraries, resolve
-from batchscope.sweeps.study import git_commit, open_study, sweep_params, sweep_tags
-from batchscope.sweeps.tracking import REASON, RETRY_OF, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker
+from batchscope.sweeps.study import git_commit, open_study, sweep_params, sweep_progress, sweep_tags
+from batchscope.sweeps.tracking import REASON, RETRY_OF, RUN_STATUS, SEED, STATUS, STUDY, TRIAL, Tracker, trial_run_name
 from batchscope.sweeps.worker import TrialError, TrialWorker, WorkerDied
 from batchscope.trainers.spec import TrainResult, TrainSpec
 
@@ -359,6 +359,8 @@ class Sweep:
         self.checkpoints.keep(
             trial, status, values, run_ids, interrupted=self._stopping.is_set(), export=self._slots[slot].export_weights
         )
+        with contextlib.suppress(Exception):  # a progress metric must never fail a trial
+            self.tracker.log_sweep_progress(self.parent_run_id, *sweep_progress(self.study, self.cfg.search))
         reporter.trial_finished(trial.number, status, values, self._best_text())
         return TrialOutcome(trial.number, status, reason, values, run_ids)
 
@@ -431,7 +433,7 @@ class Sweep:
         run_id = self.tracker.trial_run(
             self.experiment_id,
             self.parent_run_id,
-            f"trial {trial.number}" + (f" seed {seed}" if len(self.cfg.train.seeds) > 1 else ""),
+            trial_run_name(trial.number, params, seed if len(self.cfg.train.seeds) > 1 else None),
             run_params(spec, self.cfg) | {"memory_limit_mb": self.memory_limit_mb},
             {
                 STUDY: self.cfg.study,

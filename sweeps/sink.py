@@ -14,6 +14,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+# The loop's sink contract: a plain module (no torch), so the sweep process may import it.
+from batchscope.trainers.spec import Sink
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Param
@@ -152,8 +155,8 @@ class MetricWriter:
                 return
 
 
-class MlflowSink:
-    """A trainers.Sink that buffers metric rows and hands them to a writer in batches.
+class MlflowSink(Sink):
+    """A trainers.spec.Sink that buffers metric rows and hands them to a writer in batches.
 
     `target` is an MlflowClient (the sink then runs its own MetricWriter thread) or a
     MetricTransport. Rows go out when `flush_rows` have gathered or `flush_s` seconds

@@ -138,7 +138,7 @@ def pruning_metric(cfg: SweepConfig) -> str | None:
 
 
 # Metric-name endings that rise to a target; the rest fall to it. The rule of
-# trainers.loop.target_reached, restated here so that the sweep process need not import torch.
+# trainers.evaluation.target_reached, restated here so that the sweep process need not import torch.
 _RISING = ("acc",)
 
 

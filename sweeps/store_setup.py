@@ -1,6 +1,6 @@
 """Set up where a sweep keeps its state, the Optuna storage and the MLflow tracking store: decide, check, create, open.
 
-(`batchscope.analysis.stores` opens the same stores read-only, for reports.)
+(`batchscope.analysis.readonly_stores` opens the same stores read-only, for reports.)
 
 Default (nothing to start): everything under `mlruns/` in the working directory,
 an Optuna journal file (safe for several processes, unlike SQLite) and MLflow's
@@ -136,13 +136,13 @@ def _redis_storage(url: str) -> optuna.storages.JournalStorage:
     if "socket_connect_timeout=" not in url and "socket_timeout=" not in url:
         timeouts = f"socket_connect_timeout={CONNECT_TIMEOUT_S}&socket_timeout={CONNECT_TIMEOUT_S}"
         url += ("&" if "?" in url else "?") + timeouts
-    with _quiet_experimental():
+    with quiet_experimental():
         return optuna.storages.JournalStorage(JournalRedisBackend(url))
 
 
 @contextlib.contextmanager
-def _quiet_experimental() -> Iterator[None]:
-    """No "experimental" warning while a storage opens, even where quiet_libraries() was not called:
+def quiet_experimental() -> Iterator[None]:
+    """No "experimental" warning (a storage opening, set_metric_names), even where quiet_libraries() was not called:
     an error in opening must be the only line the user sees."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -179,7 +179,7 @@ def _rdb_with_retry(url: str, kwargs: dict[str, Any], attempts: int = 4) -> optu
 
     for attempt in range(attempts):
         try:
-            with _quiet_experimental():
+            with quiet_experimental():
                 return optuna.storages.RDBStorage(url, **kwargs)
         except ImportError:
             raise

@@ -9,18 +9,21 @@ create or load the study with its sampler and pruner.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 import batchscope
 from batchscope.sweeps import memory, space
 from batchscope.sweeps import optuna_attrs as attrs
-from batchscope.sweeps.config import SweepConfig, config_to_dict
+from batchscope.sweeps.config import SearchConfig, SweepConfig, config_to_dict
 from batchscope.sweeps.errors import UserError
 from batchscope.sweeps.specs import budget_num_train
+from batchscope.sweeps.store_setup import quiet_experimental
 from batchscope.sweeps.tracking import STUDY, TRIAL, Tracker
 
 
@@ -63,6 +66,10 @@ def open_study(
     )
     if record is not None and remembered is None:
         study.set_user_attr(attrs.AUTOBATCH, record)
+    names = list(cfg.search.objectives)
+    if study.metric_names != names:  # optuna-dashboard and optuna.visualization label the objectives with these
+        with quiet_experimental():
+            study.set_metric_names(names)
     if study.user_attrs.get(attrs.FINGERPRINT) != fp:
         study.set_user_attr(attrs.FINGERPRINT, fp)
         study.set_user_attr(attrs.CONFIG, config_to_dict(cfg) | {"storage": None, "tracking_uri": None})
@@ -136,6 +143,21 @@ def sweep_tags(study: str, commit: str | None) -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def sweep_progress(study: optuna.Study, search: SearchConfig) -> tuple[int, dict[str, float]]:
+    """The parent run's metrics, so that MLflow's runs table and charts show the sweep's state:
+    trials finished (complete or pruned: what counts towards n_trials), of them complete, and the
+    best objective so far (single objective); with the step to log them at (trials finished)."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    values = {
+        "sweep/trials_finished": float(len(done)),
+        "sweep/trials_complete": float(sum(t.state == TrialState.COMPLETE for t in done)),
+    }
+    if len(study.directions) == 1:
+        with contextlib.suppress(ValueError):  # no completed trial yet
+            values[f"sweep/best_{search.objectives[0]}"] = float(study.best_value)
+    return len(done), values
 
 
 def git_commit(cwd: str | None = None) -> str | None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.entities.view_type import ViewType
 
 from batchscope.analysis.paths import safe_name
@@ -48,6 +48,9 @@ __all__ = [
     "Tracker",
 ]
 
+# MLflow 3 opens an experiment without this tag in its GenAI/traces view; a sweep's runs are
+# classic model training, whose runs table and metric charts are the view its users expect.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # MLflow's run states for how a trial ended.
 RUN_STATUS = {"ok": "FINISHED", "pruned": "KILLED", "diverged": "FAILED", "oom": "FAILED", "failed": "FAILED"}
 
@@ -65,12 +68,15 @@ class Tracker:
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
+            if EXPERIMENT_KIND[0] not in exp.tags:  # made by an earlier batchscope
+                self.client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
             return str(exp.experiment_id)
         location = None
         if self.artifact_root is not None:
             location = f"{self.artifact_root.rstrip('/')}/{safe_name(study)}"
         try:
-            return str(self.client.create_experiment(study, artifact_location=location, tags={STUDY: study}))
+            tags = {STUDY: study, EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]}
+            return str(self.client.create_experiment(study, artifact_location=location, tags=tags))
         except Exception:
             # Another worker created it first.
             exp = self.client.get_experiment_by_name(study)
@@ -107,6 +113,10 @@ class Tracker:
         )
         self.client.log_batch(run.info.run_id, params=params_of(params))
         return str(run.info.run_id)
+
+    def log_sweep_progress(self, run_id: str, step: int, values: Mapping[str, float]) -> None:
+        """The parent run's own metrics (trials finished, best objective so far), at step = trials finished."""
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now_ms(), step) for k, v in values.items()])
 
     def end(self, run_id: str, status: str, *, tags: Mapping[str, str] | None = None) -> None:
         if tags:
@@ -152,3 +162,14 @@ class Tracker:
             )
             closed += 1
         return closed
+
+
+def trial_run_name(number: int, params: Mapping[str, Any], seed: int | None = None) -> str:
+    """`bs=256 lr=0.518 #2`: what tells runs apart in MLflow's runs table, then the trial number."""
+    parts = []
+    if "batch_size" in params:
+        parts.append(f"bs={params['batch_size']}")
+    if isinstance(params.get("lr"), int | float):
+        parts.append(f"lr={params['lr']:.3g}")
+    name = " ".join([*parts, f"#{number}"])
+    return name if seed is None else f"{name} seed {seed}"

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchscope.sweeps.child import ProgressThrottle, die_with_parent
 from batchscope.sweeps.job import Job, error_outcome
+from batchscope.sweeps.spawning import without_callers_main
 from batchscope.trainers.spec import TrainResult
 
 if TYPE_CHECKING:
@@ -66,7 +67,10 @@ class TrialWorker:
             self._proc = self._ctx.Process(
                 target=_worker_main, args=(child, self._stop, os.getpid()), daemon=True, name="batchscope-trial"
             )
-            self._proc.start()
+            # Not the caller's main module: a script without a main guard would start its sweep again
+            # in the child, and fail every trial (sweeps/spawning.py).
+            with without_callers_main():
+                self._proc.start()
         finally:
             for k, v in old.items():
                 if v is None:

@@ -15,8 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("sweeps", "trainers", "analysis")
 MAX_LINES = 500
-# Over the limit today, each being split by its own change; the lead empties this list.
-KNOWN_LONG = {"trainers/loop.py", "trainers/autobatch.py", "analysis/charts.py", "analysis/fits.py"}
+# Over the limit today (503 lines), left to the change that owns analysis/; empty this list then.
+KNOWN_LONG = {"analysis/fits.py"}
 
 
 def _modules(package: str) -> dict[str, Path]:

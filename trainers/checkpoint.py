@@ -33,7 +33,7 @@ class RunState:
     last_eval_step: int = 0
     best: dict[str, float] = field(default_factory=dict)
     evals: dict[str, float] = field(default_factory=dict)
-    # Steps and training time to the target, interpolated between evaluations (trainers.loop.crossing);
+    # Steps and training time to the target, interpolated between evaluations (trainers.evaluation.crossing);
     # the evaluation steps that bracket the crossing; (step, value, time) of the last evaluation short of it.
     target_step: float | None = None
     target_time_s: float | None = None
@@ -43,7 +43,7 @@ class RunState:
     initial_loss: float | None = None
     # (step, {metric: value}) in the order the sink received them
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
-    # The noise-scale cadence once chosen (trainers.gns.Cadence): a resumed run keeps it.
+    # The noise-scale cadence once chosen (trainers.noise_scale_in_loop.Cadence): a resumed run keeps it.
     gns_every: int | None = None
 
     def to_dict(self) -> dict[str, Any]:

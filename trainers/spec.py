@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 Status = Literal["ok", "pruned", "diverged", "oom", "failed"]
 
@@ -118,38 +118,50 @@ class CheckpointPolicy:
             raise ValueError(f"every_seconds must be positive, got {self.every_seconds=}.")
 
 
-class Sink(Protocol):
-    """Where the loop sends what it measures. Implementations buffer; the loop never waits."""
+class Sink:
+    """Where the loop sends what it measures. Implementations buffer; the loop never waits.
+
+    Subclass it and override what you keep: every method has a default, so a sink that only
+    wants the evaluations overrides `evaluated` alone. The loop calls `params` once before the
+    first step, `metrics`/`series` at logging and evaluation points, `evaluated` after each
+    evaluation, and `flush` once when training is over.
+    """
 
     def metrics(self, step: int, values: Mapping[str, float]) -> None:
         """Values measured at `step`."""
-
-    # Optional: `series(key, first_step, values)` takes one metric's values at consecutive steps
-    # (the per-step losses, once per logging point); the loop calls `metrics` per step without it.
-    # Optional: `params(values)` takes what the loop resolved (device, precision, micro-batch per
-    # process, accumulation steps, effective lr, world size), once, before the first step.
-    # Optional: `flush()` is called once when training is over, before the end-of-run measurements
-    # (final evaluations, sharpness), so that a sink writing elsewhere can do so while they run.
-
-    def evaluated(self, step: int, values: Mapping[str, float]) -> bool:
-        """Called after each evaluation; return False to stop the run (pruning)."""
-        ...
-
-
-class NullSink:
-    """A sink that keeps nothing and never stops the run."""
-
-    def metrics(self, step: int, values: Mapping[str, float]) -> None:
         return None
 
     def series(self, key: str, first_step: int, values: Sequence[float]) -> None:
-        return None
+        """One metric's values at consecutive steps (the per-step losses, once per logging point).
+
+        By default one `metrics` call per step; a sink that can take the window at once overrides it.
+        """
+        for i, value in enumerate(values):
+            self.metrics(first_step + i, {key: value})
 
     def evaluated(self, step: int, values: Mapping[str, float]) -> bool:
+        """Called after each evaluation; return False to stop the run (pruning)."""
         return True
 
+    def params(self, values: Mapping[str, Any]) -> None:
+        """What the loop resolved (device, precision, micro-batch per process, accumulation steps,
+        effective lr, world size), once, before the first step."""
+        return None
 
-class RecordingSink:
+    def flush(self) -> None:
+        """Training is over: called once before the end-of-run measurements (final evaluations,
+        sharpness), so that a sink writing elsewhere can do so while they run."""
+        return None
+
+
+class NullSink(Sink):
+    """A sink that keeps nothing and never stops the run."""
+
+    def series(self, key: str, first_step: int, values: Sequence[float]) -> None:
+        return None  # not even one no-op call per step
+
+
+class RecordingSink(Sink):
     """Keeps everything in memory: for tests, notebooks and `batchscope train` previews."""
 
     def __init__(self) -> None:

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchscope.trainers.autobatch import preserved_rng
 from batchscope.trainers.device import make_precision, resolve_device, resolve_precision, seed_everything
 from batchscope.trainers.loop import is_oom_error
+from batchscope.trainers.memory_probe import preserved_rng
 from batchscope.trainers.recipes import build_task
 from batchscope.trainers.spec import TrainSpec
 from batchscope.trainers.task import Task

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from batchscope.analysis.paths import child_dir, safe_name
-from batchscope.analysis.stores import redact_url
+from batchscope.analysis.readonly_stores import redact_url
 
 
 @pytest.mark.parametrize(

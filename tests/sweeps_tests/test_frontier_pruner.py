@@ -258,7 +258,7 @@ def test_two_objectives_run_unpruned_by_default() -> None:
     [("val/acc", "maximize"), ("val/loss", "minimize"), ("val/ppl", "minimize"), ("train/acc", "maximize")],
 )
 def test_target_direction_agrees_with_the_trainer(metric: str, direction: Literal["maximize", "minimize"]) -> None:
-    from batchscope.trainers.loop import target_reached
+    from batchscope.trainers.evaluation import target_reached
 
     assert space.target_direction(metric) == direction
     # The trainer's rule: a value above the target reaches it exactly when the metric rises to it.

@@ -1,4 +1,6 @@
-"""Sweep-level science: seeds as repeats, objectives, lr scaling, the noise-scale command."""
+"""Sweep-level science: seeds as repeats, objectives, the logged lr, the noise-scale command.
+
+The lr scaling rules and schedules themselves are tested in tests/trainers_tests/test_schedule.py."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ from mlflow import MlflowClient
 
 from batchscope.sweeps.cli import main
 from batchscope.sweeps.store_setup import journal_storage
-from batchscope.trainers.schedule import lr_multiplier, scaled_lr
 from tests.conftest import small_config, write_config
 
 
@@ -72,22 +73,6 @@ def test_accuracy_objective_is_the_mean_of_the_last_evaluations_and_maximized(wo
         last3 = sum(v for _, v in history[-3:]) / 3
         assert runs[run_id].data.metrics["final/tail_val_acc"] == pytest.approx(last3)
         assert t.value == pytest.approx(last3)
-
-
-@pytest.mark.parametrize(
-    ("rule", "batch", "expected"),
-    [("none", 512, 0.1), ("linear", 512, 0.4), ("linear", 64, 0.05), ("sqrt", 512, 0.2), ("sqrt", 32, 0.05)],
-)
-def test_lr_scaling_rules(rule: str, batch: int, expected: float) -> None:
-    # lr 0.1 is written for the reference batch 128.
-    assert scaled_lr(0.1, batch, rule, 128) == pytest.approx(expected)
-
-
-def test_warmup_then_constant() -> None:
-    f = lr_multiplier("constant", warmup_steps=4, max_steps=100)
-    assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    cos = lr_multiplier("cosine", warmup_steps=0, max_steps=100)
-    assert cos(0) == 1.0 and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_logged_lr_follows_scaling_and_warmup(workdir: Path) -> None:

@@ -149,3 +149,66 @@ def test_train_command_logs_one_run(workdir: Path, capsys: pytest.CaptureFixture
     assert run.info.status == "FINISHED"
     assert run.data.params["batch_size"] == "32"
     assert "final/val_acc" in run.data.metrics
+
+
+def test_optuna_dashboard_serves_the_study_with_its_objective_named(workdir: Path, swept: Path) -> None:
+    """`batchscope ui --optuna` starts optuna-dashboard (its public run_server) on the journal."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("optuna_dashboard")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    cmd = [sys.executable, "-m", "batchscope.sweeps.cli", "ui", "--optuna", "--port", str(port)]
+    env = dict(os.environ, BATCHSCOPE_ROOT=str(workdir / "mlruns"))
+    proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    summaries = json.load(r)["study_summaries"]
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[0].decode()
+                assert time.monotonic() < deadline, "optuna-dashboard did not answer in 60 s"
+                time.sleep(0.3)
+        (study,) = [s for s in summaries if s["study_name"] == "e2e"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}", timeout=5) as r:
+            detail = json.load(r)
+        assert detail["objective_names"] == ["val_loss"]  # not "Objective 0"
+        assert len(detail["trials"]) == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0].decode()
+    assert "Traceback" not in out, out
+
+
+def test_mlflow_shows_the_sweep_as_its_users_expect(workdir: Path, swept: Path) -> None:
+    """Classic runs view, runs named by what tells them apart, the parent carrying the sweep's state."""
+    study = optuna.load_study(study_name="e2e", storage=_journal(workdir))
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("e2e")
+    assert exp is not None
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # not the GenAI/traces view
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("batchscope.role") == "sweep"]
+    by_id = {r.info.run_id: r for r in runs}
+    for t in study.trials:
+        name = by_id[t.user_attrs["mlflow_run_id"]].info.run_name
+        assert name == f"bs={t.params['batch_size']} lr={t.params['lr']:.3g} #{t.number}", name
+    history = client.get_metric_history(parent.info.run_id, "sweep/trials_finished")
+    assert sorted(m.value for m in history) == [1.0, 2.0, 3.0]
+    assert [m.step for m in sorted(history, key=lambda m: m.value)] == [1, 2, 3]
+    assert parent.data.metrics["sweep/trials_complete"] == 3
+    best = client.get_metric_history(parent.info.run_id, "sweep/best_val_loss")
+    assert max(best, key=lambda m: m.step).value == pytest.approx(study.best_value)
+    by_step = [m.value for m in sorted(best, key=lambda m: m.step)]
+    assert by_step == sorted(by_step, reverse=True)  # val_loss: the best so far only improves

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from batchscope.trainers.loop import crossing, micro_batches, train
+from batchscope.trainers.loop import train
+from batchscope.trainers.plan import micro_batches
 from batchscope.trainers.spec import RecordingSink, TrainSpec
 
 OPTS = {"num_samples": 1200}
@@ -34,7 +35,7 @@ def test_loss_falls_and_accuracy_beats_chance() -> None:
 
 def test_same_seed_gives_identical_metrics_on_cpu() -> None:
     a, b = RecordingSink(), RecordingSink()
-    # A fixed noise-scale cadence: a chosen one comes from timings (see test_gns_cadence).
+    # A fixed noise-scale cadence: a chosen one comes from timings (see test_noise_scale_cadence).
     ra, rb = train(spec(seed=3, gns_every=10), a), train(spec(seed=3, gns_every=10), b)
     assert a.history["train/loss"] == b.history["train/loss"]
     for key in ("final/val_loss", "final/train_loss", "final/val_acc", "final/sharpness"):
@@ -149,16 +150,16 @@ def test_final_validation_is_the_last_evaluation_not_a_second_one(
     monkeypatch: pytest.MonkeyPatch, max_steps: int, stop: int | None
 ) -> None:
     """The run ends on an evaluation (its last step, or a pruning stop): the final val_* are that one's values."""
-    import batchscope.trainers.loop as loop
+    import batchscope.trainers.evaluation as evaluation
 
     calls: list[int] = []
-    real = loop.evaluate
+    real = evaluation.evaluate
 
     def counting(task, x, y, autocast, chunk=4096):  # type: ignore[no-untyped-def]
         calls.append(len(x))
         return real(task, x, y, autocast, chunk)
 
-    monkeypatch.setattr(loop, "evaluate", counting)
+    monkeypatch.setattr(evaluation, "evaluate", counting)
 
     class Pruning(FlushRecordingSink):
         def evaluated(self, step: int, values) -> bool:  # type: ignore[no-untyped-def]
@@ -201,22 +202,6 @@ def test_the_optimizer_is_fused_on_cpu_and_steps_like_torchs_default(optimizer: 
             opt.step()
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    ("before", "after", "target", "expected"),
-    [
-        ((50, 0.40, 1.0), (100, 0.60, 2.0), 0.50, (75.0, 1.5)),  # half-way in value: half-way in steps and time
-        ((50, 0.40, 1.0), (100, 0.60, 2.0), 0.60, (100.0, 2.0)),  # reached exactly at the evaluation
-        ((50, 2.0, 1.0), (100, 1.0, 3.0), 1.5, (75.0, 2.0)),  # a loss target, reached from above
-        (None, (100, 0.60, 2.0), 0.50, (100.0, 2.0)),  # nothing to interpolate from
-        ((50, 0.40, 1.0), (100, 0.40, 2.0), 0.40, (100.0, 2.0)),  # flat: the evaluation itself
-    ],
-)
-def test_crossing_interpolates_between_the_evaluations_around_it(
-    before: tuple[float, float, float] | None, after: tuple[float, float, float], target: float, expected: tuple
-) -> None:
-    assert crossing(before, after, target) == pytest.approx(expected)
 
 
 def test_steps_to_target_do_not_depend_on_the_evaluation_cadence() -> None:

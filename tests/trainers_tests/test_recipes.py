@@ -14,7 +14,8 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from batchscope.trainers.loop import target_reached, train
+from batchscope.trainers.evaluation import target_reached
+from batchscope.trainers.loop import train
 from batchscope.trainers.recipes import RECIPES, build_task, get_recipe
 from batchscope.trainers.recipes.charlm import CausalSelfAttention, CharLMOptions
 from batchscope.trainers.recipes.cifar10 import load_cifar10, random_crop, random_flip

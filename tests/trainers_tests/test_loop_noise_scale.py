@@ -1,7 +1,7 @@
 """The training loop's own noise scale against exact values, at (nearly) fixed weights.
 
 `train()` runs at a learning rate of 1e-9, so the weights stay where they are and the true
-B_simple is known: in closed form for linear regression (201, see test_noise_scale.py), and
+B_simple is known: in closed form for linear regression (201, see test_noise_scale_offline.py), and
 from every per-example gradient (torch.func) for a small MLP. Each run measures on every step
 and reads B_simple over the whole run as its window. Over seeds the reads must sit within
 10% of the truth and their standard errors must cover it about 95% of the time.
@@ -19,7 +19,7 @@ from torch import nn
 from batchscope.trainers.loop import train
 from batchscope.trainers.spec import RecordingSink, TrainSpec
 from batchscope.trainers.task import LossFn, Task
-from tests.trainers_tests.test_noise_scale import (  # one_thread: the same autouse fixture here
+from tests.trainers_tests.test_noise_scale_offline import (  # one_thread: the same autouse fixture here
     exact_b_simple,
     half_squared_error,
     linear_regression,

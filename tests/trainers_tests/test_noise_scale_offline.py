@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from batchscope.trainers.noise_scale import NoiseScaleEstimate, _summarize, measure_noise_scale
+from batchscope.trainers.noise_scale_offline import NoiseScaleEstimate, _summarize, measure_noise_scale
 
 
 @pytest.fixture(autouse=True)

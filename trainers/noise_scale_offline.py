@@ -1,4 +1,8 @@
-"""Measure the gradient noise scale of a model at its current weights, without training.
+"""The gradient noise scale of a model at fixed weights, measured offline, without training.
+
+Offline and as precise as asked: batch pairs are drawn until the estimate's standard
+error is small enough (`batchscope noise-scale`, a checkpoint someone hands you). The
+loop's own, cheaper estimate while it trains is in trainers/noise_scale_in_loop.py.
 
 B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, "An Empirical Model of Large-Batch
 Training") is the batch size around which a larger batch stops buying proportionally
@@ -7,7 +11,7 @@ per-example gradient covariance, Σ = mean_i (g_i − G)(g_i − G)ᵀ.
 
 `measure_noise_scale` draws big batches of `b_big` examples, takes the first `b_small`
 of each as the small batch, and turns the two squared gradient norms into unbiased
-estimates of |G|² and tr(Σ) (`batchscope.trainers.gns.two_batch_estimates`). As in appendix A of
+estimates of |G|² and tr(Σ) (`batchscope.trainers.noise_scale_in_loop.two_batch_estimates`). As in appendix A of
 the paper, numerator and denominator are averaged over batches separately and divided
 once: the ratio of two means, not the mean of noisy ratios.
 
@@ -22,7 +26,7 @@ E|G_B|² = |G|² + tr(Σ)/B exactly, so both estimates are unbiased for the data
 G and Σ. Drawing without replacement (as training epochs do) would shrink the noise by
 the finite-population factor (N − B)/(N − 1) and bias |G|² low by tr(Σ)/(N − 1).
 
-The training loop measures the same quantity on the fly (`batchscope.trainers.gns.NoiseScaleWindow`);
+The training loop measures the same quantity on the fly (`batchscope.trainers.noise_scale_in_loop.NoiseScaleWindow`);
 this function is for a model someone hands you, e.g. a checkpoint.
 """
 
@@ -34,7 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from batchscope.trainers.gns import grad_sq_norm, ratio_of_means, two_batch_estimates
+from batchscope.trainers.noise_scale_in_loop import grad_sq_norm, ratio_of_means, two_batch_estimates
 from batchscope.trainers.task import LossFn
 
 
@@ -194,6 +198,16 @@ def measure_noise_scale(
     if n_batches is not None:
         return estimate
     return replace(estimate, precision_reached=estimate.rel_stderr <= rel_precision)
+
+
+def default_batch_sizes(num_examples: int, b_small: int | None = None, b_big: int | None = None) -> tuple[int, int]:
+    """(b_small, b_big) with those not given filled in: b_big = 512 (at most `num_examples`),
+    b_small = b_big / 8. The defaults of `batchscope noise-scale` and `batchscope.noise_scale`:
+    a wide ratio and a large b_big make both estimates less noisy (fewer pairs for ±10%), and
+    512 examples a pair stay cheap for small models."""
+    big = b_big if b_big is not None else min(512, num_examples)
+    small = b_small if b_small is not None else max(1, big // 8)
+    return small, big
 
 
 def _pair_norms(

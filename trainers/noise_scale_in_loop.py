@@ -1,4 +1,10 @@
-"""Gradient noise scale (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training").
+"""The gradient noise scale measured by the training loop, as it trains (McCandlish et al. 2018,
+"An Empirical Model of Large-Batch Training").
+
+In-loop and cheap: each measuring step reuses its own batch (split in two, or the
+micro-batches of gradient accumulation) and the estimate is read over a window of steps,
+while the weights move. For a model at fixed weights, measured to a chosen precision,
+see trainers/noise_scale_offline.py (`batchscope noise-scale`).
 
 B_simple = tr(Σ) / |G|², estimated from squared gradient norms measured at two
 batch sizes B_small < B_big (appendix A.1):

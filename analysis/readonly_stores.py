@@ -1,5 +1,8 @@
-"""Where a sweep lives: the Optuna storage and the MLflow tracking URI, resolved the same way
-everywhere in analysis/ (and the same defaults as the sweep runner's embedded store)."""
+"""A sweep's stores opened for reading: the Optuna storage and the MLflow tracking URI, resolved
+the same way everywhere in analysis/ (and the same defaults as the sweep runner's embedded store).
+
+Read-only: nothing here creates a store or a file (a missing journal is an error). Creating,
+locking and writing the stores is the sweep's job, in sweeps/store_setup.py."""
 
 from __future__ import annotations
 
@@ -8,14 +11,22 @@ from pathlib import Path
 import optuna
 from optuna.storages.journal import JournalFileBackend
 
-DEFAULT_JOURNAL = Path("mlruns") / "optuna.journal"
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_TRACKING_UI = "http://127.0.0.1:5000"
 
 StorageLike = str | Path | optuna.storages.BaseStorage
 
 
-def open_optuna_storage(storage: StorageLike = DEFAULT_JOURNAL) -> optuna.storages.BaseStorage:
+def local_stores() -> tuple[str, str]:
+    """(Optuna journal path, MLflow tracking URI) of the local store, where the CLI keeps them:
+    under $BATCHSCOPE_ROOT, else ./mlruns, decided by the sweeps' own `resolve` (one home for it),
+    read at each call so that a changed BATCHSCOPE_ROOT is followed."""
+    from batchscope.sweeps.store_setup import resolve
+
+    stores = resolve(None, None, writing=False)
+    return stores.storage_url, stores.tracking_uri
+
+
+def open_optuna_storage(storage: StorageLike) -> optuna.storages.BaseStorage:
     """An Optuna storage from a storage object, a database URL, or a journal file path.
 
     A URL (anything with ``://``) goes to Optuna's RDB storage; anything else is read as the

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from batchscope.trainers.gns import NoiseScaleWindow, grad_sq_norm, ratio_of_means, two_batch_estimates
+from batchscope.trainers.noise_scale_in_loop import NoiseScaleWindow, grad_sq_norm, ratio_of_means, two_batch_estimates
 
 
 def expected_sq_norm(grad_sq: float, trace_sigma: float, batch_size: float) -> float:

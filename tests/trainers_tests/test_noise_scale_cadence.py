@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from batchscope.trainers.checkpoint import CheckpointPolicy
-from batchscope.trainers.gns import Cadence
 from batchscope.trainers.loop import train
+from batchscope.trainers.noise_scale_in_loop import Cadence
 from batchscope.trainers.spec import RecordingSink, TrainSpec
 
 
