@@ -43,8 +43,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def open_sweep(cfg: SweepConfig, *, workers: int, force: bool = False) -> Sweep:
     """The sweep's stores, study and parent run, opened while its `workers` trial workers start."""
-    _say_starting(cfg.study, workers)
-    with _early_workers(workers) as early:
+    with _starting(cfg.study, workers), _early_workers(workers) as early:
         from batchscope.sweeps.runner import Sweep
 
         return Sweep(cfg, force=force, prestarted=early)
@@ -58,16 +57,17 @@ def run_with_progress(sweep: Sweep, n_trials: int | None, workers: int) -> Sweep
         return sweep.run(n_trials, reporter, workers=workers)
 
 
-def _say_starting(study: str, workers: int) -> None:
-    """A line within a second of the command: the next seconds go to imports and stores (about 20 s
-    on a loaded machine before the first trial's bar appeared, with nothing on screen)."""
-    from batchscope.sweeps.progress import clock
+def _starting(study: str, workers: int) -> contextlib.AbstractContextManager[object]:
+    """On screen within a second of the command, while the next seconds go to imports and stores
+    (about 20 s on a loaded machine before the first trial's bar appeared, with nothing shown).
 
+    A transient status line: it is gone once the trials' progress starts, so that a store that
+    cannot be opened still ends the command with its one error line; not written to a log file.
+    """
     each = "each loads" if workers > 1 else "it loads"
-    err.print(
-        f"{clock()} {escape(study)}: starting {workers} trial worker{'s' if workers > 1 else ''} "
-        f"({each} PyTorch: a few seconds) and opening the stores",
-        highlight=False,
+    return err.status(
+        f"{escape(study)}: starting {workers} trial worker{'s' if workers > 1 else ''} "
+        f"({each} PyTorch: a few seconds) and opening the stores"
     )
 
 
@@ -132,11 +132,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
-    _say_starting(cfg.study, args.workers)
     from batchscope.sweeps.progress import RichReporter
-    from batchscope.sweeps.runner import Sweep
 
-    sweep = Sweep(cfg)
+    with _starting(cfg.study, args.workers):
+        from batchscope.sweeps.runner import Sweep
+
+        sweep = Sweep(cfg)
     with RichReporter(err) as reporter:
         summary = sweep.run(args.n_trials, reporter, workers=args.workers, shared=True)
     ran = sum(1 for o in summary.outcomes if o.status != "failed")
@@ -617,9 +618,27 @@ def cmd_ui(args: argparse.Namespace) -> int:
         if stores.artifact_root:
             cmd += ["--default-artifact-root", stores.artifact_root]
         err.print(f"MLflow UI on http://{args.host}:{port} (Ctrl-C to stop)")
+    return _serve(cmd)
+
+
+def _serve(cmd: list[str]) -> int:
+    """Run a UI server until it ends or batchscope is stopped, and then stop it too.
+
+    Ctrl-C in a terminal reaches both processes, but a SIGTERM from a job system, or a SIGINT
+    sent to batchscope alone, left the server running and holding its port.
+    """
+    proc = subprocess.Popen(cmd)
     try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
+        return proc.wait()
+    except KeyboardInterrupt as exc:  # SIGTERM arrives as Terminated, a KeyboardInterrupt
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if type(exc) is not KeyboardInterrupt:
+            raise
         return 0
 
 
