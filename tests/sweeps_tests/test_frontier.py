@@ -410,3 +410,69 @@ def test_the_sweep_stops_when_the_frontier_is_known(
 
     study = optuna.load_study(study_name="stops", storage=journal_storage(workdir / "mlruns" / "optuna.journal"))
     assert len(study.get_trials()) == 2
+
+
+# ---- shared studies on PostgreSQL (`batchscope worker`) -------------------------------------
+
+
+def _pg_frontier_config(study: str, n_trials: int) -> dict:
+    cfg = small_config(study)
+    cfg["train"].update({"max_steps": 30, "eval_every": 10, "sharpness": {"enabled": False}})
+    cfg["search"].update({"sampler": "frontier", "objective": "steps_to_target", "n_trials": n_trials})
+    cfg["heartbeat"] = {"interval_s": 1, "grace_s": 4}
+    return cfg
+
+
+def _sweep_runs(workdir: Path, study: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(study)
+    assert experiment is not None
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def test_two_workers_share_a_frontier_study_on_postgres(workdir: Path, pg_database: str) -> None:
+    # Two `batchscope worker` processes on one PostgreSQL study: a pending trial's point counts as
+    # taken, so no (batch, lr) is trained twice, and every run is closed.
+    url = f"postgresql://postgres@127.0.0.1:5432/{pg_database}"
+    config = write_config(workdir / "w.yaml", _pg_frontier_config("pg-frontier", 6))
+    env = {**os.environ, "BATCHSCOPE_ROOT": str(workdir / "mlruns"), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "batchscope.sweeps.cli", "worker", str(config), "--storage", url]
+    procs = [
+        subprocess.Popen(cmd, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in "ab"
+    ]
+    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0 and "Traceback" not in log, log
+    trials = optuna.load_study(study_name="pg-frontier", storage=url).get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 6
+    points = [(t.params["batch_size"], t.params["lr"]) for t in finished]
+    assert len(set(points)) == len(points), points
+    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both took part
+    runs = _sweep_runs(workdir, "pg-frontier")
+    assert len([r for r in runs if r.data.tags.get("batchscope.role") == "trial"]) == 6
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_a_shared_sweep_stopped_by_stop_when_closes_its_parent_run(
+    workdir: Path, pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker's sweep is shared: its parent run used to be closed only once n_trials had finished,
+    # so a frontier known early (stop_when) left it RUNNING for good.
+    from batchscope.sweeps import frontier
+    from batchscope.sweeps.cli import main
+
+    def after_two(study: optuna.Study, search: SearchConfig) -> str | None:
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        return "frontier search done: B_crit = 100 (test)" if len(finished) >= 2 else None
+
+    monkeypatch.setattr(frontier, "stop_reason", after_two)
+    url = f"postgresql://postgres@127.0.0.1:5432/{pg_database}"
+    cfg = _pg_frontier_config("pg-stops", 6)
+    cfg["search"]["stop_when"] = {"b_crit_rel_ci": 0.5}
+    assert main(["worker", str(write_config(workdir / "s.yaml", cfg)), "--storage", url]) == 0
+    assert len(optuna.load_study(study_name="pg-stops", storage=url).get_trials()) == 2
+    parents = [r for r in _sweep_runs(workdir, "pg-stops") if r.data.tags.get("batchscope.role") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", parents[0].info
