@@ -472,7 +472,11 @@ class Sweep:
                 w.close()
             if self._errors and status == "FINISHED":
                 status = "FAILED"
-            if not shared or (status == "FINISHED" and self.finished_count() >= total):
+            # A shared study is done at n_trials, or once stop_when said so and no peer's trial still runs.
+            stopped = getattr(self, "_frontier_stop", None) is not None and not self.study.get_trials(
+                deepcopy=False, states=(TrialState.RUNNING,)
+            )
+            if not shared or (status == "FINISHED" and (self.finished_count() >= total or stopped)):
                 try:
                     self.tracker.client.set_terminated(self.parent_run_id, status=status)
                 except Exception as exc:
