@@ -6,7 +6,8 @@ data reaches the loop: `dataset` (a map-style Dataset of (x, y) pairs, default c
 `stream` (a factory of dict batches given (batch_size, seed); the model takes **batch and
 returns its loss, Hugging Face style; accuracy from the recipe's own metrics).
 `bad` breaks one rule on purpose: `per_example` (a step returning one loss per example),
-`ragged` (batches whose tensors disagree on the number of examples).
+`ragged` (batches whose tensors disagree on the number of examples). `num_workers` goes
+to the `dataset` form's DataLoader.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from torch.utils.data import Dataset
 
 from batchscope.trainers.task import DataTask
 
-DEFAULTS: dict[str, Any] = {"form": "dataset", "n": 512, "dim": 8, "classes": 4, "hidden": 32, "bad": None}
+DEFAULTS: dict[str, Any] = {
+    "form": "dataset",
+    "n": 512,
+    "dim": 8,
+    "classes": 4,
+    "hidden": 32,
+    "bad": None,
+    "num_workers": None,
+}
 
 
 class Blobs(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -108,6 +117,7 @@ def build(model: str, options: dict[str, Any], device: torch.device) -> DataTask
             val=Blobs(n // 4, dim, classes, seed=2),
             loss_fn=F.cross_entropy,
             classification=True,
+            num_workers=o["num_workers"],
         )
     if form == "collate":
         return DataTask(
