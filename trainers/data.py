@@ -10,6 +10,7 @@ device, this process's share of the global batch, in an order fixed by the seed.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -323,11 +324,24 @@ def _chunks(x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, to
         yield x[lo : lo + EVAL_CHUNK], y[lo : lo + EVAL_CHUNK]
 
 
+# The validation loader of each Dataset, kept between evaluations: its workers persist rather
+# than start again (a process each) at every evaluation point.
+_EVAL_LOADERS: weakref.WeakKeyDictionary[Dataset[Any], DataLoader[Any]] = weakref.WeakKeyDictionary()
+
+
 def _loader_batches(task: DataTask, dataset: Dataset[Any], device: torch.device) -> Iterator[Any]:
     pin = device.type == "cuda"
-    workers = task.num_workers if task.num_workers is not None else default_workers(device)
-    loader = DataLoader(
-        dataset, batch_size=task.eval_batch_size, collate_fn=task.collate_fn, num_workers=workers, pin_memory=pin
-    )
+    loader = _EVAL_LOADERS.get(dataset)
+    if loader is None:
+        workers = task.num_workers if task.num_workers is not None else default_workers(device)
+        loader = DataLoader(
+            dataset,
+            batch_size=task.eval_batch_size,
+            collate_fn=task.collate_fn,
+            num_workers=workers,
+            pin_memory=pin,
+            persistent_workers=workers > 0,
+        )
+        _EVAL_LOADERS[dataset] = loader
     for batch in loader:
         yield to_device(batch, device, non_blocking=pin)
