@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from batchscope.sweeps.cli import main
+from tests.conftest import write_config
 from tests.sweeps_tests.test_recipes_sweep import shrunk, sweep_one
 from tests.sweeps_tests.test_sweep_e2e import FINALS, HISTORIES
 
@@ -83,3 +86,15 @@ def test_token_lm_example_streams_dict_batches_and_counts_tokens(workdir: Path) 
     assert {"final/val_ppl", "final/tokens_to_target"} <= set(run.data.metrics)
     # Reached at initialization (uniform over 256 bytes: ppl 256 < 300): no tokens needed.
     assert run.data.metrics["final/tokens_to_target"] == 0.0
+
+
+def test_a_tool_that_needs_tensors_refuses_a_datatask_in_one_line(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = shrunk("digits_batchnorm.yaml")
+    cfg["trainer"] = {"recipe": RECIPE, "model": "mlp", "form": "stream"}
+    path = write_config(workdir / "stream.yaml", cfg)
+    assert main(["noise-scale", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "gives its data as a DataTask" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
