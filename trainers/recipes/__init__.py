@@ -215,6 +215,8 @@ def check_data_task(task: DataTask, device: torch.device, name: str) -> None:
     try:
         with torch.no_grad():
             loss = task_loss(task, task.model, two)
+    except ValueError as exc:  # no loss_fn for (x, y) batches, a dict batch's model without a loss, ...
+        raise ValueError(f"recipe {name!r}: {exc}") from None
     finally:
         task.model.train(was_training)
     check_step_loss(loss, name)
