@@ -85,10 +85,12 @@ class DeviceBatcher:
 def default_workers(device: torch.device) -> int:
     """DataLoader workers when the recipe does not say: none on the CPU, where workers would
     take cores from training; on CUDA, enough to keep decoding off the training process's
-    critical path without crowding the host (4, fewer on small hosts)."""
+    critical path without crowding the host: 4 per process, fewer where the host's cores,
+    shared by torchrun's processes on it (LOCAL_WORLD_SIZE), are fewer."""
     if device.type != "cuda":
         return 0
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    per_process = ((os.cpu_count() or 2) - 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(4, per_process))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
