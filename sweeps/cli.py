@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _handler(command: str) -> Callable[[argparse.Namespace], int]:
     """The function that runs `command` (imported now: the commands load what they need)."""
-    from batchscope.sweeps import commands, commands_measure
+    from batchscope.sweeps import commands, commands_measure, commands_servers
 
     def doctor(args: argparse.Namespace) -> int:
         from batchscope.sweeps.doctor import cmd_doctor  # optuna, the journal tools: only for doctor
@@ -252,7 +252,7 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "sweep": commands.cmd_sweep,
         "worker": commands.cmd_worker,
-        "server": commands.cmd_server,
+        "server": commands_servers.cmd_server,
         "train": commands.cmd_train,
         "status": commands.cmd_status,
         "autobatch": commands_measure.cmd_autobatch,
@@ -260,7 +260,7 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
         "noise-scale": commands_measure.cmd_noise_scale,
         "report": commands.cmd_report,
         "export": commands.cmd_export,
-        "ui": commands.cmd_ui,
+        "ui": commands_servers.cmd_ui,
         "doctor": doctor,
     }
     return handlers[command]

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import math
 import os
-import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -44,8 +43,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def open_sweep(cfg: SweepConfig, *, workers: int, force: bool = False) -> Sweep:
     """The sweep's stores, study and parent run, opened while its `workers` trial workers start."""
-    _say_starting(cfg.study, workers)
-    with _early_workers(workers) as early:
+    with _starting(cfg.study, workers), _early_workers(workers) as early:
         from batchscope.sweeps.runner import Sweep
 
         return Sweep(cfg, force=force, prestarted=early)
@@ -59,16 +57,17 @@ def run_with_progress(sweep: Sweep, n_trials: int | None, workers: int) -> Sweep
         return sweep.run(n_trials, reporter, workers=workers)
 
 
-def _say_starting(study: str, workers: int) -> None:
-    """A line within a second of the command: the next seconds go to imports and stores (about 20 s
-    on a loaded machine before the first trial's bar appeared, with nothing on screen)."""
-    from batchscope.sweeps.progress import clock
+def _starting(study: str, workers: int) -> contextlib.AbstractContextManager[object]:
+    """On screen within a second of the command, while the next seconds go to imports and stores
+    (about 20 s on a loaded machine before the first trial's bar appeared, with nothing shown).
 
+    A transient status line: it is gone once the trials' progress starts, so that a store that
+    cannot be opened still ends the command with its one error line; not written to a log file.
+    """
     each = "each loads" if workers > 1 else "it loads"
-    err.print(
-        f"{clock()} {escape(study)}: starting {workers} trial worker{'s' if workers > 1 else ''} "
-        f"({each} PyTorch: a few seconds) and opening the stores",
-        highlight=False,
+    return err.status(
+        f"{escape(study)}: starting {workers} trial worker{'s' if workers > 1 else ''} "
+        f"({each} PyTorch: a few seconds) and opening the stores"
     )
 
 
@@ -133,68 +132,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
-    _say_starting(cfg.study, args.workers)
     from batchscope.sweeps.progress import RichReporter
-    from batchscope.sweeps.runner import Sweep
 
-    sweep = Sweep(cfg)
+    with _starting(cfg.study, args.workers):
+        from batchscope.sweeps.runner import Sweep
+
+        sweep = Sweep(cfg)
     with RichReporter(err) as reporter:
         summary = sweep.run(args.n_trials, reporter, workers=args.workers, shared=True)
     ran = sum(1 for o in summary.outcomes if o.status != "failed")
     out.print(f"worker done: ran {ran} trial(s); the study has {summary.completed}/{summary.total} finished.")
     return 0
-
-
-def cmd_server(args: argparse.Namespace) -> int:
-    from batchscope.sweeps.store_setup import Stores, check_tracking
-
-    if args.check is not None:
-        check_tracking(Stores("", args.check, None, None), create=False)
-        out.print(f"MLflow tracking server at {escape(redact(args.check))} answers.")
-        return 0
-    if args.backend_store_uri is None:
-        raise UserError("give --backend-store-uri (e.g. postgresql://mlflow@db/mlflow), or --check URL")
-    _check_database(args.backend_store_uri)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        args.backend_store_uri,
-        "--serve-artifacts",
-        "--artifacts-destination",
-        args.artifacts_destination,
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-    ]
-    if args.host not in ("127.0.0.1", "localhost"):
-        cmd += ["--allowed-hosts", "*"]
-    uri = f"http://{args.host}:{args.port}"
-    err.print(f"MLflow tracking server on {uri} (backend {escape(redact(args.backend_store_uri))}); Ctrl-C to stop")
-    err.print(f"Use it with: --set tracking_uri={uri}   (or tracking_uri: {uri} in the config)")
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
-
-
-def _check_database(url: str) -> None:
-    """Connect once, so a wrong URL is one clear line rather than a server that dies later."""
-    if not url.startswith(("postgresql", "mysql", "sqlite")):
-        raise UserError(f"--backend-store-uri {url!r}: use a postgresql://, mysql:// or sqlite:/// URL")
-    import sqlalchemy
-
-    try:
-        engine = sqlalchemy.create_engine(url)
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT 1"))
-        engine.dispose()
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--backend-store-uri {redact(url)!r} cannot be reached: {redact(first)}") from None
 
 
 def write_sweep_report(sweep: Any) -> Path | None:
@@ -445,41 +393,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     out.print(table)
     return 0
-
-
-def cmd_ui(args: argparse.Namespace) -> int:
-    from batchscope.sweeps.store_setup import resolve
-
-    stores = resolve(args.storage, args.tracking_uri)
-    if args.optuna:
-        from batchscope.sweeps import dashboard
-
-        dashboard.check_installed()
-        port = args.port or 8080
-        cmd = [sys.executable, "-m", "batchscope.sweeps.dashboard", stores.storage_url, "--host", args.host]
-        cmd += ["--port", str(port)]
-        err.print(f"optuna-dashboard on http://{args.host}:{port} (Ctrl-C to stop)")
-    else:
-        port = args.port or 5000
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "ui",
-            "--backend-store-uri",
-            stores.tracking_uri,
-            "--host",
-            args.host,
-            "--port",
-            str(port),
-        ]
-        if stores.artifact_root:
-            cmd += ["--default-artifact-root", stores.artifact_root]
-        err.print(f"MLflow UI on http://{args.host}:{port} (Ctrl-C to stop)")
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
 
 
 def _quote(name: str) -> str:

@@ -60,7 +60,10 @@ def cmd_throughput(args: argparse.Namespace) -> int:
 
     weights, source_run = resolve_weights(cfg, args.checkpoint)
     spec = make_spec(cfg, max(sizes), 1e-3, cfg.train.seeds[0])
-    results = measure_inference(spec, sizes, iters=args.iters, weights=weights)
+    try:
+        results = measure_inference(spec, sizes, iters=args.iters, weights=weights)
+    except ValueError as exc:  # e.g. a recipe whose data streams (a DataTask): it says what to do
+        raise UserError(str(exc)) from None
     out.print(inference_table(results))
     run_id = log_throughput(cfg, results, source_run)
     out.print(f"logged to MLflow run {run_id} (experiment {escape(cfg.study)})")
@@ -88,7 +91,10 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
     # A weights file, or an MLflow run id whose weights/model.pt is fetched, as for `throughput`.
     weights, source_run = resolve_weights(cfg, args.checkpoint)
     seed_everything(seed)
-    task = build_task(cfg.trainer.recipe, cfg.trainer.model, cfg.trainer.options, device)
+    try:
+        task = build_task(cfg.trainer.recipe, cfg.trainer.model, cfg.trainer.options, device)
+    except ValueError as exc:  # e.g. a recipe whose data streams (a DataTask): it says what to do
+        raise UserError(str(exc)) from None
     where = "initialization"
     if weights is not None:
         _load_weights(task.model, Path(weights), device, shown=args.checkpoint)

@@ -14,7 +14,12 @@ against batch size mean something only when the learning rate is re-tuned at eve
   until the best lr has a worse trial on both sides (or the grid's edge); a diverged trial
   brackets from above. Then refine inside the bracket: the parabola's vertex through the best
   and its neighbours, or golden section on the wider side, until both neighbours on the grid
-  are known.
+  are known, or until both neighbours are within the noise of the best (`frontier_line.noise_scale`:
+  the residuals of a parabola in log lr through each line's best and its neighbours, pooled over
+  batch sizes; the points between could not be told apart, and re-bracketing on noise would
+  walk the whole line). A batch size where every trial misses the target, with misses on both
+  sides of the lr the law predicts (3 at least), is unreachable in the budget: it is done, gets
+  no more trials, and gives no point to B_crit.
 - Batch sizes with an open side come first, then unexplored ones (the farthest in log B from
   those explored, so the law is fitted early across the range), then the widest bracket,
   weighted up near the critical batch size, whose interval these batch sizes decide.
@@ -59,7 +64,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from batchscope.analysis.fits import fit_critical_batch, fit_lr_law
 from batchscope.sweeps import optuna_attrs as attrs
-from batchscope.sweeps.frontier_line import DIVERGED, FINITE, PENDING, WORSE, Line
+from batchscope.sweeps.frontier_line import DIVERGED, FINITE, PENDING, WORSE, Line, noise_scale
 
 if TYPE_CHECKING:
     from batchscope.sweeps.config import SearchConfig
@@ -256,10 +261,15 @@ class Frontier:
         octaves = np.log2(np.asarray(self.batch_sizes, dtype=float) / fit.b_crit)
         return 1.0 + np.exp(-0.5 * (octaves / 1.5) ** 2)
 
+    def stride(self, step: float) -> int:
+        """The first step out, `step` as an lr ratio, in grid points (at least one)."""
+        spacing = float(np.mean(np.diff(self.log_lrs))) if len(self.lrs) > 1 else 1.0
+        return max(1, round(math.log(step) / spacing))
+
     def next_point(self, step: float, *, only: int | None = None) -> tuple[int, int] | None:
         """(batch index, lr index) of the most useful free point, or None if none is free."""
-        spacing = float(np.mean(np.diff(self.log_lrs))) if len(self.lrs) > 1 else 1.0
-        stride = max(1, round(math.log(step) / spacing))
+        stride = self.stride(step)
+        noise = noise_scale(self.lines)
         explored = [k for k, line in enumerate(self.lines) if line.occupied().any()]
         log_b = np.log(np.asarray(self.batch_sizes, dtype=float))
         weights = self._weights()
@@ -273,7 +283,7 @@ class Frontier:
                 ranked.append(((1.0, far, k), k, self.predicted_index(self.batch_sizes[k])))
                 continue
             batch = self.batch_sizes[k]
-            state, index = line.proposal(functools.partial(self.predicted_index, batch), stride)
+            state, index = line.proposal(functools.partial(self.predicted_index, batch), stride, noise)
             if index is None:
                 continue
             if state == "open":
@@ -300,9 +310,25 @@ class Frontier:
             return candidates[int(rng.integers(len(candidates)))]
         return int(rng.choice(rows)), int(rng.integers(len(self.lrs)))
 
-    def unfinished(self) -> list[int]:
-        """Batch sizes whose best lr is not yet bracketed on both sides (nor their grid used up)."""
-        return [b for b, line in zip(self.batch_sizes, self.lines, strict=True) if not line.resolved()]
+    def unfinished(self, step: float = 2.0) -> list[int]:
+        """Batch sizes whose best lr is not yet bracketed on both sides (nor their grid used up,
+        nor found unreachable around the lr the others predict)."""
+        stride = self.stride(step)
+        return [
+            b
+            for b, line in zip(self.batch_sizes, self.lines, strict=True)
+            if not line.resolved(self.predicted_index(b) if line.best() is None else None, stride)
+        ]
+
+    def unreachable(self, step: float = 2.0) -> list[int]:
+        """Batch sizes done without a finite result: every trial missed the target around the
+        predicted lr (or everywhere the grid allows)."""
+        stride = self.stride(step)
+        return [
+            b
+            for b, line in zip(self.batch_sizes, self.lines, strict=True)
+            if line.best() is None and line.resolved(self.predicted_index(b), stride)
+        ]
 
 
 def batch_values(dist: BaseDistribution) -> list[int]:
@@ -368,10 +394,13 @@ def frontier_done(
     steps: Callable[[FrozenTrial], float] | None = None,
     names: tuple[str, str] = ("batch_size", "lr"),
     lr_resolution: float = 1.5,
+    step: float = 2.0,
     seed: int = 0,
 ) -> tuple[bool, str]:
-    """Whether the frontier is known: every batch size's best lr bracketed on both sides, and
-    B_crit's 95% bootstrap interval (high − low)/B_crit at most `b_crit_rel_ci`; and why.
+    """Whether the frontier is known: every batch size's best lr bracketed on both sides (or the
+    batch size unreachable: `Line.unreachable`), and B_crit's 95% bootstrap interval
+    (high − low)/B_crit at most `b_crit_rel_ci`; and why. `lr_resolution` and `step` as the
+    sampler's.
 
     B_crit is fitted (`batchscope.analysis.fits.fit_critical_batch`) to the steps to target of each batch
     size's best trial: `steps(trial)`, by default the trial's value.
@@ -381,7 +410,7 @@ def frontier_done(
         return False, "no trial has sampled a batch size and a learning rate yet"
     finished = [t for t in trials if t.state in _FINISHED]
     frontier = Frontier.from_trials(finished, *space, minimize=minimize, names=names, lr_resolution=lr_resolution)
-    open_batches = frontier.unfinished()
+    open_batches = frontier.unfinished(step)
     if open_batches:
         return False, f"the best lr is not bracketed yet at batch size(s) {open_batches}"
     read = steps or (lambda t: t.values[0] if t.values else math.nan)
@@ -392,9 +421,11 @@ def frontier_done(
     if fit is None:
         return False, "fewer than 3 batch sizes reached the target: B_crit cannot be fitted"
     rel = (fit.b_crit_high - fit.b_crit_low) / fit.b_crit
+    missed = frontier.unreachable(step)
     said = (
         f"B_crit = {fit.b_crit:.3g} (95% interval {fit.b_crit_low:.3g}–{fit.b_crit_high:.3g}, "
         f"width {rel:.2f} of B_crit, asked ≤ {b_crit_rel_ci:g})"
+        + (f"; target out of reach at batch size(s) {missed}" if missed else "")
     )
     if fit.at_search_edge:
         return False, f"{said}, but B_crit lies beyond the batch sizes searched"

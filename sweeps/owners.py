@@ -17,6 +17,8 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from batchscope.sweeps import optuna_attrs as attrs
+
 # How long a RUNNING trial that names no worker yet counts as alive: the window between
 # claiming a queued trial and recording its owner (new trials are created with theirs).
 UNOWNED_GRACE_S = 60.0
@@ -87,3 +89,22 @@ def ask_owned(study: optuna.Study, storage: optuna.storages.BaseStorage, owner: 
         trial_id=-1,
     )
     return optuna.Trial(study, storage.create_new_trial(study_id, template_trial=template))
+
+
+def give_way(study: optuna.Study, trial: optuna.Trial, total: int) -> bool:
+    """Workers on other machines may ask at the same moment: the later trial gives way.
+
+    True (and the trial failed, a retry queued again) when `total` trials are already finished or
+    running ahead of this one.
+    """
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    trials = study.get_trials(deepcopy=False, states=states)
+    ahead = sum(1 for t in trials if t.state != TrialState.RUNNING or t.number < trial.number)
+    if ahead < total:
+        return False
+    trial.set_user_attr(attrs.STATUS, "failed")
+    trial.set_user_attr(attrs.REASON, "not run: other workers had already started the study's last trials")
+    if attrs.RETRY_OF in trial.user_attrs:  # keep a retry queued for whoever needs it next
+        study.enqueue_trial(dict(trial.params), user_attrs={attrs.RETRY_OF: trial.user_attrs[attrs.RETRY_OF]})
+    study.tell(trial, state=TrialState.FAIL)
+    return True

@@ -33,7 +33,7 @@ from batchscope.sweeps.config import SweepConfig
 from batchscope.sweeps.errors import UserError
 from batchscope.sweeps.job import Job
 from batchscope.sweeps.locations import redact
-from batchscope.sweeps.owners import ask_owned, worker_id
+from batchscope.sweeps.owners import ask_owned, give_way, worker_id
 from batchscope.sweeps.progress import QuietReporter, Reporter
 from batchscope.sweeps.recovery import Recovery, mark_stale
 from batchscope.sweeps.specs import make_spec, memory_cap, run_params, slot_device
@@ -208,7 +208,10 @@ class Sweep:
                 w.close()
             if self._errors and status == "FINISHED":
                 status = "FAILED"
-            if not shared or (status == "FINISHED" and self.finished_count() >= total):
+            # A shared study is done at n_trials, or once stop_when said so and no peer's trial still runs.
+            running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            stopped = self._frontier_stop is not None and not running
+            if not shared or (status == "FINISHED" and (self.finished_count() >= total or stopped)):
                 try:
                     self.tracker.client.set_terminated(self.parent_run_id, status=status)
                 except Exception as exc:
@@ -275,7 +278,7 @@ class Sweep:
                     trial = ask_owned(
                         self.study, self.storage, {attrs.WORKER: worker_id(), attrs.SAMPLER_SEED: self.sampler_seed}
                     )
-                    if self._surplus(trial, total):
+                    if give_way(self.study, trial, total):
                         return
                 try:
                     outcome = self._run_trial(trial, slot, reporter)
@@ -298,19 +301,6 @@ class Sweep:
             self._stopping.set()
         finally:
             self._slot_done[slot].set()
-
-    def _surplus(self, trial: optuna.Trial, total: int) -> bool:
-        """Workers on other machines may ask at the same moment: the later trial gives way."""
-        trials = self.study.get_trials(deepcopy=False, states=(*FINISHED_STATES, TrialState.RUNNING))
-        ahead = sum(1 for t in trials if t.state != TrialState.RUNNING or t.number < trial.number)
-        if ahead < total:
-            return False
-        trial.set_user_attr(attrs.STATUS, "failed")
-        trial.set_user_attr(attrs.REASON, "not run: other workers had already started the study's last trials")
-        if attrs.RETRY_OF in trial.user_attrs:  # keep a retry queued for whoever needs it next
-            self.study.enqueue_trial(dict(trial.params), user_attrs={attrs.RETRY_OF: trial.user_attrs[attrs.RETRY_OF]})
-        self.study.tell(trial, state=TrialState.FAIL)
-        return True
 
     def _run_trial(self, trial: optuna.Trial, slot: int, reporter: Reporter) -> TrialOutcome:
         """Train one sampled configuration once per seed, then tell Optuna how it went."""

@@ -139,7 +139,7 @@ def pruning_metric(cfg: SweepConfig) -> str | None:
 
 # Metric-name endings that rise to a target; the rest fall to it. The rule of
 # trainers.evaluation.target_reached, restated here so that the sweep process need not import torch.
-_RISING = ("acc",)
+_RISING = ("acc", "accuracy", "bleu", "f1", "auc")
 
 
 def target_direction(metric: str) -> Literal["maximize", "minimize"]:

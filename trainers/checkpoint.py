@@ -45,6 +45,8 @@ class RunState:
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     # The noise-scale cadence once chosen (trainers.noise_scale_in_loop.Cadence): a resumed run keeps it.
     gns_every: int | None = None
+    # What the task's batches counted (DataTask.count, e.g. tokens) up to the last evaluation.
+    counted: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +62,7 @@ class RunState:
             "initial_loss": self.initial_loss,
             "history": [(s, dict(v)) for s, v in self.history],
             "gns_every": self.gns_every,
+            "counted": self.counted,
         }
 
     @classmethod
@@ -77,6 +80,7 @@ class RunState:
             initial_loss=d.get("initial_loss"),
             history=[(int(s), dict(v)) for s, v in d["history"]],
             gns_every=d.get("gns_every"),
+            counted=float(d.get("counted", 0.0)),
         )
 
 

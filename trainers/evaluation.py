@@ -7,20 +7,23 @@ evaluations, the run reached its target.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
-from batchscope.trainers.sharpness import top_hessian_eigenvalue
+from batchscope.trainers.batches import batch_size_of, eval_parts, task_loss
+from batchscope.trainers.data import EVAL_CHUNK, train_subset_batches, val_batches
+from batchscope.trainers.sharpness import top_hessian_eigenvalue_of
 from batchscope.trainers.spec import TrainSpec
-from batchscope.trainers.task import Task
+from batchscope.trainers.task import DataTask, Task
 
 AutocastFactory = Callable[[], AbstractContextManager[Any]]
 
 # Metrics where larger is better; a target on any other metric is reached from above.
-HIGHER_IS_BETTER = ("acc",)
+HIGHER_IS_BETTER = ("acc", "accuracy", "bleu", "f1", "auc")
 
 
 def target_reached(metric: str, value: float, target: float) -> bool:
@@ -52,36 +55,65 @@ def crossing(
 
 @torch.no_grad()
 def evaluate(
-    task: Task, x: torch.Tensor, y: torch.Tensor, autocast: AutocastFactory, chunk: int = 4096
+    task: Task, x: torch.Tensor, y: torch.Tensor, autocast: AutocastFactory, chunk: int = EVAL_CHUNK
 ) -> dict[str, float]:
-    """Mean loss (and accuracy) over (x, y) in eval mode. One host sync at the end."""
+    """Mean loss (and accuracy) over the tensors (x, y) of an in-memory task. One host sync at the end."""
+    return evaluate_batches(
+        task, lambda: ((x[lo : lo + chunk], y[lo : lo + chunk]) for lo in range(0, len(x), chunk)), autocast
+    )[0]
+
+
+@torch.no_grad()
+def evaluate_batches(
+    task: Task | DataTask, batches: Callable[[], Iterable[Any]], autocast: AutocastFactory
+) -> tuple[dict[str, float], int]:
+    """Mean loss (accuracy, the recipe's metrics) over the batches `batches()` gives, in eval mode;
+    and the number of examples. One host sync at the end (and what the recipe's metrics take)."""
     model = task.model
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device)
-    for lo in range(0, len(x), chunk):
-        xb, yb = x[lo : lo + chunk], y[lo : lo + chunk]
-        with autocast():
-            out = model(xb)
-        loss_sum += task.loss_fn(out.float(), yb) * len(xb)
-        if task.classification:
-            correct += (out.argmax(dim=-1) == yb).sum()
-    model.train(was_training)
-    # Accuracy is per target element: per example for classifiers, per token for sequence models.
-    per_target = max(1, y[:1].numel()) * len(x)
-    loss_t, correct_t = torch.stack([loss_sum, correct]).tolist()  # host sync: evaluation point
-    result = {"loss": loss_t / len(x)}
-    if task.classification:
-        result["acc"] = correct_t / per_target
+    try:
+        losses: list[torch.Tensor] = []
+        right: list[torch.Tensor] = []
+        n = targets = 0
+        for batch in batches():
+            k = batch_size_of(batch)
+            with autocast():
+                loss, correct, n_targets = eval_parts(task, model, batch)
+            losses.append(loss.float() * k)
+            if correct is not None:
+                right.append(correct.float())
+            n, targets = n + k, targets + n_targets
+        if n == 0:
+            raise ValueError("the evaluation set gave no batch; a task needs at least one validation example.")
+        sums = torch.stack([torch.stack(losses).sum(), *([torch.stack(right).sum()] if right else [])])
+        values = sums.tolist()  # host sync: evaluation point
+        result = {"loss": values[0] / n}
+        if right:
+            # Accuracy is per target element: per example for classifiers, per token for sequence models.
+            result["acc"] = values[1] / max(1, targets)
+        if isinstance(task, DataTask) and task.metrics is not None:
+            result.update({_bare(k): float(v) for k, v in task.metrics(model, batches()).items()})
+    finally:
+        model.train(was_training)
     if task.derived_metrics is not None:
         result.update(task.derived_metrics(result))
-    return result
+    return result, n
+
+
+def _bare(key: str) -> str:
+    # A recipe may name its metric `bleu` or `val/bleu`: the loop adds the `val/` (or `final/…_`) itself.
+    return key.removeprefix("val/")
+
+
+def validate(task: Task | DataTask, device: torch.device, autocast: AutocastFactory) -> tuple[dict[str, float], int]:
+    """The validation metrics (without the `val/` prefix) and the validation set's size."""
+    return evaluate_batches(task, lambda: val_batches(task, device), autocast)
 
 
 def final_metrics(
     spec: TrainSpec,
-    task: Task,
+    task: Task | DataTask,
     autocast: AutocastFactory,
     best: dict[str, float],
     device: torch.device,
@@ -92,33 +124,32 @@ def final_metrics(
     `val` is the validation result on the final weights where the loop has it already.
     """
     final: dict[str, float] = {}
-    n = min(len(task.val_x), task.num_train)
-    gen = torch.Generator(device="cpu").manual_seed(1234)
-    subset = torch.randperm(task.num_train, generator=gen)[:n].to(device)
-    tr = evaluate(task, task.train_x[subset], task.train_y[subset], autocast)
-    if val is None:
-        val = evaluate(task, task.val_x, task.val_y, autocast)
+    val_now, n_val = validate(task, device, autocast) if val is None else (val, _val_size(task, device))
+    val = val_now
+    num_train = task.num_train
+    n = n_val if num_train is None else min(n_val, num_train)
+    tr, _ = evaluate_batches(task, lambda: train_subset_batches(task, n, device), autocast)
     final["final/train_loss"] = tr["loss"]
     final["final/val_loss"] = val["loss"]
     final["final/gen_gap"] = val["loss"] - tr["loss"]
-    if task.classification:
+    if "acc" in val and "acc" in tr:
         final["final/train_acc"] = tr["acc"]
         final["final/val_acc"] = val["acc"]
         final["final/gen_gap_acc"] = tr["acc"] - val["acc"]
-    for key in val.keys() - {"loss", "acc"}:  # recipe-derived metrics, e.g. perplexity
+    for key in val.keys() - {"loss", "acc"}:  # recipe metrics, e.g. perplexity
         final[f"final/val_{key}"] = val[key]
-        final[f"final/train_{key}"] = tr[key]
+        if key in tr:
+            final[f"final/train_{key}"] = tr[key]
     if "val/acc" in best:
         final["final/best_val_acc"] = best["val/acc"]
     if "val/loss" in best:
         final["final/best_val_loss"] = best["val/loss"]
     if spec.sharpness:
-        m = min(512, n)
-        sharp = top_hessian_eigenvalue(
+        # Up to 512 examples of the same subset: its first evaluation batch, cut to 512.
+        batch = next(iter(train_subset_batches(task, min(512, n), device)))
+        sharp = top_hessian_eigenvalue_of(
             task.model,
-            task.loss_fn,
-            task.train_x[subset[:m]],
-            task.train_y[subset[:m]],
+            lambda m: task_loss(task, m, batch),
             max_iters=spec.sharpness_iters,
             tol=spec.sharpness_tol,
             seed=spec.seed,
@@ -126,3 +157,12 @@ def final_metrics(
         final["final/sharpness"] = sharp.value
         final["final/sharpness_iters"] = float(sharp.iterations)
     return final
+
+
+def _val_size(task: Task | DataTask, device: torch.device) -> int:
+    """The validation set's size without evaluating it (a stream's is counted by reading it)."""
+    if isinstance(task, Task):
+        return len(task.val_x)
+    if isinstance(task.val, Dataset):
+        return len(task.val)  # type: ignore[arg-type]
+    return sum(batch_size_of(b) for b in task.val())

@@ -18,22 +18,24 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from batchscope.trainers import distributed, evaluation
+from batchscope.trainers.batches import check_step_loss, slice_batch, task_loss
 from batchscope.trainers.checkpoint import Checkpointer, CheckpointPolicy, RunState
 from batchscope.trainers.checkpoint import load as checkpoint_load
-from batchscope.trainers.data import DeviceBatcher
+from batchscope.trainers.data import train_batches
 from batchscope.trainers.device import Clock, StepTimer, peak_memory_mb
 from batchscope.trainers.evaluation import HIGHER_IS_BETTER, crossing, target_reached
 from batchscope.trainers.noise_scale_in_loop import Cadence, NoiseScaleWindow, grad_sq_norm
 from batchscope.trainers.plan import RunPlan, plan_run
-from batchscope.trainers.recipes import build_task
+from batchscope.trainers.recipes import build_any_task
 from batchscope.trainers.schedule import lr_multiplier
 from batchscope.trainers.spec import NullSink, Sink, Status, TrainResult, TrainSpec
-from batchscope.trainers.task import Task
+from batchscope.trainers.task import DataTask, Task
 
 
 class Diverged(Exception):
@@ -80,7 +82,7 @@ def make_optimizer(spec: TrainSpec, model: nn.Module, lr: float) -> torch.optim.
 def train(
     spec: TrainSpec,
     sink: Sink | None = None,
-    task: Task | None = None,
+    task: Task | DataTask | None = None,
     *,
     should_stop: Callable[[], bool] | None = None,
     checkpoint: CheckpointPolicy | None = None,
@@ -147,11 +149,18 @@ class _Run:
     """One training run's objects and bookkeeping, built once; the loop in `train` drives it."""
 
     def __init__(
-        self, spec: TrainSpec, plan: RunPlan, sink: Sink, task: Task | None, checkpoint: CheckpointPolicy | None
+        self,
+        spec: TrainSpec,
+        plan: RunPlan,
+        sink: Sink,
+        task: Task | DataTask | None,
+        checkpoint: CheckpointPolicy | None,
     ) -> None:
         self.spec, self.plan, self.sink = spec, plan, sink
         self.device, self.resolved = plan.device, plan.resolved
-        self.task = task if task is not None else build_task(spec.recipe, spec.model, spec.recipe_options, plan.device)
+        self.task = (
+            task if task is not None else build_any_task(spec.recipe, spec.model, spec.recipe_options, plan.device)
+        )
         self._build_training(spec, plan)
         self.state = RunState()
         self.saver = Checkpointer(checkpoint) if checkpoint is not None and distributed.is_main() else None
@@ -184,11 +193,16 @@ class _Run:
         self.model: nn.Module = self.task.model
         if plan.world > 1:
             distributed.broadcast_module(self.model)  # every process starts from rank 0's weights
-        if self.task.tokens_per_example is not None:
+        if isinstance(self.task, Task) and self.task.tokens_per_example is not None:
             self.resolved["tokens_per_batch"] = spec.batch_size * self.task.tokens_per_example
+        # What a batch counts besides examples (tokens), summed on the device between evaluations.
+        self.count = self.task.count if isinstance(self.task, DataTask) else None
+        self.counted: torch.Tensor | float = 0.0
+        self._unit = self.task.count_unit if isinstance(self.task, DataTask) else "tokens"
         # BatchNorm statistics depend on the micro-batch: reports flag runs where it was not the batch.
         self.resolved["batchnorm"] = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
-        self.step_model = torch.compile(self.model) if spec.compile else self.model
+        # torch.compile of a Module is a Module (OptimizedModule), which a recipe's step(model, batch) receives.
+        self.step_model = cast(nn.Module, torch.compile(self.model)) if spec.compile else self.model
         self.optimizer = make_optimizer(spec, self.model, plan.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_multiplier(spec.schedule, spec.warmup_steps, spec.max_steps)
@@ -196,7 +210,7 @@ class _Run:
         # A constant lr without warmup needs no scheduler call per step.
         self.advance_lr = self.scheduler.step if spec.schedule != "constant" or spec.warmup_steps > 0 else _no_op
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.batcher = DeviceBatcher(self.task.num_train, spec.batch_size, plan.device, seed=spec.seed)
+        self.batches = train_batches(self.task, spec.batch_size, spec.seed, plan.shard, plan.device)
         gns_window = spec.gns_window or 4 * spec.eval_every
         self.noise = NoiseScaleWindow(gns_window, population=self.task.num_train)
         if plan.gns_on:
@@ -208,7 +222,7 @@ class _Run:
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
             "scaler": self.scaler,
-            "batcher": self.batcher,
+            "batcher": self.batches,
             "noise": self.noise,
         }
 
@@ -228,10 +242,7 @@ class _Run:
         Logged at step 0 (not an evaluation point: no pruning, no objective), so the stores
         hold every value the crossing was read from.
         """
-        start = {
-            f"val/{k}": v
-            for k, v in evaluation.evaluate(self.task, self.task.val_x, self.task.val_y, self.autocast).items()
-        }
+        start = {f"val/{k}": v for k, v in evaluation.validate(self.task, self.device, self.autocast)[0].items()}
         self.emit(0, start)
         value = start.get(target[0])
         if value is not None and target_reached(target[0], value, target[1]):
@@ -243,10 +254,9 @@ class _Run:
     def train_step(self, step: int) -> None:
         """One optimizer step on the next batch; the loss stays on the device. No host sync."""
         plan = self.plan
-        idx = self.batcher.next()
-        if plan.world > 1:
-            idx = idx[plan.shard]
-        xb, yb = self.task.train_x[idx], self.task.train_y[idx]
+        batch = self.batches.next()  # this process's share of the global batch, on the device
+        if self.count is not None:
+            self.counted = self.counted + self.count(batch)  # a device tensor stays there: no sync
         measure = probe = False
         if plan.gns_on:
             if self.gns_every is not None:
@@ -259,11 +269,12 @@ class _Run:
         if self.single_pass and not measure:
             # The common case, kept as lean as a hand-written step: one pass over the batch.
             with self.autocast():
-                loss = self.task.loss_fn(self.step_model(xb).float(), yb)
+                loss = task_loss(self.task, self.step_model, batch)
+            self.check_loss(loss)
             self.scaler.scale(loss).backward()
             step_loss, small_sq = loss.detach(), None
         else:
-            step_loss, small_sq = self._accumulate(xb, yb, plan.gns_plan if measure else plan.accum_plan, measure)
+            step_loss, small_sq = self._accumulate(batch, plan.gns_plan if measure else plan.accum_plan, measure)
         if plan.world > 1:
             self._average_gradients(small_sq)
         if measure and small_sq is not None:
@@ -278,7 +289,7 @@ class _Run:
             self._time_probe(step, measure)
 
     def _accumulate(
-        self, xb: torch.Tensor, yb: torch.Tensor, micro: list[tuple[int, int]], measure: bool
+        self, batch: Any, micro: list[tuple[int, int]], measure: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward/backward over the micro-batches; the step's loss and, when measuring, the
         small batch's squared gradient norm (device tensors)."""
@@ -287,8 +298,8 @@ class _Run:
         small_sq = None
         for j, (lo, hi) in enumerate(micro):
             with self.autocast():
-                out = self.step_model(xb[lo:hi])
-                loss = self.task.loss_fn(out.float(), yb[lo:hi])
+                loss = task_loss(self.task, self.step_model, slice_batch(batch, lo, hi))
+                self.check_loss(loss)
                 if hi - lo != local_B:
                     # Mean over the micro-batch, weighted so the sum is this process's batch mean.
                     loss = loss * ((hi - lo) / local_B)
@@ -298,6 +309,11 @@ class _Run:
                 # The gradient so far is the first `hi` examples' mean times hi/local_B.
                 small_sq = grad_sq_norm(self.params) * (local_B / hi) ** 2
         return (parts[0] if len(parts) == 1 else torch.stack(parts).sum()), small_sq
+
+    def check_loss(self, loss: torch.Tensor) -> None:
+        """Refuse a loss that is not the batch mean: the micro-batch weights and the noise scale assume it."""
+        if loss.ndim != 0:  # shape metadata: no host sync
+            check_step_loss(loss, self.spec.recipe)
 
     def _average_gradients(self, small_sq: torch.Tensor | None) -> None:
         """Data parallel: the global batch's mean gradient on every process, in place.
@@ -383,7 +399,7 @@ class _Run:
         now = self.clock.now()  # host sync on CUDA: the evaluation point
         state.train_time += now - self.t_mark
         self.time_since += now - self.t_mark
-        val = evaluation.evaluate(self.task, self.task.val_x, self.task.val_y, self.autocast)
+        val, _ = evaluation.validate(self.task, self.device, self.autocast)
         self.last_val = (step, val)
         state.evals = {f"val/{k}": v for k, v in val.items()}
         steps_in_window = step - state.last_eval_step
@@ -391,6 +407,12 @@ class _Run:
         measured["perf/samples_per_s"] = steps_in_window * spec.batch_size / max(self.time_since, 1e-9)
         measured["perf/step_time_ms"] = 1000.0 * self.time_since / max(steps_in_window, 1)
         measured["mem/peak_mb"] = peak_memory_mb(self.device)
+        if self.count is not None:
+            counted = float(self.counted) * self.plan.world  # host sync: evaluation point
+            # Data parallel, each process counts its own slice: the global count, for equal slices.
+            measured[f"perf/{self._unit}_per_s"] = counted / max(self.time_since, 1e-9)
+            state.counted += counted
+            self.counted = 0.0
         measured.update(self.noise.read(step))
         state.last_eval_step = step
         self.time_since = 0.0
@@ -441,6 +463,9 @@ class _Run:
             final["final/steps_to_target"] = float(state.target_step)
             final["final/samples_to_target"] = float(state.target_step * B)
             final["final/time_to_target_s"] = float(state.target_time_s or 0.0)
+            if self.count is not None and state.last_eval_step > 0:
+                # At the mean count per step so far (exact for fixed-size batches of tokens).
+                final[f"final/{self._unit}_to_target"] = state.target_step * state.counted / state.last_eval_step
             if state.target_bracket is not None:
                 final["final/steps_to_target_low"] = float(state.target_bracket[0])
                 final["final/steps_to_target_high"] = float(state.target_bracket[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,22 @@ def top_hessian_eigenvalue(
     tol: float = 1e-3,
     seed: int = 0,
 ) -> Sharpness:
-    """Largest-magnitude eigenvalue λ of ∇²L(θ) over the batch (x, y).
+    """Largest-magnitude eigenvalue λ of ∇²L(θ) over the batch (x, y), L = loss_fn(model(x), y).
+
+    See `top_hessian_eigenvalue_of`.
+    """
+    return top_hessian_eigenvalue_of(model, lambda m: loss_fn(m(x), y), max_iters=max_iters, tol=tol, seed=seed)
+
+
+def top_hessian_eigenvalue_of(
+    model: nn.Module,
+    loss_of: Callable[[nn.Module], torch.Tensor],
+    *,
+    max_iters: int = 20,
+    tol: float = 1e-3,
+    seed: int = 0,
+) -> Sharpness:
+    """Largest-magnitude eigenvalue λ of ∇²L(θ), L = loss_of(model) (any batch structure, any step).
 
     Stops when |λ_k − λ_{k−1}| ≤ tol·|λ_k| or after `max_iters` products. The model
     is evaluated in eval mode (BatchNorm uses its running statistics) and in fp32.
@@ -45,7 +61,7 @@ def top_hessian_eigenvalue(
     model.eval()
     try:
         with torch.enable_grad():
-            loss = loss_fn(model(x), y)
+            loss = loss_of(model)
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             # A gradient that does not depend on θ (parameter unused, or entering the loss
             # linearly) is a zero row, and by symmetry a zero column, of the Hessian: the

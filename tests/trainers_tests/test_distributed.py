@@ -45,6 +45,11 @@ def spec(**kw: Any) -> TrainSpec:
     return TrainSpec(**base)
 
 
+def data_spec(form: str) -> TrainSpec:
+    """A recipe whose data streams (tests/trainers_tests/data_recipes.py): a Dataset, or a factory of dict batches."""
+    return spec(recipe="tests.trainers_tests.data_recipes:build", model="mlp", recipe_options={"form": form}, gns=True)
+
+
 class StopAt(RecordingSink):
     """A sink that prunes the run at `step` (only rank 0 has it)."""
 
@@ -65,6 +70,8 @@ def _case(name: str, rank: int, out: Path) -> tuple[TrainResult | str, Recording
         return train(spec(gns=True), sink), sink
     if name == "accum":  # gradient accumulation inside each process (32 per process, micro-batches of 16)
         return train(spec(gns=True, micro_batch_size=16), sink), sink
+    if name in ("dataset", "stream"):  # each process loads its half of every global batch
+        return train(data_spec(name), sink), sink
     if name == "pruned":  # rank 0's sink stops the run; rank 1 has a sink that never would
         sink = StopAt(20) if rank == 0 else RecordingSink()
         return train(spec(max_steps=60), sink), sink
@@ -84,7 +91,7 @@ def _case(name: str, rank: int, out: Path) -> tuple[TrainResult | str, Recording
     raise AssertionError(name)
 
 
-CASES = ("plain", "gns", "accum", "pruned", "stopped", "checkpoint", "indivisible")
+CASES = ("plain", "gns", "accum", "dataset", "stream", "pruned", "stopped", "checkpoint", "indivisible")
 
 
 def _rank_main(rank: int, port: int, out_dir: str) -> None:
@@ -126,7 +133,13 @@ def record(out: Path, case: str, rank: int = 0) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("case", "single"),
-    [("plain", spec(gns=False)), ("gns", spec(gns=True)), ("accum", spec(gns=True, micro_batch_size=16))],
+    [
+        ("plain", spec(gns=False)),
+        ("gns", spec(gns=True)),
+        ("accum", spec(gns=True, micro_batch_size=16)),
+        ("dataset", data_spec("dataset")),
+        ("stream", data_spec("stream")),
+    ],
 )
 def test_two_processes_follow_the_single_process_loss_curve(ddp_out: Path, case: str, single: TrainSpec) -> None:
     # Same global batch of 64 in the same order: 2 x 32 with averaged gradients is one process with 64.

@@ -153,13 +153,14 @@ def test_final_validation_is_the_last_evaluation_not_a_second_one(
     import batchscope.trainers.evaluation as evaluation
 
     calls: list[int] = []
-    real = evaluation.evaluate
+    real = evaluation.evaluate_batches
 
-    def counting(task, x, y, autocast, chunk=4096):  # type: ignore[no-untyped-def]
-        calls.append(len(x))
-        return real(task, x, y, autocast, chunk)
+    def counting(task, batches, autocast):  # type: ignore[no-untyped-def]
+        result, n = real(task, batches, autocast)
+        calls.append(n)
+        return result, n
 
-    monkeypatch.setattr(evaluation, "evaluate", counting)
+    monkeypatch.setattr(evaluation, "evaluate_batches", counting)
 
     class Pruning(FlushRecordingSink):
         def evaluated(self, step: int, values) -> bool:  # type: ignore[no-untyped-def]

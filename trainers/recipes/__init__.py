@@ -25,7 +25,7 @@ from batchscope.trainers.recipes import options as builtin
 if TYPE_CHECKING:
     import torch
 
-    from batchscope.trainers.task import Task
+    from batchscope.trainers.task import DataTask, Task
 
 DEFAULT_METRICS = ("val/loss", "val/acc", "train/loss")
 
@@ -35,7 +35,7 @@ class Recipe:
     name: str
     models: tuple[str, ...]
     options: type[BaseModel]
-    build: Callable[[str, Any, torch.device], Task]
+    build: Callable[[str, Any, torch.device], Task | DataTask]
     # Metrics a target may name, besides the loss ones every recipe has.
     metrics: tuple[str, ...] = DEFAULT_METRICS
     # The training-set size from validated options, without building the model (for epoch
@@ -143,20 +143,83 @@ def _import_recipe(path: str) -> Recipe:
     except ValueError:
         pass  # no signature to inspect (some builtins): find out when it is called
 
-    def build(model: str, options: UserOptions, device: torch.device) -> Task:
+    def build(model: str, options: UserOptions, device: torch.device) -> Task | DataTask:
         return obj(model, dict(options.model_extra or {}), device)
 
     return Recipe(path, AnyModel(), UserOptions, build)
 
 
-def build_task(name: str, model: str, options: Mapping[str, Any], device: torch.device) -> Task:
-    """Validate the options, build the recipe's task on `device`, and check what came back."""
+def build_any_task(name: str, model: str, options: Mapping[str, Any], device: torch.device) -> Task | DataTask:
+    """Validate the options, build the recipe's task on `device` (either form), and check what came back."""
+    from batchscope.trainers.task import DataTask
+
     recipe = get_recipe(name)
     if model not in recipe.models:
         raise ValueError(f"recipe {name!r} has no model {model!r}; choose one of {', '.join(recipe.models)}.")
     task = recipe.build(model, recipe.options.model_validate(dict(options)), device)
-    check_task(task, device, name)
+    if isinstance(task, DataTask):
+        check_data_task(task, device, name)
+    else:
+        check_task(task, device, name)
     return task
+
+
+def build_task(name: str, model: str, options: Mapping[str, Any], device: torch.device) -> Task:
+    """As `build_any_task`, for the tools that need the data as tensors on the device (the
+    `noise` command, AutoBatch's memory probes, inference throughput): a `DataTask` is refused."""
+    from batchscope.trainers.task import DataTask
+
+    task = build_any_task(name, model, options, device)
+    if isinstance(task, DataTask):
+        raise ValueError(
+            f"recipe {name!r} gives its data as a DataTask (a Dataset or a stream); this command needs it "
+            "in memory as a Task (train_x, train_y, ...): use it with `batchscope sweep`/`train` only."
+        )
+    return task
+
+
+def check_data_task(task: DataTask, device: torch.device, name: str) -> None:
+    """Refuse a DataTask the loop cannot train, saying which field is wrong.
+
+    Runs the loss once on the first two validation examples in eval mode, before any timing:
+    the loss must be the batch mean (a 0-dim tensor), the batch's tensors one row per example.
+    """
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from batchscope.trainers.batches import batch_size_of, check_step_loss, slice_batch, task_loss
+    from batchscope.trainers.data import val_batches
+
+    if not isinstance(task.model, nn.Module):
+        raise ValueError(f"recipe {name!r}: Task.model must be a torch.nn.Module, got {type(task.model).__name__}.")
+    for key in ("train", "val"):
+        value = getattr(task, key)
+        if not (isinstance(value, Dataset) or callable(value)):
+            raise ValueError(
+                f"recipe {name!r}: DataTask.{key} must be a torch Dataset or a function giving batches, "
+                f"got {type(value).__name__}."
+            )
+    param = next(iter(task.model.parameters()), None)
+    if param is not None and not _on(param.device, device):
+        raise ValueError(f"recipe {name!r}: the model is on {param.device}, not on the training device {device}.")
+    first = next(iter(val_batches(task, device)), None)
+    if first is None:
+        raise ValueError(f"recipe {name!r}: the validation data gave no batch; it needs at least one example.")
+    try:
+        two = slice_batch(first, 0, min(2, batch_size_of(first)))
+    except ValueError as exc:
+        raise ValueError(f"recipe {name!r}: validation {exc}") from None
+    was_training = task.model.training
+    task.model.eval()
+    try:
+        with torch.no_grad():
+            loss = task_loss(task, task.model, two)
+    except ValueError as exc:  # no loss_fn for (x, y) batches, a dict batch's model without a loss, ...
+        raise ValueError(f"recipe {name!r}: {exc}") from None
+    finally:
+        task.model.train(was_training)
+    check_step_loss(loss, name)
 
 
 def check_task(task: object, device: torch.device, name: str) -> None:
@@ -218,4 +281,14 @@ def _on(actual: torch.device, wanted: torch.device) -> bool:
     return wanted.index is None or actual.index is None or actual.index == wanted.index
 
 
-__all__ = ["RECIPES", "AnyModel", "Recipe", "UserOptions", "build_task", "check_task", "get_recipe"]
+__all__ = [
+    "RECIPES",
+    "AnyModel",
+    "Recipe",
+    "UserOptions",
+    "build_any_task",
+    "build_task",
+    "check_data_task",
+    "check_task",
+    "get_recipe",
+]
