@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import pandas as pd
 
-from batchscope.analysis import tables
+from batchscope.analysis import report_cache, tables
 from batchscope.analysis.analyze import SweepAnalysis, analyze
 from batchscope.analysis.charts import CHARTS, Chart, render_charts, render_comparison
 from batchscope.analysis.findings import Findings, findings, per_batch_note, per_batch_table
@@ -169,6 +169,13 @@ def render_report(
         raise ValueError("sweeps must hold at least one loaded study.")
     if not re.match(r"^https?://", tracking_ui):
         raise ValueError(f"tracking_ui must be an http(s) URL, but got {tracking_ui=}.")
+    names = [s.study_name for s in sweeps]
+    folder_name = names[0] if len(names) == 1 else "compare-" + "-vs-".join(names)
+    folder = child_dir(out_dir, folder_name)
+    options = {"studies": names, "tracking_ui": tracking_ui, "format": image_format, "images": write_images}
+    key = report_cache.report_key(sweeps, options)
+    if report_cache.is_current(folder, key):
+        return folder / REPORT_FILE  # rendered from these very inputs already (see report_cache)
     colors = BatchColors(b for s in sweeps for b in s.trials["batch_size"].dropna())
     reports = []
     for sweep in sweeps:
@@ -179,15 +186,14 @@ def render_report(
     if len(reports) > 1:
         comparison = render_comparison([(r.sweep.study_name, r.analysis) for r in reports], image_format=image_format)
 
-    names = [s.study_name for s in sweeps]
-    folder_name = names[0] if len(names) == 1 else "compare-" + "-vs-".join(names)
-    folder = child_dir(out_dir, folder_name)
     folder.mkdir(parents=True, exist_ok=True)
+    report_cache.forget(folder)
     page = _html(reports, comparison, tracking_ui.rstrip("/"))
     (folder / REPORT_FILE).write_text(page, encoding="utf-8")
     (folder / SUMMARY_FILE).write_text(_markdown(reports), encoding="utf-8")
     if write_images:
         _write_images(folder, reports, comparison)
+    report_cache.record(folder, key)
     return folder / REPORT_FILE
 
 
