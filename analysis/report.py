@@ -18,14 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import pandas as pd
 
 from batchscope.analysis import report_cache, tables
-from batchscope.analysis.analyze import SweepAnalysis, analyze
-from batchscope.analysis.charts import CHARTS, Chart, render_charts, render_comparison
-from batchscope.analysis.findings import Findings, findings, per_batch_note, per_batch_table
 from batchscope.analysis.load import ReadMethod, SweepData, load_sweep
 from batchscope.analysis.paths import child_dir, safe_name
 from batchscope.analysis.readonly_stores import (
@@ -34,8 +32,15 @@ from batchscope.analysis.readonly_stores import (
     local_stores,
     redact_url,
 )
-from batchscope.analysis.style import BatchColors, ImageFormat
 from batchscope.analysis.text import interval, number
+
+if TYPE_CHECKING:
+    # Rendering (analysis, matplotlib, scipy through optuna.importance) is imported where it
+    # is used: a report whose inputs are unchanged (report_cache) never needs it.
+    from batchscope.analysis.analyze import SweepAnalysis
+    from batchscope.analysis.charts import Chart
+    from batchscope.analysis.findings import Findings
+    from batchscope.analysis.style import ImageFormat
 
 REPORT_FILE = "index.html"
 SUMMARY_FILE = "summary.md"
@@ -176,6 +181,11 @@ def render_report(
     key = report_cache.report_key(sweeps, options)
     if report_cache.is_current(folder, key):
         return folder / REPORT_FILE  # rendered from these very inputs already (see report_cache)
+    from batchscope.analysis.analyze import analyze
+    from batchscope.analysis.charts import render_charts, render_comparison
+    from batchscope.analysis.findings import findings
+    from batchscope.analysis.style import BatchColors
+
     colors = BatchColors(b for s in sweeps for b in s.trials["batch_size"].dropna())
     reports = []
     for sweep in sweeps:
@@ -331,6 +341,8 @@ def _study_section(report: StudyReport, index: int, tracking_ui: str, *, heading
     parts.append("<h3>Findings</h3><ul class='findings'>")
     parts += [f"<li>{_e(sentence)}</li>" for sentence in report.findings.sentences]
     parts.append("</ul>")
+    from batchscope.analysis.findings import per_batch_note, per_batch_table
+
     per_batch = per_batch_table(report.analysis)
     if not per_batch.empty:
         note = f"<p class='meta'>{html.escape(per_batch_note(report.analysis))}</p>"
@@ -397,6 +409,8 @@ def _md_table(frame: pd.DataFrame) -> str:
 
 
 def _markdown(reports: list[StudyReport]) -> str:
+    from batchscope.analysis.findings import per_batch_note, per_batch_table
+
     names = [r.sweep.study_name for r in reports]
     lines = [f"# Batch-size report: {' vs '.join(_md(n) for n in names)}", ""]
     if len(reports) > 1:
@@ -415,6 +429,8 @@ def _markdown(reports: list[StudyReport]) -> str:
 
 def _md_progress(result: SweepAnalysis) -> list[str]:
     """The B_crit-against-compute chart's numbers, or why there are none."""
+    from batchscope.analysis.charts import CHARTS
+
     progress = result.b_crit_progress
     if progress.empty:
         return ["Not fitted. " + _md(result.b_crit_progress_note)]
