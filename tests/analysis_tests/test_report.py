@@ -5,18 +5,15 @@ from __future__ import annotations
 import base64
 import html
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from batchscope.analysis import charts
 from batchscope.analysis.analyze import analyze
 from batchscope.analysis.charts import CHARTS as ALL_CHARTS
 from batchscope.analysis.load import load_sweep
 from batchscope.analysis.report import build_report, log_report_artifacts, render_report
-from batchscope.analysis.style import BatchColors
 from tests.analysis_tests.conftest import SCRIPT_NAME, TRAVERSAL_NAME, Stores, make_optuna_only_study
 
 # Charts of optional data (inference throughput) appear only when that data exists.
@@ -230,34 +227,3 @@ def test_inference_chart_appears_with_a_throughput_run(tmp_path: Path) -> None:
     page = render_report([data], out_dir=tmp_path / "r", strict=True).read_text()
     assert "Inference throughput" in page
     assert len(IMG.findall(page)) == len(CHARTS) + 1
-
-
-@pytest.mark.parametrize("forked", [True, False], ids=["forked-workers", "in-process"])
-def test_a_chart_that_raises_is_a_panel_and_a_warning_or_raises_when_strict(
-    stores: Stores, monkeypatch: pytest.MonkeyPatch, forked: bool
-):
-    def broken(*_args: object) -> None:
-        raise ValueError("boom")
-
-    cheap = next(c for c in ALL_CHARTS if c.name == "b-crit-progress")
-    monkeypatch.setattr(charts, "CHARTS", (replace(cheap, name="broken", draw=broken), cheap))
-    used_workers = []
-    in_workers = charts._draw_in_workers
-
-    def spy(job: object) -> object:
-        drawn = in_workers(job) if forked else None  # type: ignore[arg-type]
-        used_workers.append(drawn is not None)
-        return drawn
-
-    monkeypatch.setattr(charts, "_draw_in_workers", spy)
-    sweep = _load(stores, "single")
-    result, colors = analyze(sweep), BatchColors(sweep.trials["batch_size"].dropna())
-
-    with pytest.warns(UserWarning, match=r"chart 'broken' failed: ValueError\('boom'\)"):
-        drawn = charts.render_charts(sweep, result, colors)
-    if used_workers != [forked]:
-        pytest.skip("no spare core here, or another thread running: the charts were drawn in-process")
-    assert [c.name for c in drawn] == ["broken", "b-crit-progress"]
-    assert all(c.image.startswith(PNG_MAGIC) for c in drawn)
-    with pytest.raises(ValueError, match="boom"):
-        charts.render_charts(sweep, result, colors, strict=True)
