@@ -6,16 +6,11 @@ instead of failing."""
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import threading
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
 from batchscope.analysis import style
 from batchscope.analysis.analyze import SweepAnalysis
@@ -50,10 +45,6 @@ class _Spec:
     when: Callable[[SweepData], bool] | None = None
     # The batch-size colour legend in the header; off for a chart that does not colour by batch size.
     batch_legend: bool = True
-
-
-# Processes drawing charts side by side (at most one per core): 8 charts, the largest ~2x the rest.
-MAX_WORKERS = 4
 
 
 # --- registry ----------------------------------------------------------------------------------
@@ -156,77 +147,24 @@ def render_charts(
 ) -> list[Chart]:
     """Every chart of one study. With strict=False a chart that raises becomes a panel saying
     so (one bad chart should not cost the whole report); tests use strict=True."""
+    charts = []
     # Charts colour by batch size; one legend per figure, in its header.
     legend = colors.legend_handles(sweep.trials["batch_size"].dropna())
-    specs = [spec for spec in CHARTS if spec.when is None or spec.when(sweep)]
-    job = _Job(specs, sweep, result, colors, legend, image_format)
-    drawn = _draw_in_workers(job) or [_draw(job, i) for i in range(len(specs))]
-    charts = []
-    for i, (spec, (image, error)) in enumerate(zip(specs, drawn, strict=True)):
-        if error is not None:
-            if strict:
-                _draw(job, i, strict=True)  # raise it here, with its own traceback
-            warnings.warn(f"chart {spec.name!r} failed: {error}", stacklevel=2)
+    for spec in CHARTS:
+        if spec.when is not None and not spec.when(sweep):
+            continue
+        with style.rc_context():  # the report's look, for drawing and saving alike
+            try:
+                fig = spec.draw(sweep, result, colors)
+            except Exception as error:
+                if strict:
+                    raise
+                warnings.warn(f"chart {spec.name!r} failed: {error!r}", stacklevel=2)
+                fig = _error_figure(spec.title, error)
+            handles = legend if spec.batch_legend else None
+            image = style.to_bytes(fig, image_format, title=spec.title, legend_handles=handles)
         charts.append(Chart(spec.name, spec.title, spec.caption, image, image_format))
     return charts
-
-
-@dataclass(frozen=True)
-class _Job:
-    specs: list[_Spec]
-    sweep: SweepData
-    result: SweepAnalysis
-    colors: BatchColors
-    legend: list[Line2D]
-    image_format: ImageFormat
-
-
-def _draw(job: _Job, index: int, *, strict: bool = False) -> tuple[bytes, str | None]:
-    """One chart's image, and the repr of the error it raised (its image then says so)."""
-    spec = job.specs[index]
-    error = None
-    with style.rc_context():  # the report's look, for drawing and saving alike
-        try:
-            fig = spec.draw(job.sweep, job.result, job.colors)
-        except Exception as exc:
-            if strict:
-                raise
-            error = repr(exc)
-            fig = _error_figure(spec.title, exc)
-        handles = job.legend if spec.batch_legend else None
-        return style.to_bytes(fig, job.image_format, title=spec.title, legend_handles=handles), error
-
-
-# The job forked workers draw from: inherited with the process, never pickled (the history of
-# a large sweep is hundreds of MB). Set only while a pool is running.
-_forked_job: _Job | None = None
-
-
-def _draw_forked(index: int) -> tuple[bytes, str | None]:
-    assert _forked_job is not None, "only called in a worker forked by _draw_in_workers"
-    return _draw(_forked_job, index)
-
-
-def _draw_in_workers(job: _Job) -> list[tuple[bytes, str | None]] | None:
-    """The charts drawn side by side in forked processes, one per spare core; None where that
-    is not possible or would not help (then they are drawn here, one after the other).
-
-    Drawing (matplotlib's layout, rasterising, PNG encoding) is most of a report's time and
-    each chart is independent of the others. Forking is only safe with no other thread
-    running: a lock held by another thread at the fork stays held forever in the child.
-    """
-    global _forked_job
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(cores, len(job.specs), MAX_WORKERS)
-    if workers < 2 or threading.active_count() > 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return None
-    _forked_job = job
-    try:
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            return list(pool.map(_draw_forked, range(len(job.specs))))
-    finally:
-        _forked_job = None
 
 
 def render_comparison(studies: Sequence[tuple[str, SweepAnalysis]], *, image_format: ImageFormat = "png") -> Chart:
