@@ -79,6 +79,7 @@ def _update_sweep(digest: hashlib._Hash, sweep: SweepData) -> None:
         sweep.experiment_id,
         sweep.parent_run_id,
         sorted(sweep.sweep_params.items()),
+        sorted(sweep.study.user_attrs.items()),
     ]
     digest.update(repr(scalars).encode())
     for frame in (sweep.trials, sweep.history, sweep.throughput):
