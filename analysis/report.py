@@ -216,9 +216,8 @@ def log_report_artifacts(
 ) -> list[str]:
     """Log index.html and summary.md (from `report`, the path build_report returned, or its
     folder) as artifacts of each study's sweep parent run; returns the parent run ids.
-    `tracking_uri` left out is the local store's (see `load_sweep`)."""
-    from mlflow import MlflowClient
-
+    `tracking_uri` left out is the local store's (see `load_sweep`). A report logged there
+    already and not rendered since is not logged again."""
     if tracking_uri is None:
         tracking_uri = local_stores()[1]
 
@@ -227,6 +226,12 @@ def log_report_artifacts(
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"Report files not found: {missing}")
+    target: dict[str, object] = {"tracking_uri": tracking_uri, "studies": list(studies), "path": artifact_path}
+    logged = report_cache.logged_run_ids(folder, target)
+    if logged is not None:
+        return logged  # these very files are there already (an unchanged report: report_cache)
+    from mlflow import MlflowClient
+
     client = MlflowClient(tracking_uri)
     run_ids = []
     for study in studies:
@@ -234,6 +239,7 @@ def log_report_artifacts(
         for file in files:
             client.log_artifact(run_id, str(file), artifact_path=artifact_path)
         run_ids.append(run_id)
+    report_cache.record_logged(folder, target, run_ids)
     return run_ids
 
 

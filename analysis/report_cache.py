@@ -42,11 +42,8 @@ def report_key(sweeps: Sequence[SweepData], options: dict[str, object]) -> str:
 
 def is_current(folder: Path, key: str) -> bool:
     """Whether `folder` holds a complete report written from inputs with this key."""
-    try:
-        record = json.loads((folder / KEY_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(record, dict) or record.get("key") != key:
+    record = _read(folder)
+    if record.get("key") != key:
         return False
     files = record.get("files")
     return isinstance(files, list) and all((folder / str(name)).is_file() for name in files)
@@ -56,6 +53,34 @@ def record(folder: Path, key: str) -> None:
     """Mark `folder`'s report as rendered from `key`: called once every file is written."""
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != KEY_FILE)
     (folder / KEY_FILE).write_text(json.dumps({"key": key, "files": files}, indent=1), encoding="utf-8")
+
+
+def logged_run_ids(folder: Path, target: dict[str, object]) -> list[str] | None:
+    """The run ids this very report was logged to at `target` (tracking URI, studies, artifact
+    path), or None if it was not: then it is logged. A report rendered anew has no record yet
+    (`forget` drops it), so its files are always logged again."""
+    entry = _read(folder).get("logged")
+    if not isinstance(entry, dict) or entry.get("target") != target:
+        return None
+    run_ids = entry.get("run_ids")
+    return [str(r) for r in run_ids] if isinstance(run_ids, list) else None
+
+
+def record_logged(folder: Path, target: dict[str, object], run_ids: list[str]) -> None:
+    """Note that the report was logged to `run_ids`: logging the same files again is skipped
+    (it costs a tracking client, about 1 s of MLflow imports and connection)."""
+    current = _read(folder)
+    if "key" in current:  # only a report with a record can be said to be unchanged later
+        current["logged"] = {"target": target, "run_ids": run_ids}
+        (folder / KEY_FILE).write_text(json.dumps(current, indent=1), encoding="utf-8")
+
+
+def _read(folder: Path) -> dict[str, object]:
+    try:
+        content = json.loads((folder / KEY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return content if isinstance(content, dict) else {}
 
 
 def forget(folder: Path) -> None:

@@ -9,7 +9,7 @@ import optuna
 from mlflow import MlflowClient
 
 from batchscope.analysis.load import SweepData, load_sweep
-from batchscope.analysis.report import DEFAULT_TRACKING_UI, render_report
+from batchscope.analysis.report import DEFAULT_TRACKING_UI, log_report_artifacts, render_report
 from batchscope.analysis.report_cache import KEY_FILE, report_key
 from tests.analysis_tests.conftest import SweepSpec, make_synthetic_sweep, open_journal
 
@@ -39,9 +39,18 @@ def test_unchanged_stores_reuse_the_report_and_a_resumed_sweep_renders_anew(tmp_
     assert KEY_FILE in before and "summary.md" in before
     assert "This sweep has 4 trials" in (first.parent / "summary.md").read_text()
 
-    # Same stores: nothing is rendered or written again.
+    run_ids = log_report_artifacts(first, [SPEC.study_name], tracking_uri=synthetic.tracking_uri)
+    # The local store's copy of the logged file: its ctime changes whenever it is written
+    # (MLflow copies with copy2, which keeps the mtime).
+    logged = next(root.rglob("report/summary.md"))
+    logged_at = logged.stat().st_ctime_ns
+    before = _written(first)
+
+    # Same stores: nothing is rendered, written or logged again.
     assert _report(root, out) == first
     assert _written(first) == before
+    assert log_report_artifacts(first, [SPEC.study_name], tracking_uri=synthetic.tracking_uri) == run_ids
+    assert logged.stat().st_ctime_ns == logged_at
 
     # Unless a file of it is missing.
     chart = next((first.parent / "charts").iterdir())
@@ -58,6 +67,8 @@ def test_unchanged_stores_reuse_the_report_and_a_resumed_sweep_renders_anew(tmp_
     assert "This sweep has 5 trials" in (resumed.parent / "summary.md").read_text()
     after_trial = _written(resumed)
     assert after_trial["index.html"] != before["index.html"]
+    assert log_report_artifacts(resumed, [SPEC.study_name], tracking_uri=synthetic.tracking_uri) == run_ids
+    assert "This sweep has 5 trials" in logged.read_text()
 
     # A running trial logs one more value: the key changes too (it reads every history row).
     recorded = json.loads((resumed.parent / KEY_FILE).read_text())["key"]
