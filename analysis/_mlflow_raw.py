@@ -99,6 +99,16 @@ def _fetch_columns(cursor: Any, query: str, n_columns: int) -> list[np.ndarray]:
     return [np.asarray(column, dtype=object) for column in zip(*rows, strict=True)]
 
 
+def _categorical(values: np.ndarray) -> pd.Categorical:
+    """pd.Categorical(values) for an object array of a few distinct strings repeated a million
+    times, built from its codes: the same categories and codes, ~5x faster (pandas would first
+    convert every value to its string dtype; here only the distinct ones are)."""
+    if values.size == 0:
+        return pd.Categorical(values)
+    codes, uniques = pd.factorize(values, sort=True)
+    return pd.Categorical.from_codes(codes, categories=pd.Index(uniques))
+
+
 def read_sql(tracking_uri: str, experiment_name: str) -> RawExperiment:
     """Read one experiment from an MLflow SQL store in six queries, whatever its size."""
     import sqlalchemy as sa
@@ -130,8 +140,8 @@ def read_sql(tracking_uri: str, experiment_name: str) -> RawExperiment:
     with _no_gc():
         metric_frame = pd.DataFrame(
             {
-                "run_id": pd.Categorical(metrics[0]),
-                "key": pd.Categorical(metrics[1]),
+                "run_id": _categorical(metrics[0]),
+                "key": _categorical(metrics[1]),
                 "step": metrics[2].astype(np.int64),
                 "value": _restore_special_floats(metrics[3], metrics[5]),
                 "timestamp": metrics[4].astype(np.int64),

@@ -18,14 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import pandas as pd
 
-from batchscope.analysis import tables
-from batchscope.analysis.analyze import SweepAnalysis, analyze
-from batchscope.analysis.charts import CHARTS, Chart, render_charts, render_comparison
-from batchscope.analysis.findings import Findings, findings, per_batch_note, per_batch_table
+from batchscope.analysis import report_cache, tables
 from batchscope.analysis.load import ReadMethod, SweepData, load_sweep
 from batchscope.analysis.paths import child_dir, safe_name
 from batchscope.analysis.readonly_stores import (
@@ -34,9 +32,16 @@ from batchscope.analysis.readonly_stores import (
     local_stores,
     redact_url,
 )
-from batchscope.analysis.style import BatchColors, ImageFormat
 from batchscope.analysis.text import interval, number
 from batchscope.contract import ROLE, SWEEP_ROLE, sweep_run
+
+if TYPE_CHECKING:
+    # Rendering (analysis, matplotlib, scipy through optuna.importance) is imported where it
+    # is used: a report whose inputs are unchanged (report_cache) never needs it.
+    from batchscope.analysis.analyze import SweepAnalysis
+    from batchscope.analysis.charts import Chart
+    from batchscope.analysis.findings import Findings
+    from batchscope.analysis.style import ImageFormat
 
 REPORT_FILE = "index.html"
 SUMMARY_FILE = "summary.md"
@@ -170,6 +175,18 @@ def render_report(
         raise ValueError("sweeps must hold at least one loaded study.")
     if not re.match(r"^https?://", tracking_ui):
         raise ValueError(f"tracking_ui must be an http(s) URL, but got {tracking_ui=}.")
+    names = [s.study_name for s in sweeps]
+    folder_name = names[0] if len(names) == 1 else "compare-" + "-vs-".join(names)
+    folder = child_dir(out_dir, folder_name)
+    options = {"studies": names, "tracking_ui": tracking_ui, "format": image_format, "images": write_images}
+    key = report_cache.report_key(sweeps, options)
+    if report_cache.is_current(folder, key):
+        return folder / REPORT_FILE  # rendered from these very inputs already (see report_cache)
+    from batchscope.analysis.analyze import analyze
+    from batchscope.analysis.charts import render_charts, render_comparison
+    from batchscope.analysis.findings import findings
+    from batchscope.analysis.style import BatchColors
+
     colors = BatchColors(b for s in sweeps for b in s.trials["batch_size"].dropna())
     reports = []
     for sweep in sweeps:
@@ -180,15 +197,14 @@ def render_report(
     if len(reports) > 1:
         comparison = render_comparison([(r.sweep.study_name, r.analysis) for r in reports], image_format=image_format)
 
-    names = [s.study_name for s in sweeps]
-    folder_name = names[0] if len(names) == 1 else "compare-" + "-vs-".join(names)
-    folder = child_dir(out_dir, folder_name)
     folder.mkdir(parents=True, exist_ok=True)
+    report_cache.forget(folder)
     page = _html(reports, comparison, tracking_ui.rstrip("/"))
     (folder / REPORT_FILE).write_text(page, encoding="utf-8")
     (folder / SUMMARY_FILE).write_text(_markdown(reports), encoding="utf-8")
     if write_images:
         _write_images(folder, reports, comparison)
+    report_cache.record(folder, key)
     return folder / REPORT_FILE
 
 
@@ -201,9 +217,8 @@ def log_report_artifacts(
 ) -> list[str]:
     """Log index.html and summary.md (from `report`, the path build_report returned, or its
     folder) as artifacts of each study's sweep parent run; returns the parent run ids.
-    `tracking_uri` left out is the local store's (see `load_sweep`)."""
-    from mlflow import MlflowClient
-
+    `tracking_uri` left out is the local store's (see `load_sweep`). A report logged there
+    already and not rendered since is not logged again."""
     if tracking_uri is None:
         tracking_uri = local_stores()[1]
 
@@ -212,6 +227,12 @@ def log_report_artifacts(
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"Report files not found: {missing}")
+    target: dict[str, object] = {"tracking_uri": tracking_uri, "studies": list(studies), "path": artifact_path}
+    logged = report_cache.logged_run_ids(folder, target)
+    if logged is not None:
+        return logged  # these very files are there already (an unchanged report: report_cache)
+    from mlflow import MlflowClient
+
     client = MlflowClient(tracking_uri)
     run_ids = []
     for study in studies:
@@ -219,6 +240,7 @@ def log_report_artifacts(
         for file in files:
             client.log_artifact(run_id, str(file), artifact_path=artifact_path)
         run_ids.append(run_id)
+    report_cache.record_logged(folder, target, run_ids)
     return run_ids
 
 
@@ -321,6 +343,8 @@ def _study_section(report: StudyReport, index: int, tracking_ui: str, *, heading
     parts.append("<h3>Findings</h3><ul class='findings'>")
     parts += [f"<li>{_e(sentence)}</li>" for sentence in report.findings.sentences]
     parts.append("</ul>")
+    from batchscope.analysis.findings import per_batch_note, per_batch_table
+
     per_batch = per_batch_table(report.analysis)
     if not per_batch.empty:
         note = f"<p class='meta'>{html.escape(per_batch_note(report.analysis))}</p>"
@@ -387,6 +411,8 @@ def _md_table(frame: pd.DataFrame) -> str:
 
 
 def _markdown(reports: list[StudyReport]) -> str:
+    from batchscope.analysis.findings import per_batch_note, per_batch_table
+
     names = [r.sweep.study_name for r in reports]
     lines = [f"# Batch-size report: {' vs '.join(_md(n) for n in names)}", ""]
     if len(reports) > 1:
@@ -405,6 +431,8 @@ def _markdown(reports: list[StudyReport]) -> str:
 
 def _md_progress(result: SweepAnalysis) -> list[str]:
     """The B_crit-against-compute chart's numbers, or why there are none."""
+    from batchscope.analysis.charts import CHARTS
+
     progress = result.b_crit_progress
     if progress.empty:
         return ["Not fitted. " + _md(result.b_crit_progress_note)]
