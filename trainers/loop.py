@@ -359,9 +359,13 @@ class _Run:
             pending = torch.cat([pending, torch.stack(gns_pending)])
         values = pending.tolist()  # host sync: logging point
         values, gns_values = values[: self.n_buffered], values[self.n_buffered :]
-        self._check_divergence(values)
-        self.emit_losses(self.first_buffered, values)
-        self.emit(upto, {"lr": float(self.scheduler.get_last_lr()[0])})
+        self._check_divergence(values)  # on every step's loss, whatever reaches the sink
+        lr = {"lr": float(self.scheduler.get_last_lr()[0])}
+        if self.spec.log_every_step:
+            self.emit_losses(self.first_buffered, values)
+            self.emit(upto, lr)
+        else:
+            self.emit(upto, window_row(values) | lr)
         for measured_step, grad_sq, trace in self.noise.receive(gns_values):
             self.emit(measured_step, {"gns/grad_sq": grad_sq, "gns/trace_sigma": trace})
         self.n_buffered, self.first_buffered = 0, upto + 1
@@ -472,6 +476,11 @@ class _Run:
         elif target is not None and not reason:
             reason = f"target {target[0]}={target[1]} not reached in {state.step} steps"
         return TrainResult(status, reason, steps=state.step, final=final, best=state.best, resolved=self.resolved)
+
+
+def window_row(losses: list[float]) -> dict[str, float]:
+    """A logging window's per-step losses as one row (logged at its last step): mean, min, max."""
+    return {"train/loss": math.fsum(losses) / len(losses), "train/loss_min": min(losses), "train/loss_max": max(losses)}
 
 
 def _no_op() -> None:
