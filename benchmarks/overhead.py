@@ -109,6 +109,8 @@ def _writer_host(conn: Any, tracking_uri: str) -> None:
         if msg[0] == "metrics":
             writer.submit(msg[1], msg[2])
             rows += len(msg[2])
+        elif msg[0] == "params":  # what the loop resolved, logged before its first step (as a sweep does)
+            writer.params(msg[1], msg[2])
         elif msg[0] == "drain":
             writer.drain(msg[1])
             cpu = time.process_time()
