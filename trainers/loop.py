@@ -182,7 +182,7 @@ class _Run:
         # Per-step losses stay on the device until a logging point; one stack + one copy per flush.
         self.step_losses: list[torch.Tensor] = []
         self.n_buffered, self.first_buffered = 0, self.state.step + 1
-        self.time_since = 0.0
+        self.time_since, self.last_lr = 0.0, math.nan  # last_lr: the lr last logged
         self.last_val: tuple[int, dict[str, float]] | None = None  # (step, result) of the latest evaluation
         self.model.train()
         self.clock = Clock(plan.device)
@@ -360,12 +360,16 @@ class _Run:
         values = pending.tolist()  # host sync: logging point
         values, gns_values = values[: self.n_buffered], values[self.n_buffered :]
         self._check_divergence(values)  # on every step's loss, whatever reaches the sink
-        lr = {"lr": float(self.scheduler.get_last_lr()[0])}
-        if self.spec.log_every_step:
+        # The lr where it changed and at evaluations: a constant lr need not cost a row per window.
+        lr, spec = float(self.scheduler.get_last_lr()[0]), self.spec
+        row = {"lr": lr} if lr != self.last_lr or upto % spec.eval_every == 0 or upto == spec.max_steps else {}
+        self.last_lr = lr
+        if spec.log_every_step:
             self.emit_losses(self.first_buffered, values)
-            self.emit(upto, lr)
+            if row:
+                self.emit(upto, row)
         else:
-            self.emit(upto, window_row(values) | lr)
+            self.emit(upto, window_row(values) | row)
         for measured_step, grad_sq, trace in self.noise.receive(gns_values):
             self.emit(measured_step, {"gns/grad_sq": grad_sq, "gns/trace_sigma": trace})
         self.n_buffered, self.first_buffered = 0, upto + 1

@@ -63,6 +63,8 @@ def test_by_default_each_logging_window_is_one_row_of_mean_min_and_max() -> None
         assert mean == pytest.approx(sum(window) / len(window), rel=1e-12)
         assert (low, high) == (min(window), max(window))
     assert "train/loss_min" not in steps.history  # the every-step option logs the losses alone
+    # A constant lr: logged at the first logging point, then only at evaluations and the end.
+    assert [s for s, _ in windows.history["lr"]] == [7, 10, 20, 25]
 
 
 def test_same_seed_gives_identical_metrics_on_cpu() -> None:
