@@ -406,8 +406,8 @@ def tracking_section(quick: bool) -> Section:
         "people write (`torch.optim.SGD(model.parameters(), ...)`, a per-tensor implementation on the CPU).",
         f"MLflow's CPU cost per metric row written, both processes ({rows_written[BATCH_SIZES[0]]:,} rows per "
         "run through the sink: "
-        "`train/loss`, `train/loss_min`, `train/loss_max` and `lr` per logging window, up to 8 values per "
-        "evaluation): "
+        "`train/loss`, `train/loss_min` and `train/loss_max` per logging window, `lr` where it changed and at "
+        "evaluations, up to 8 values per evaluation): "
         + ", ".join(f"{per_metric_ms[b]:.2f} ms CPU at batch {b}" for b in BATCH_SIZES)
         + f", against a bare step of {1000 * BATCH_SIZES[0] / bare_rate[BATCH_SIZES[0]]:.2f} ms at batch "
         f"{BATCH_SIZES[0]}.",

@@ -137,7 +137,8 @@ class Sink:
         return None
 
     def series(self, key: str, first_step: int, values: Sequence[float]) -> None:
-        """One metric's values at consecutive steps (the per-step losses, once per logging point).
+        """One metric's values at consecutive steps (the per-step losses, once per logging point,
+        with `log_every_step`; by default the loop sends each window's row through `metrics`).
 
         By default one `metrics` call per step; a sink that can take the window at once overrides it.
         """
