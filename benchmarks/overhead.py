@@ -109,6 +109,8 @@ def _writer_host(conn: Any, tracking_uri: str) -> None:
         if msg[0] == "metrics":
             writer.submit(msg[1], msg[2])
             rows += len(msg[2])
+        elif msg[0] == "params":  # what the loop resolved, logged before its first step (as a sweep does)
+            writer.params(msg[1], msg[2])
         elif msg[0] == "drain":
             writer.drain(msg[1])
             cpu = time.process_time()
@@ -300,13 +302,14 @@ def table(rows: list[OverheadRow]) -> str:
 # time (all with an in-memory sink), so the table shows where the gap to the bare loop goes.
 TRACKING_ROWS = {
     "batchscope": ("**batchscope, everything on (MLflow sink)**", "≥ 0.95 (target)"),
+    "every_step": ("batchscope, everything on, every step's `train/loss` (`train.log_every_step`)", "–"),
     "loop": ("  batchscope's loop only (no periodic eval, no noise scale, in-memory sink)", "–"),
     "eval": ("  + evaluation every 50 steps", "–"),
     "memory": ("  + noise scale at its default cadence (= everything but MLflow)", "–"),
     "log_metric": ("hand-written: `mlflow.log_metric` every step", "0.12 / 0.21 / 0.54"),
     "log_batch": (f"hand-written: `log_batch` every {BATCH_EVERY} steps", "0.73 / 0.85 / 1.0"),
     "bare_eval": ("hand-written: the bare loop + the same evaluation every 50 steps, no logging", "–"),
-    "vs_eval": ("**batchscope, everything on, against that hand-written loop**", "–"),
+    "vs_eval": ("**batchscope, everything on, against that hand-written loop**", "≥ 0.97 (target)"),
     "default_optim": ("hand-written: the bare loop with torch's default optimizer (`torch.optim.SGD(...)`)", "–"),
     "vs_default": ("batchscope, everything on, against that hand-written loop", "–"),
 }
@@ -348,6 +351,7 @@ def tracking_section(quick: bool) -> Section:
             variants = {
                 "bare": bare_variant(spec),
                 "batchscope": train_variant(spec, store.sink, store=store),
+                "every_step": train_variant(replace(spec, log_every_step=True), store.sink, store=store),
                 "loop": train_variant(replace(spec, gns=False, eval_every=steps), RecordingSink),
                 "eval": train_variant(replace(spec, gns=False), RecordingSink),
                 "memory": train_variant(spec, RecordingSink, rows=recorded),
@@ -374,14 +378,21 @@ def tracking_section(quick: bool) -> Section:
     ]
     wall_rows += [(label, *(ratios[k][b][0].text() for b in BATCH_SIZES), q) for k, (label, q) in TRACKING_ROWS.items()]
     cpu_rows = [(label, *(ratios[k][b][1].text() for b in BATCH_SIZES)) for k, (label, _) in TRACKING_ROWS.items()]
-    worst = min(BATCH_SIZES, key=lambda b: ratios["batchscope"][b][0].median)
-    met = ratios["batchscope"][worst][0].median >= 0.95
+    # Two targets (issue 19): against the bare loop, and against a bare loop evaluating as often.
+    met = all(ratios["batchscope"][b][0].median >= 0.95 for b in BATCH_SIZES)
+    met_eval = all(ratios["vs_eval"][b][0].median >= 0.97 for b in BATCH_SIZES)
     misses = [f"{ratios['batchscope'][b][0].median:.2f} at batch {b}" for b in BATCH_SIZES]
+    misses_eval = [f"{ratios['vs_eval'][b][0].median:.2f} at batch {b}" for b in BATCH_SIZES]
+    verdict = "against the bare loop " + ("met" if met else "missed (" + ", ".join(misses) + ")")
+    verdict += "; against the bare loop with the same evaluation " + (
+        "met" if met_eval else "missed (" + ", ".join(misses_eval) + ")"
+    )
     notes = [
         f"Samples/s ratio to the bare loop (higher is better): median over {repeats} alternating repeats (range "
         f"in brackets), {steps} steps each, MNIST-1D MLP (40-100-100-10) on the CPU, SGD with momentum. "
         "batchscope: eval every 50 steps on 1,000 validation examples, per-step `train/loss` read every 10 "
-        "steps, noise scale on at its default (cadence chosen per run for a 2% budget), sharpness off; its "
+        "steps and logged as one row per window (mean, min, max; every step with `log_every_step`), noise "
+        "scale on at its default (cadence chosen per run for a 2% budget), sharpness off; its "
         "time is the whole `train()` call plus closing the sink, until the writer has written every row.",
         "As in a sweep, the MLflow rows leave the training process through a pipe and are written by another "
         "process (in a sweep: the sweep process; sweeps/worker.py), which on this machine runs on the second "
@@ -395,7 +406,8 @@ def tracking_section(quick: bool) -> Section:
         "people write (`torch.optim.SGD(model.parameters(), ...)`, a per-tensor implementation on the CPU).",
         f"MLflow's CPU cost per metric row written, both processes ({rows_written[BATCH_SIZES[0]]:,} rows per "
         "run through the sink: "
-        "every step's `train/loss`, `lr` per flush, up to 8 values per evaluation): "
+        "`train/loss`, `train/loss_min` and `train/loss_max` per logging window, `lr` where it changed and at "
+        "evaluations, up to 8 values per evaluation): "
         + ", ".join(f"{per_metric_ms[b]:.2f} ms CPU at batch {b}" for b in BATCH_SIZES)
         + f", against a bare step of {1000 * BATCH_SIZES[0] / bare_rate[BATCH_SIZES[0]]:.2f} ms at batch "
         f"{BATCH_SIZES[0]}.",
@@ -403,8 +415,8 @@ def tracking_section(quick: bool) -> Section:
     return Section(
         name="tracking",
         title="1. Tracking overhead: batchscope against a bare PyTorch loop",
-        target="samples/s ratio ≥ 0.95 at batch 16, 128 and 1024",
-        verdict="met" if met else "missed (" + ", ".join(misses) + ")",
+        target="samples/s ratio ≥ 0.95 at batch 16, 128 and 1024; ≥ 0.97 against a bare loop evaluating as often",
+        verdict=verdict,
         tables=[
             "Wall-clock samples/s ratio to the bare loop:\n\n" + markdown_table(header, wall_rows),
             "CPU-time ratio to the bare loop:\n\n" + markdown_table(header[:-1], cpu_rows),

@@ -3,15 +3,15 @@
 The real command is launched as a subprocess on a fresh store (BATCHSCOPE_ROOT in a
 temporary folder, the MNIST-1D data cache as it is). Afterwards the stores say when
 everything happened: the sweep's parent run and each trial's run were created
-(`start_time`), each trial's per-step `train/loss` reached the sink (its metric
-timestamps, one per flush of `log_every` steps) and the run ended (`end_time`).
+(`start_time`), each trial's `train/loss` reached the sink (its metric
+timestamps, one row per flush of `log_every` steps) and the run ended (`end_time`).
 
 - start-up = first training step of the first trial − the moment the process was launched;
 - per-trial gap = next trial's first step − the previous trial's run `end_time`
   (also given from the previous trial's last logged loss, which adds its end-of-run
   measurements).
 
-The first step's time is the first flush's timestamp less the (flush's steps − 1)
+The first step's time is the first flush's timestamp less the (flush's last step − 1)
 steps before it, at the step time the run itself logged (`perf/step_time_ms`).
 
 Then the start-up is broken down: `python -X importtime` for the imports of the sweep
@@ -129,11 +129,13 @@ def read_times(root: Path) -> tuple[float, list[TrialTimes]]:
         step_ms = client.get_metric_history(run.info.run_id, "perf/step_time_ms")
         ms = min(step_ms, key=lambda m: m.step).value if step_ms else 0.0
         first_ts = losses[0].timestamp
-        in_first_flush = sum(1 for m in losses if m.timestamp <= first_ts + 2)
+        # The first flush's last step: one row per logging window by default, a row per step
+        # with train.log_every_step (all at the flush's time at the start of a run).
+        flushed = max(m.step for m in losses if m.timestamp <= first_ts + 2)
         trials.append(
             TrialTimes(
                 run_start=run.info.start_time / 1000,
-                first_step=(first_ts - (in_first_flush - 1) * ms) / 1000,
+                first_step=(first_ts - (flushed - 1) * ms) / 1000,
                 last_loss=max(m.timestamp for m in losses) / 1000,
                 end=(run.info.end_time or 0) / 1000,
             )

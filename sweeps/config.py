@@ -154,6 +154,8 @@ class TrainConfig(_Strict):
     max_epochs: Annotated[Float, Field(gt=0.0, le=MAX_EPOCHS)] | None = None
     eval_every: Steps = 50
     log_every: Steps = 10
+    # true: every step's train/loss in the stores; false: one row per logging window (mean, min, max).
+    log_every_step: bool = False
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     target: Target | None = None
     lr_scaling: LrScaling = LrScaling()

@@ -232,7 +232,7 @@ def fingerprint(cfg: SweepConfig) -> str:
 
 # Settings that do not change the question: operational ones (logging, checkpoints, processes per
 # trial) and measurements and guards (the noise scale, the divergence threshold).
-_NOT_COMPARED = ("log_every", "checkpoint", "distributed", "compile", "gns", "divergence_factor")
+_NOT_COMPARED = ("log_every", "log_every_step", "checkpoint", "distributed", "compile", "gns", "divergence_factor")
 
 
 def comparable(fp: str) -> str:

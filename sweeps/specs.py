@@ -58,6 +58,7 @@ def make_spec(
         max_steps=t.steps_for(batch_size, num_train or 1),
         eval_every=t.eval_every,
         log_every=t.log_every,
+        log_every_step=t.log_every_step,
         schedule=t.schedule,
         lr_scaling=t.lr_scaling.rule,
         reference_batch=t.lr_scaling.reference_batch,

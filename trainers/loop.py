@@ -182,7 +182,7 @@ class _Run:
         # Per-step losses stay on the device until a logging point; one stack + one copy per flush.
         self.step_losses: list[torch.Tensor] = []
         self.n_buffered, self.first_buffered = 0, self.state.step + 1
-        self.time_since = 0.0
+        self.time_since, self.last_lr = 0.0, math.nan  # last_lr: the lr last logged
         self.last_val: tuple[int, dict[str, float]] | None = None  # (step, result) of the latest evaluation
         self.model.train()
         self.clock = Clock(plan.device)
@@ -359,9 +359,17 @@ class _Run:
             pending = torch.cat([pending, torch.stack(gns_pending)])
         values = pending.tolist()  # host sync: logging point
         values, gns_values = values[: self.n_buffered], values[self.n_buffered :]
-        self._check_divergence(values)
-        self.emit_losses(self.first_buffered, values)
-        self.emit(upto, {"lr": float(self.scheduler.get_last_lr()[0])})
+        self._check_divergence(values)  # on every step's loss, whatever reaches the sink
+        # The lr where it changed and at evaluations: a constant lr need not cost a row per window.
+        lr, spec = float(self.scheduler.get_last_lr()[0]), self.spec
+        row = {"lr": lr} if lr != self.last_lr or upto % spec.eval_every == 0 or upto == spec.max_steps else {}
+        self.last_lr = lr
+        if spec.log_every_step:
+            self.emit_losses(self.first_buffered, values)
+            if row:
+                self.emit(upto, row)
+        else:
+            self.emit(upto, window_row(values) | row)
         for measured_step, grad_sq, trace in self.noise.receive(gns_values):
             self.emit(measured_step, {"gns/grad_sq": grad_sq, "gns/trace_sigma": trace})
         self.n_buffered, self.first_buffered = 0, upto + 1
@@ -472,6 +480,11 @@ class _Run:
         elif target is not None and not reason:
             reason = f"target {target[0]}={target[1]} not reached in {state.step} steps"
         return TrainResult(status, reason, steps=state.step, final=final, best=state.best, resolved=self.resolved)
+
+
+def window_row(losses: list[float]) -> dict[str, float]:
+    """A logging window's per-step losses as one row (logged at its last step): mean, min, max."""
+    return {"train/loss": math.fsum(losses) / len(losses), "train/loss_min": min(losses), "train/loss_max": max(losses)}
 
 
 def _no_op() -> None:

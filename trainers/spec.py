@@ -32,6 +32,11 @@ class TrainSpec:
     eval_every: int = 50
     # How often the per-step losses are copied to the host and handed to the sink.
     log_every: int = 10
+    # What reaches the sink for `train/loss`: False (default), one row per logging window (its
+    # mean as `train/loss`, with `train/loss_min` and `train/loss_max`, at the window's last
+    # step); True, every step's loss. Windows write a tenth of the rows (MLflow's cost is per row);
+    # divergence is checked on every step either way.
+    log_every_step: bool = False
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     reference_batch: int = 128
@@ -132,7 +137,8 @@ class Sink:
         return None
 
     def series(self, key: str, first_step: int, values: Sequence[float]) -> None:
-        """One metric's values at consecutive steps (the per-step losses, once per logging point).
+        """One metric's values at consecutive steps (the per-step losses, once per logging point,
+        with `log_every_step`; by default the loop sends each window's row through `metrics`).
 
         By default one `metrics` call per step; a sink that can take the window at once overrides it.
         """

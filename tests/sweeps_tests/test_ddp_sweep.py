@@ -63,4 +63,4 @@ def test_sweep_with_two_processes_per_trial_fills_the_stores_as_the_contract_say
         for key in HISTORIES:
             assert client.get_metric_history(run.info.run_id, key), key
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-        assert steps == list(range(1, STEPS + 1))  # every step once, from rank 0 only
+        assert steps == list(range(10, STEPS + 1, 10))  # each logging window's row once, from rank 0 only

@@ -152,7 +152,10 @@ def test_ctrl_c_stops_consistently_and_the_rerun_resumes_from_the_checkpoint(wor
     # under a second on a quiet machine, and the trial ended before the signal came).
     steps = 8000
     cfg = _fast(study, 1)
-    cfg["train"].update({"max_steps": steps, "eval_every": 50, "checkpoint": {"every_steps": 50}})
+    # Every step's train/loss (the option): the resumed run's history must hold each step once.
+    cfg["train"].update(
+        {"max_steps": steps, "eval_every": 50, "checkpoint": {"every_steps": 50}, "log_every_step": True}
+    )
     cfg["search"]["batch_size"] = {"values": [16]}
     config = write_config(workdir / "c.yaml", cfg)
     env = _env(workdir)

@@ -32,6 +32,8 @@ CHILD_PARAMS = {
 }
 HISTORIES = {
     "train/loss",
+    "train/loss_min",
+    "train/loss_max",
     "lr",
     "val/loss",
     "val/acc",
@@ -40,6 +42,7 @@ HISTORIES = {
     "perf/samples_per_s",
     "mem/peak_mb",
 }
+LOSS = ("train/loss_min", "train/loss", "train/loss_max")
 FINALS = {
     "final/train_loss",
     "final/train_acc",
@@ -104,8 +107,12 @@ def test_sweep_fills_both_stores_as_the_contract_says(workdir: Path, swept: Path
         assert run.data.metrics["final/tail_val_loss"] == pytest.approx(t.value)  # the objective
         for key in HISTORIES:
             assert client.get_metric_history(run.info.run_id, key), key
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-        assert steps == list(range(1, 61))  # every step once, no duplicates
+        # By default one train/loss row per logging window (10 steps; every step under
+        # train.log_every_step, see test_reliability's resume test), at the window's last step.
+        rows = {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)) for k in LOSS}
+        assert [s for s, _ in rows["train/loss"]] == list(range(10, 61, 10))  # each window once, no duplicates
+        for (s, low), (_, mean), (_, high) in zip(*(rows[k] for k in LOSS), strict=True):
+            assert low <= mean <= high, s
 
 
 def test_running_again_continues_to_n_trials(workdir: Path, swept: Path) -> None:

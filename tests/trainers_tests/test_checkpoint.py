@@ -13,6 +13,7 @@ from batchscope.trainers.spec import RecordingSink, TrainSpec
 
 def spec(**kw: object) -> TrainSpec:
     base: dict = dict(
+        log_every_step=True,  # these tests read every step's loss
         recipe_options={"num_samples": 1200},
         batch_size=32,
         lr=0.05,

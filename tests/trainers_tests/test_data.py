@@ -23,6 +23,7 @@ RECIPE = "tests.trainers_tests.data_recipes:build"
 def spec(form: str, **kw: Any) -> TrainSpec:
     options = {"form": form, **kw.pop("options", {})}
     base: dict[str, Any] = dict(
+        log_every_step=True,  # these tests read every step's loss
         recipe=RECIPE,
         model="mlp",
         recipe_options=options,

@@ -31,6 +31,7 @@ LOSS_RTOL = 1e-4
 
 def spec(**kw: Any) -> TrainSpec:
     base: dict[str, Any] = dict(
+        log_every_step=True,  # these tests read every step's loss
         recipe_options={"num_samples": 1200},
         batch_size=64,
         lr=0.1,

@@ -16,7 +16,14 @@ OPTS = {"num_samples": 1200}
 
 def spec(**kw: object) -> TrainSpec:
     base: dict = dict(
-        recipe_options=OPTS, batch_size=64, lr=0.1, max_steps=150, eval_every=50, device="cpu", sharpness_iters=5
+        log_every_step=True,  # these tests read every step's loss
+        recipe_options=OPTS,
+        batch_size=64,
+        lr=0.1,
+        max_steps=150,
+        eval_every=50,
+        device="cpu",
+        sharpness_iters=5,
     )
     base.update(kw)
     return TrainSpec(**base)
@@ -31,6 +38,33 @@ def test_loss_falls_and_accuracy_beats_chance() -> None:
     # The mean of the last 20 steps is well below the first step (ln 10 ≈ 2.30 at chance).
     assert sum(losses[-20:]) / 20 < losses[0] - 0.3
     assert result.final["final/val_acc"] > 0.2  # 10 classes: chance is 0.1
+
+
+def test_by_default_each_logging_window_is_one_row_of_mean_min_and_max() -> None:
+    """The default (`log_every_step` off): one train/loss row per window, at its last step, from
+    the same per-step losses the every-step option logs (same seed, same run)."""
+    kw = dict(max_steps=25, eval_every=10, log_every=7, gns_every=5, sharpness=False)
+    windows, steps = RecordingSink(), RecordingSink()
+    train(spec(log_every_step=False, **kw), windows)
+    train(spec(**kw), steps)
+    every = dict(steps.history["train/loss"])
+    assert len(every) == 25
+    # Windows end every 7 steps or at an evaluation (10, 20) or the end (25).
+    ends = [7, 10, 17, 20, 25]
+    assert [s for s, _ in windows.history["train/loss"]] == ends
+    for (lo, hi), (_, mean), (_, low), (_, high) in zip(
+        zip([0, *ends[:-1]], ends, strict=True),
+        windows.history["train/loss"],
+        windows.history["train/loss_min"],
+        windows.history["train/loss_max"],
+        strict=True,
+    ):
+        window = [every[s] for s in range(lo + 1, hi + 1)]
+        assert mean == pytest.approx(sum(window) / len(window), rel=1e-12)
+        assert (low, high) == (min(window), max(window))
+    assert "train/loss_min" not in steps.history  # the every-step option logs the losses alone
+    # A constant lr: logged at the first logging point, then only at evaluations and the end.
+    assert [s for s, _ in windows.history["lr"]] == [7, 10, 20, 25]
 
 
 def test_same_seed_gives_identical_metrics_on_cpu() -> None:

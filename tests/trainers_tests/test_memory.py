@@ -32,6 +32,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 def spec(**kw: object) -> TrainSpec:
     base: dict = dict(
+        log_every_step=True,  # these tests read every step's loss
         recipe_options=OPTS,
         batch_size=64,
         lr=0.1,

@@ -56,7 +56,13 @@ def test_bad_arguments_name_the_value() -> None:
 
 def spec(**kw: object) -> TrainSpec:
     base: dict = dict(
-        recipe_options={"num_samples": 1200}, batch_size=32, lr=0.05, max_steps=120, eval_every=40, device="cpu"
+        log_every_step=True,  # these tests read every step's loss
+        recipe_options={"num_samples": 1200},
+        batch_size=32,
+        lr=0.05,
+        max_steps=120,
+        eval_every=40,
+        device="cpu",
     )
     base.update(sharpness=False, **kw)
     return TrainSpec(**base)

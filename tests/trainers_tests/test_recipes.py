@@ -57,6 +57,7 @@ def charlm_options(text_file: Path, **kw: Any) -> dict[str, Any]:
 
 def run(recipe: str, model: str, options: dict[str, Any], **kw: Any) -> tuple[TrainResult, list[float]]:
     base: dict[str, Any] = dict(
+        log_every_step=True,  # these tests read every step's loss
         recipe=recipe,
         model=model,
         recipe_options=options,
