@@ -26,6 +26,14 @@ The reported value is the target's metric (`val/acc` to rise to the target, `val
    the curve does; if even that line needs more than B steps in all, the trial is pruned. A
    curve that made no progress over the window (no positive slope) is pruned too.
 
+With several seeds per trial, only the first seed's curve is reported (the pruner stops a trial
+before its other seeds run), while a trial's objective is the mean over its seeds: B is then the
+best first-seed steps at the batch size (the `first_seed_steps_to_target` user attribute a
+sweep records; the objective where it is absent, as in plain Optuna with one value per trial).
+Compared with the mean, a seed-0 curve slower than the best's mean but faster than the best's
+own seed 0 was pruned: on the digits recipe that cost batch 4 its best lr (benchmarks/README.md,
+section 8b).
+
 Rule 3 is a proof; rule 4 a conservative bet. A trial that is pruned is worse than the best at
 its lr for FrontierSampler, which is what the line search needs to know.
 
@@ -50,6 +58,8 @@ from typing import Literal
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+from batchscope.sweeps.optuna_attrs import FIRST_SEED_STEPS
 
 __all__ = ["FrontierPruner"]
 
@@ -125,14 +135,15 @@ class FrontierPruner(optuna.pruners.BasePruner):
         return step + self._steps_still_needed(steps, values) > best_steps
 
     def _best_at(self, study: optuna.Study, batch: object) -> tuple[float, float | None] | None:
-        """(steps, lr) of the COMPLETE trial with the fewest steps to the target at `batch`."""
+        """(steps, lr) of the COMPLETE trial with the fewest steps to the target at `batch`, its
+        first seed's steps where recorded (the seed a trial is judged on), else its value."""
         if batch is None:
             return None
         best: tuple[float, float | None] | None = None
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             if t.params.get("batch_size") != batch or t.values is None or len(t.values) != 1:
                 continue
-            steps = t.values[0]
+            steps = float(t.user_attrs.get(FIRST_SEED_STEPS, t.values[0]))
             # Infinite: the target was never reached, which beats nobody.
             if math.isfinite(steps) and (best is None or steps < best[0]):
                 best = (steps, t.params.get("lr"))

@@ -21,6 +21,9 @@ REASON = "reason"
 RETRY_OF = "retry_of"
 # Headline final values averaged over seeds (`final/<name>` in MLflow), for `batchscope status`.
 FINAL_SUMMARY = ("steps_to_target", "best_val_acc", "val_loss")
+# Steps to the target of the trial's first seed alone: the seed whose curve the pruner watches
+# (sweeps.frontier_pruner compares like with like; the objective is the mean over seeds).
+FIRST_SEED_STEPS = "first_seed_steps_to_target"
 
 # ---- on the study ----
 # What the study asks (sweeps.space.fingerprint): a changed config is refused without --force.

@@ -360,6 +360,8 @@ class Sweep:
             vals = [f[f"final/{name}"] for f in finals if f"final/{name}" in f]
             if vals:
                 trial.set_user_attr(name, sum(vals) / len(vals))
+        if "final/steps_to_target" in finals[0]:
+            trial.set_user_attr(attrs.FIRST_SEED_STEPS, finals[0]["final/steps_to_target"])
 
     def _tell(
         self, trial: optuna.Trial, state: TrialState, values: list[float] | None, status: str, reason: str

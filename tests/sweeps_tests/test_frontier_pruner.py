@@ -263,3 +263,17 @@ def test_target_direction_agrees_with_the_trainer(metric: str, direction: Litera
     assert space.target_direction(metric) == direction
     # The trainer's rule: a value above the target reaches it exactly when the metric rises to it.
     assert target_reached(metric, 2.0, 1.0) is (direction == "maximize")
+
+
+def test_with_several_seeds_a_first_seed_is_judged_against_the_best_first_seed() -> None:
+    """The best's objective is its mean over seeds (336 steps: 372.5 and 299.4); the running trial
+    reports its first seed only. At step 360 without the target it is behind that mean, but not
+    behind the best's own first seed: it may still win (digits, batch 4, benchmarks 8b)."""
+    best = complete(64, BEST_LR, 336.0)
+    best.set_user_attr("first_seed_steps_to_target", 372.5)
+    seed0 = running(64, 0.3, {120: 0.3, 240: 0.45, 360: 0.59})  # on course for about 368 steps
+    assert not PRUNER.prune(study_with(best), seed0)
+    # Without the record (plain Optuna, one value per trial) the value is the yardstick.
+    assert PRUNER.prune(study_with(complete(64, BEST_LR, 336.0)), seed0)
+    # Past the best's first seed without the target: it cannot win.
+    assert PRUNER.prune(study_with(best), running(64, 0.3, {120: 0.3, 240: 0.45, 380: 0.58}))

@@ -30,6 +30,7 @@ def _runs(workdir: Path, name: str) -> list:
 def test_seeds_are_separate_runs_and_the_objective_is_their_mean(workdir: Path) -> None:
     cfg = small_config("seeds")
     cfg["train"].update({"max_steps": 20, "eval_every": 10, "seeds": [0, 1], "sharpness": {"enabled": False}})
+    cfg["train"]["target"] = {"metric": "val/acc", "value": 0.12}  # reached early: steps to target per seed
     cfg["search"]["n_trials"] = 2
     assert main(["sweep", str(write_config(workdir / "s.yaml", cfg)), "--no-report"]) == 0
     study = _study(workdir, "seeds")
@@ -41,6 +42,9 @@ def test_seeds_are_separate_runs_and_the_objective_is_their_mean(workdir: Path) 
         assert sorted(t.user_attrs["mlflow_run_ids"]) == sorted(r.info.run_id for r in mine)
         mean = sum(r.data.metrics["final/tail_val_loss"] for r in mine) / 2
         assert t.value == pytest.approx(mean)
+        # The pruner judges a trial on its first seed, so the best's first seed is kept too.
+        (seed0,) = [r for r in mine if r.data.tags["batchscope.seed"] == "0"]
+        assert t.user_attrs["first_seed_steps_to_target"] == pytest.approx(seed0.data.metrics["final/steps_to_target"])
 
 
 def test_two_objectives_give_a_pareto_front(workdir: Path) -> None:
