@@ -78,6 +78,9 @@ class RichReporter:
             TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
             console=self.console,
+            # Not a terminal (a log file, a batch job): the per-trial lines say it all; the bars'
+            # last frame, squeezed to 80 columns, only added a garbled line at the end.
+            transient=not self.console.is_terminal and not self.console.is_jupyter,
         )
         self._sweep = self.progress.add_task("trials", total=1, info="", visible=False)
         self._trials: dict[int, TaskID] = {}

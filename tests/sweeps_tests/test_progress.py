@@ -27,6 +27,7 @@ def test_each_finished_trial_is_one_line_with_its_parameters_result_time_and_the
     # A failed trial re-runs: the count stays, the ETA is still there.
     assert re.fullmatch(r"\d\d:\d\d:\d\d trial 4 bs=16 lr=2: failed in \d+\.\d s · 3/6 · eta .+", lines[1])
     assert re.fullmatch(r"\d\d:\d\d:\d\d stopping", lines[2])
+    assert [line for line in lines[3:] if line.strip()] == []  # no last frame of the bars in a file
 
 
 def test_durations_read_at_a_glance() -> None:
