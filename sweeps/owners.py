@@ -7,10 +7,14 @@ does the same by hand.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import os
 import socket
-from collections.abc import Mapping
+import zlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -108,3 +112,49 @@ def give_way(study: optuna.Study, trial: optuna.Trial, total: int) -> bool:
         study.enqueue_trial(dict(trial.params), user_attrs={attrs.RETRY_OF: trial.user_attrs[attrs.RETRY_OF]})
     study.tell(trial, state=TrialState.FAIL)
     return True
+
+
+@contextlib.contextmanager
+def sampling_lock(storage: optuna.storages.BaseStorage, storage_url: str, study_name: str) -> Iterator[None]:
+    """One trial created and sampled at a time across the processes sharing a study.
+
+    A sampler decides from the trials it sees; two workers that ask at the same moment both see
+    the other's new trial without parameters yet, and propose the same point (two `batchscope
+    worker` processes on one PostgreSQL frontier study trained (256, 0.229) twice). The slots of
+    one process are serialised by the sweep's own lock; this covers other processes: a
+    PostgreSQL advisory lock or MySQL's GET_LOCK for a database study, a file lock beside a
+    local journal. Held for the few milliseconds of ask and suggest, never while training.
+    Redis journals and SQLite files are left as Optuna handles them.
+    """
+    backend = getattr(storage, "_backend", storage)  # Optuna wraps an RDBStorage in a cache
+    engine = getattr(backend, "engine", None)
+    if engine is not None and engine.dialect.name in ("postgresql", "mysql"):
+        with _database_lock(engine, f"batchscope-sample:{study_name}"):
+            yield
+        return
+    if "://" not in storage_url:  # the local journal file
+        with open(Path(f"{storage_url}.sample.lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+            yield
+        return
+    yield
+
+
+@contextlib.contextmanager
+def _database_lock(engine: Any, name: str) -> Iterator[None]:
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            key = zlib.crc32(name.encode()) - 2**31  # a signed 32-bit key for pg_advisory_lock
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        else:
+            conn.execute(text("SELECT GET_LOCK(:n, 60)"), {"n": name[:64]})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": name[:64]})

@@ -33,7 +33,7 @@ from batchscope.sweeps.config import SweepConfig
 from batchscope.sweeps.errors import UserError
 from batchscope.sweeps.job import Job
 from batchscope.sweeps.locations import redact
-from batchscope.sweeps.owners import ask_owned, give_way, worker_id
+from batchscope.sweeps.owners import ask_owned, give_way, sampling_lock, worker_id
 from batchscope.sweeps.progress import QuietReporter, Reporter
 from batchscope.sweeps.recovery import Recovery, mark_stale
 from batchscope.sweeps.specs import make_spec, memory_cap, run_params, slot_device
@@ -275,13 +275,16 @@ class Sweep:
                             self._frontier_stop = why
                             reporter.message(f"{why}; no more trials started")
                         return
-                    trial = ask_owned(
-                        self.study, self.storage, {attrs.WORKER: worker_id(), attrs.SAMPLER_SEED: self.sampler_seed}
-                    )
-                    if give_way(self.study, trial, total):
-                        return
+                    # Created and sampled in one go, one process at a time: a slot or a peer that
+                    # asked in between would see this trial without parameters and propose the same.
+                    with sampling_lock(self.storage, self.stores.storage_url, self.cfg.study):
+                        owner = {attrs.WORKER: worker_id(), attrs.SAMPLER_SEED: self.sampler_seed}
+                        trial = ask_owned(self.study, self.storage, owner)
+                        if give_way(self.study, trial, total):
+                            return
+                        params = space.suggest(trial, self.cfg.search)
                 try:
-                    outcome = self._run_trial(trial, slot, reporter)
+                    outcome = self._run_trial(trial, params, slot, reporter)
                 except UpdateFinishedTrialError:
                     # Judged dead and ended by another process (its runs were ended on the way out).
                     outcome = TrialOutcome(trial.number, "failed", "ended by another process", None)
@@ -302,9 +305,8 @@ class Sweep:
         finally:
             self._slot_done[slot].set()
 
-    def _run_trial(self, trial: optuna.Trial, slot: int, reporter: Reporter) -> TrialOutcome:
+    def _run_trial(self, trial: optuna.Trial, params: dict[str, Any], slot: int, reporter: Reporter) -> TrialOutcome:
         """Train one sampled configuration once per seed, then tell Optuna how it went."""
-        params = space.suggest(trial, self.cfg.search)
         finals: list[Mapping[str, float]] = []
         run_ids: list[str] = []
         status, reason = "ok", ""
