@@ -37,7 +37,9 @@ def test_the_walkthrough_runs_in_a_jupyter_kernel(tmp_path: Path) -> None:
     sweep_cell = next(text for text in cells if "trials finished" in text)
     # The sweep's trials trained in workers started from the kernel, and their progress showed in the notebook.
     assert "2 of 2 trials finished" in sweep_cell
-    assert sweep_cell.count(": ok") == 2, sweep_cell
+    # At least one trial's line: in Jupyter rich draws into an ipywidgets Output that it redraws, and
+    # what nbclient keeps of it depends on the timing of the last redraw (one line of two, once in CI).
+    assert ": ok" in sweep_cell, sweep_cell
     assert "index.html ['summary.md']" in shown
     assert "B_simple = " in shown
     assert work_folder(shown).parent == tmp
