@@ -95,6 +95,10 @@ def ask_owned(study: optuna.Study, storage: optuna.storages.BaseStorage, owner: 
     return optuna.Trial(study, storage.create_new_trial(study_id, template_trial=template))
 
 
+# The reason of a trial that gave way before it ran: it has, and needs, no MLflow run.
+NOT_RUN = "not run:"
+
+
 def give_way(study: optuna.Study, trial: optuna.Trial, total: int) -> bool:
     """Workers on other machines may ask at the same moment: the later trial gives way.
 
@@ -107,7 +111,7 @@ def give_way(study: optuna.Study, trial: optuna.Trial, total: int) -> bool:
     if ahead < total:
         return False
     trial.set_user_attr(attrs.STATUS, "failed")
-    trial.set_user_attr(attrs.REASON, "not run: other workers had already started the study's last trials")
+    trial.set_user_attr(attrs.REASON, f"{NOT_RUN} other workers had already started the study's last trials")
     if attrs.RETRY_OF in trial.user_attrs:  # keep a retry queued for whoever needs it next
         study.enqueue_trial(dict(trial.params), user_attrs={attrs.RETRY_OF: trial.user_attrs[attrs.RETRY_OF]})
     study.tell(trial, state=TrialState.FAIL)

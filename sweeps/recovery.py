@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from batchscope.sweeps import optuna_attrs as attrs
 from batchscope.sweeps import space
-from batchscope.sweeps.owners import worker_alive
+from batchscope.sweeps.owners import NOT_RUN, worker_alive
 from batchscope.sweeps.tracking import REASON, STATUS, STUDY, TRIAL, Tracker, trial_run_name
 
 
@@ -66,6 +66,8 @@ class Recovery:
         if self.heartbeat:
             # Optuna fails trials whose heartbeat stopped and calls mark_stale for each.
             recovered += len(optuna.storages.fail_stale_trials(self.study) or ())
+        if close_runs:
+            self._close_runless_trials()
         if recovered or close_runs:
             live = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             running = {rid for t in live for rid in t.user_attrs.get(attrs.MLFLOW_RUN_IDS, [])}
@@ -94,6 +96,17 @@ class Recovery:
             return False
         requeue(self.study, t)
         return True
+
+    def _close_runless_trials(self) -> None:
+        """A trial that the sweep ended before its MLflow run existed (a disk that filled as the run
+        was being created: the journal took the FAIL, the MLflow database not the run) gets a closed
+        run, as a dead worker's does, so that runs and trials stay one to one. Trials that gave way
+        to a peer were never run and keep none. Found by the run's tag, so never made twice."""
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+            if attrs.MLFLOW_RUN_ID in t.user_attrs or str(t.user_attrs.get(attrs.REASON, "")).startswith(NOT_RUN):
+                continue
+            if not self.tracker.trial_run_ids(self.experiment_id, t.number):
+                self._closed_run(t, str(t.user_attrs.get(attrs.REASON) or "ended before its MLflow run was created"))
 
     def _closed_run(self, t: FrozenTrial, reason: str) -> str:
         run_id = self.tracker.trial_run(

@@ -247,6 +247,27 @@ def test_a_trial_killed_before_recording_its_run_is_linked_to_it_on_recovery(wor
     assert sweep.study.trials[runless.number].user_attrs["mlflow_run_id"] in {r.info.run_id for r in children}
 
 
+def test_a_trial_ended_before_its_run_existed_gets_a_closed_run_when_the_sweep_starts(workdir: Path) -> None:
+    """A disk that filled as a trial's run was being created: the journal took the FAIL, MLflow not the
+    run. The next sweep's start gives it a closed run (once); a trial that gave way keeps none."""
+    from batchscope.sweeps.config_load import validate
+    from batchscope.sweeps.owners import NOT_RUN
+    from batchscope.sweeps.runner import Sweep
+
+    sweep = Sweep(validate(_fast("runless", 2), "test"))
+    ended = sweep.study.ask({"batch_size": optuna.distributions.CategoricalDistribution([16, 64, 256])})
+    ended.set_user_attr("reason", "the sweep stopped during this trial")
+    sweep.study.tell(ended, state=TrialState.FAIL)
+    gave_way = sweep.study.ask()
+    gave_way.set_user_attr("reason", f"{NOT_RUN} other workers had already started the study's last trials")
+    sweep.study.tell(gave_way, state=TrialState.FAIL)
+    for _ in range(2):  # two sweep starts: one closed run, not two
+        sweep.recover(close_runs=True)
+    children = [r for r in _children(workdir, "runless") if r.data.tags.get("batchscope.role") == "trial"]
+    assert [(r.data.tags["optuna.trial_number"], r.info.status) for r in children] == [(str(ended.number), "KILLED")]
+    assert children[0].data.tags["batchscope.reason"] == "the sweep stopped during this trial"
+
+
 def test_a_trial_killed_before_its_parameters_were_sampled_is_not_re_run_with_none(workdir: Path) -> None:
     """A sweep killed between Optuna's ask and the sampling: that trial fails; no empty 'retry' is queued."""
     import socket
