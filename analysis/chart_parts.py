@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ from matplotlib.axes import Axes
 
 from batchscope.analysis import style
 from batchscope.analysis.fits import CriticalBatchFit
+from batchscope.analysis.style import BatchColors
 from batchscope.analysis.text import interval, number
 
 BATCH_LABEL = "batch size B [examples]"
@@ -57,3 +59,8 @@ def finite_rows(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
     for column in columns:
         mask &= np.isfinite(pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float))
     return frame[mask]
+
+
+def batch_scatter(ax: Axes, rows: pd.DataFrame, column: str, colors: BatchColors, **kwargs: Any) -> None:
+    """`rows[column]` against batch size, each point in its batch size's colour (`kwargs`: matplotlib's)."""
+    ax.scatter(rows["batch_size"], rows[column], c=[colors(b) for b in rows["batch_size"]], **kwargs)

@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from batchscope.analysis import style, tables
 from batchscope.analysis.analyze import SweepAnalysis
-from batchscope.analysis.chart_parts import batch_axis, finite_rows, log_if_spread
+from batchscope.analysis.chart_parts import batch_axis, batch_scatter, finite_rows, log_if_spread
 from batchscope.analysis.load import SweepData
 from batchscope.analysis.style import BatchColors
 from batchscope.analysis.text import number
@@ -42,13 +42,7 @@ def _per_batch_panel(
     if shown.empty:
         style.empty_panel(ax, title, f"Not enough data: no run logged\n'{column}'.")
         return
-    ax.scatter(
-        shown["batch_size"],
-        shown[column],
-        s=10,
-        alpha=0.35,
-        c=[colors(b) for b in shown["batch_size"]],
-    )
+    batch_scatter(ax, shown, column, colors, s=10, alpha=0.35)
     best_ids = {r for ids in best_runs.values() for r in ids}
     at_best = shown[shown["run_id"].isin(best_ids)]
     if not at_best.empty:
@@ -110,13 +104,7 @@ def cost(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) -> Figure
         if shown.empty:
             style.empty_panel(ax, title, f"Not enough data: no\n'{column}' measurements.")
             continue
-        ax.scatter(
-            shown["batch_size"],
-            shown[column],
-            s=12,
-            alpha=0.4,
-            c=[colors(b) for b in shown["batch_size"]],
-        )
+        batch_scatter(ax, shown, column, colors, s=12, alpha=0.4)
         medians = shown.groupby("batch_size")[column].median()
         ax.plot(
             medians.index, medians.to_numpy(), color="0.25", marker="o", markersize=4, lw=1.2, label="median over runs"
@@ -138,14 +126,7 @@ def cost(sweep: SweepData, result: SweepAnalysis, colors: BatchColors) -> Figure
         style.empty_panel(ax, title, "No run reached the target:\nno time to target.")
         return fig
     ax.plot(shown["batch_size"], shown[tables.TIME], color="0.3", lw=1)
-    ax.scatter(
-        shown["batch_size"],
-        shown[tables.TIME],
-        s=50,
-        edgecolor="white",
-        zorder=3,
-        c=[colors(b) for b in shown["batch_size"]],
-    )
+    batch_scatter(ax, shown, tables.TIME, colors, s=50, edgecolor="white", zorder=3)
     quickest = shown.loc[shown[tables.TIME].idxmin()]
     ax.scatter(
         [quickest["batch_size"]],

@@ -15,6 +15,7 @@ from batchscope.analysis.chart_parts import (
     NO_BEST_LR,
     b_crit_band,
     batch_axis,
+    batch_scatter,
     finite_rows,
     log_if_spread,
 )
@@ -83,25 +84,10 @@ def steps_to_target(sweep: SweepData, result: SweepAnalysis, colors: BatchColors
                 ax, title, f"No run reached the target ({n_runs} run{'s' * (n_runs != 1)}):\nnothing to plot."
             )
             continue
-        ax.scatter(
-            shown["batch_size"],
-            shown[column],
-            s=14,
-            alpha=0.5,
-            c=[colors(b) for b in shown["batch_size"]],
-            zorder=3,
-        )
+        batch_scatter(ax, shown, column, colors, s=14, alpha=0.5, zorder=3)
         means = finite_rows(fastest, "batch_size", column)
         ax.plot(means["batch_size"], means[column], color="0.3", lw=1, zorder=2)
-        ax.scatter(
-            means["batch_size"],
-            means[column],
-            s=60,
-            edgecolor="white",
-            c=[colors(b) for b in means["batch_size"]],
-            zorder=4,
-            label="fastest lr (mean)",
-        )
+        batch_scatter(ax, means, column, colors, s=60, edgecolor="white", zorder=4, label="fastest lr (mean)")
         b_lo, b_hi = float(shown["batch_size"].min()), float(shown["batch_size"].max())
         grid = np.geomspace(b_lo / 1.5, b_hi * 1.5, 200)
         first = means.iloc[0]
