@@ -3,14 +3,16 @@
 Set BATCHSCOPE_FAULTS to a comma-separated list of `KIND@TRIAL[:STEP]`, e.g.
 `raise@2,exit@5:30,nan@7,segv@9`. KIND is one of raise (an exception), exit
 (the worker process ends at once, as if killed), segv (a segmentation fault),
-nan (the loss becomes NaN). STEP is when it strikes (default: the first logging
-point). Only for testing batchscope itself; never set in normal use.
+nan (the loss becomes NaN), hang (the trial stops making progress until it is killed,
+so a test can kill a sweep mid-trial without racing a fast trial to its end).
+STEP is when it strikes (default: the first logging point). Only for testing batchscope itself; never set in normal use.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 from batchscope.trainers.spec import TrainSpec
 
 ENV = "BATCHSCOPE_FAULTS"
-KINDS = ("raise", "exit", "segv", "nan")
+KINDS = ("raise", "exit", "segv", "nan", "hang")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ def strike(fault: Fault) -> None:
         os._exit(17)
     if fault.kind == "segv":
         os.kill(os.getpid(), signal.SIGSEGV)
+    if fault.kind == "hang":
+        while True:  # until the test kills the process
+            time.sleep(1.0)
 
 
 class FaultySink:

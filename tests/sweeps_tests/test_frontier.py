@@ -337,6 +337,9 @@ def test_a_frontier_sweep_killed_and_resumed_loses_and_repeats_nothing(workdir: 
     cmd = [sys.executable, "-m", "batchscope.sweeps.cli", "sweep", str(config), "--no-report", "--workers", "2"]
     env = {**os.environ, "BATCHSCOPE_ROOT": str(workdir / "mlruns"), "PYTHONUNBUFFERED": "1"}
     journal = workdir / "mlruns" / "optuna.journal"
+    # Trial 2 hangs in the first run, so the kill finds a trial running (these trials take well
+    # under a second: CI once saw the whole sweep end between two polls).
+    hanging = {**env, "BATCHSCOPE_FAULTS": "hang@2"}
 
     def trials() -> list[optuna.trial.FrozenTrial]:
         if not journal.exists():
@@ -346,7 +349,7 @@ def test_a_frontier_sweep_killed_and_resumed_loses_and_repeats_nothing(workdir: 
         except KeyError:
             return []
 
-    proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=hanging, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         now = trials()
