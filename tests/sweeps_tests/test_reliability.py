@@ -66,7 +66,11 @@ def test_chaos_sweep_accounts_for_every_trial(workdir: Path) -> None:
     env = _env(workdir, BATCHSCOPE_FAULTS=faults)
     root = workdir / "mlruns"
 
-    proc = subprocess.Popen(_sweep_cmd(config), env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Trial 10 hangs in the first run only, so the kill below always finds a trial running.
+    hanging = _env(workdir, BATCHSCOPE_FAULTS=faults + ",hang@10")
+    proc = subprocess.Popen(
+        _sweep_cmd(config), env=hanging, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 240
     # Kill the sweep with SIGKILL while a trial is running, after a few have finished.
     while time.monotonic() < deadline and proc.poll() is None:
