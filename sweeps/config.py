@@ -31,6 +31,8 @@ from batchscope.sweeps.config_bounds import (
     budget_problem,
     train_size_without_torch,
 )
+from batchscope.sweeps.config_optim import OptimizerChoice
+from batchscope.sweeps.config_params import ParamSpace, check_searched
 from batchscope.sweeps.devices import check_cuda
 from batchscope.trainers.recipes import get_recipe
 
@@ -144,7 +146,9 @@ class DistributedConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    # sgd | adam | adamw, {adamw: {betas: [0.9, 0.95], ...}}, or a factory 'module:function' (sweeps.config_optim).
+    optimizer: OptimizerChoice = OptimizerChoice()
+    # The built-ins' momentum (sgd) and weight decay; also settable among train.optimizer's settings.
     momentum: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.9
     weight_decay: Annotated[Float, Field(ge=0.0)] = 0.0
     # The budget: exactly one of steps, samples or epochs (default 1000 steps).
@@ -184,6 +188,17 @@ class TrainConfig(_Strict):
         given = [k for k in ("max_steps", "max_samples", "max_epochs") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one budget, not {' and '.join(given)}")
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer_settings_once(self) -> TrainConfig:
+        for name in ("momentum", "weight_decay"):
+            if name not in self.model_fields_set:
+                continue
+            if not self.optimizer.builtin:
+                raise ValueError(f"train.{name} is for the built-in optimizers; give it among the factory's options")
+            if name in self.optimizer.options:
+                raise ValueError(f"train.{name} is also among train.optimizer's settings; give it in one place")
         return self
 
     @field_validator("seeds")
@@ -307,6 +322,8 @@ class StopWhen(_Strict):
 class SearchConfig(_Strict):
     batch_size: BatchSpace = BatchValues(values=[16, 32, 64, 128, 256, 512, 1024])
     lr: LrSpace = LrRange(low=1e-3, high=1.0)
+    # More hyperparameters searched with these two (sweeps.config_params).
+    params: dict[str, ParamSpace] = {}
     sampler: Literal["tpe", "grid", "random", "frontier"] = "tpe"
     stop_when: StopWhen | None = None
     # auto: FrontierPruner under sampler: frontier with objective steps_to_target, else none.
@@ -449,6 +466,12 @@ class SweepConfig(_Strict):
         problem = budget_problem(self.train, min(sizes), num_train)
         if problem:
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _searched_params(self) -> SweepConfig:
+        if self.search.params:
+            check_searched(self)
         return self
 
     def searched_batch_sizes(self) -> list[int]:

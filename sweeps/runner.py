@@ -398,8 +398,15 @@ class Sweep:
 
     # ---- one seed of one trial ------------------------------------------------------
     def spec_for(self, params: Mapping[str, Any], seed: int, slot: int = 0) -> TrainSpec:
+        searched = {name: params[name] for name in self.cfg.search.params}
         spec = make_spec(
-            self.cfg, int(params["batch_size"]), float(params["lr"]), seed, self.num_train, max_micro=self.max_micro
+            self.cfg,
+            int(params["batch_size"]),
+            float(params["lr"]),
+            seed,
+            self.num_train,
+            max_micro=self.max_micro,
+            searched=searched,
         )
         device = slot_device(self.cfg.device, slot)
         return replace(spec, device=device) if device != spec.device else spec

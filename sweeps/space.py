@@ -11,6 +11,7 @@ from typing import Any, Literal
 import optuna
 
 from batchscope.sweeps.config import LrRange, SearchConfig, SweepConfig, TrainConfig, config_to_dict
+from batchscope.sweeps.config_params import ParamValues
 
 # objective name -> (direction, per-seed metric it reads from the trainer's final metrics)
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -57,6 +58,7 @@ def make_sampler(search: SearchConfig, seed: int | None = None) -> optuna.sample
     seed = search.seed if seed is None else seed
     if search.sampler == "grid":
         grid: dict[str, Any] = {"batch_size": search.batch_choices(), "lr": search.lr_choices()}
+        grid |= {name: space.choices() for name, space in search.params.items()}
         return optuna.samplers.GridSampler(grid, seed=seed)
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -196,19 +198,22 @@ def grid_size(search: SearchConfig) -> int | None:
     if search.sampler != "grid":
         return None
     lrs = search.lr_choices() or []
-    return len(search.batch_choices()) * len(lrs)
+    return math.prod([len(search.batch_choices()), len(lrs), *(len(p.choices()) for p in search.params.values())])
 
 
-PARAMS = ("batch_size", "lr")  # what `suggest` samples, in this order
+PARAMS = ("batch_size", "lr")  # what `suggest` samples first, in this order (then `search.params`)
 
 
 def sampled(params: Mapping[str, Any]) -> bool:
-    """Whether a trial got all of its parameters (a worker may die between ask and suggest)."""
+    """Whether a trial got its batch size and lr (a worker may die between ask and suggest). One
+    re-run without some of `search.params` gets those sampled afresh by Optuna (enqueued trials
+    sample what they were not given)."""
     return all(name in params for name in PARAMS)
 
 
 def suggest(trial: optuna.trial.BaseTrial, search: SearchConfig) -> dict[str, Any]:
-    """Sample (batch_size, lr). Batch sizes are categorical: the listed or power-of-two values."""
+    """Sample (batch_size, lr), then `search.params` in the config's order. Batch sizes are
+    categorical: the listed or power-of-two values."""
     params: dict[str, Any] = {"batch_size": trial.suggest_categorical("batch_size", search.batch_choices())}
     lrs = search.lr_choices()
     if lrs is not None:
@@ -216,6 +221,13 @@ def suggest(trial: optuna.trial.BaseTrial, search: SearchConfig) -> dict[str, An
     else:
         assert isinstance(search.lr, LrRange)
         params["lr"] = trial.suggest_float("lr", search.lr.low, search.lr.high, log=search.lr.log)
+    for name, space in search.params.items():
+        if isinstance(space, ParamValues):
+            params[name] = trial.suggest_categorical(name, space.choices())
+        elif space.integer:
+            params[name] = trial.suggest_int(name, int(space.low), int(space.high), log=space.log)
+        else:
+            params[name] = trial.suggest_float(name, float(space.low), float(space.high), log=space.log)
     return params
 
 
@@ -223,7 +235,9 @@ def fingerprint(cfg: SweepConfig) -> str:
     """What makes two sweeps the same study: the space, the objective, the training recipe."""
     d = config_to_dict(cfg)
     keep = {
-        "search": {k: d["search"][k] for k in ("batch_size", "lr", "objective", "objective_evals")},
+        "search": {k: d["search"][k] for k in ("batch_size", "lr", "objective", "objective_evals")}
+        # Only when given, so that a study fingerprinted before search.params existed still matches.
+        | ({"params": d["search"]["params"]} if cfg.search.params else {}),
         "trainer": d["trainer"],
         "train": d["train"],
     }

@@ -8,12 +8,15 @@ device, precision) is logged by the trainer, not guessed here (DESIGN.md, one ho
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from batchscope.sweeps import memcap
 from batchscope.sweeps.config import SweepConfig
+from batchscope.sweeps.config_params import route
 from batchscope.sweeps.devices import torch_has_gpu_support
 from batchscope.sweeps.errors import UserError
+from batchscope.trainers.optim import BUILTIN_SETTINGS
 from batchscope.trainers.recipes import get_recipe
 from batchscope.trainers.spec import TrainSpec
 
@@ -37,7 +40,10 @@ def make_spec(
     seed: int,
     num_train: int | None = None,
     max_micro: int | None = None,
+    searched: Mapping[str, Any] | None = None,
 ) -> TrainSpec:
+    """The spec of one run; `searched` holds a trial's values of `search.params`, each routed to
+    the optimizer, the trainer or the recipe (sweeps.config_params.route)."""
     t = cfg.train
     if t.max_steps is None and (t.max_samples is not None or t.max_epochs is not None) and num_train is None:
         num_train = _num_train(cfg)
@@ -45,16 +51,25 @@ def make_spec(
     # `auto`: split only the batches larger than what fits (max_micro, measured by AutoBatch).
     limit = fixed if fixed is not None else max_micro
     micro = limit if limit is not None and limit < batch_size else None
+    routed = _routed(cfg, searched or {})
+    optimizer_options = {**t.optimizer.options, **routed["optimizer"]}
+    builtin = t.optimizer.builtin
+    # A built-in's momentum and weight decay are the spec's own fields (logged as such), wherever given.
+    momentum = float(optimizer_options.pop("momentum", t.momentum)) if builtin else t.momentum
+    weight_decay = float(optimizer_options.pop("weight_decay", t.weight_decay)) if builtin else 0.0
+    couple = tuple(name for name, space in cfg.search.params.items() if space.scale_with_batch)
     return TrainSpec(
         recipe=cfg.trainer.recipe,
         model=cfg.trainer.model,
-        recipe_options=cfg.trainer.options,
+        recipe_options={**cfg.trainer.options, **routed["recipe"]},
         batch_size=batch_size,
         micro_batch_size=micro,
         lr=lr,
-        optimizer=t.optimizer,
-        momentum=t.momentum,
-        weight_decay=t.weight_decay,
+        optimizer=t.optimizer.name,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        optimizer_options=optimizer_options,
+        couple=couple,
         max_steps=t.steps_for(batch_size, num_train or 1),
         eval_every=t.eval_every,
         log_every=t.log_every,
@@ -62,7 +77,7 @@ def make_spec(
         schedule=t.schedule,
         lr_scaling=t.lr_scaling.rule,
         reference_batch=t.lr_scaling.reference_batch,
-        warmup_steps=t.lr_scaling.warmup_steps,
+        warmup_steps=int(routed["train"].get("warmup_steps", t.lr_scaling.warmup_steps)),
         target_metric=t.target.metric if t.target else None,
         target_value=t.target.value if t.target else None,
         stop_at_target=bool(t.target and t.target.stop),
@@ -79,6 +94,20 @@ def make_spec(
         sharpness_iters=t.sharpness.iters,
         sharpness_tol=t.sharpness.tol,
     )
+
+
+def _routed(cfg: SweepConfig, searched: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {"optimizer": {}, "train": {}, "recipe": {}}
+    if not searched:
+        return out
+    recipe = get_recipe(cfg.trainer.recipe).options
+    fields = None if recipe.model_config.get("extra") == "allow" else tuple(recipe.model_fields)
+    for name, value in searched.items():
+        goes = route(name, cfg.train.optimizer.name, fields)
+        if goes is None:
+            raise UserError(f"search.params: {name} is not a setting this sweep can apply")
+        out[goes][name] = value
+    return out
 
 
 def budget_num_train(cfg: SweepConfig) -> int | None:
@@ -129,8 +158,12 @@ def run_params(spec: TrainSpec, cfg: SweepConfig) -> dict[str, Any]:
         "batch_size": spec.batch_size,
         "lr": spec.lr,
         "optimizer": spec.optimizer,
-        "momentum": spec.momentum,
-        "weight_decay": spec.weight_decay,
+        "momentum": spec.momentum if spec.optimizer == "sgd" else None,
+        "weight_decay": spec.weight_decay if spec.optimizer in BUILTIN_SETTINGS else None,
+        # The other settings, each under its own name (beta1, eps, a factory's options, ...).
+        **{name: spec.optimizer_options[name] for name in sorted(spec.optimizer_options)},
+        # Searched recipe options under their own names too.
+        **{name: spec.recipe_options[name] for name in cfg.search.params if name in spec.recipe_options},
         "seed": spec.seed,
         "trainer": spec.recipe,
         "model": spec.model,

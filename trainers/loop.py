@@ -23,7 +23,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from batchscope.trainers import distributed, evaluation
+from batchscope.trainers import distributed, evaluation, optim
 from batchscope.trainers.batches import check_step_loss, slice_batch, task_loss
 from batchscope.trainers.checkpoint import Checkpointer, CheckpointPolicy, RunState
 from batchscope.trainers.checkpoint import load as checkpoint_load
@@ -31,6 +31,7 @@ from batchscope.trainers.data import train_batches
 from batchscope.trainers.device import Clock, StepTimer, peak_memory_mb
 from batchscope.trainers.evaluation import HIGHER_IS_BETTER, crossing, target_reached
 from batchscope.trainers.noise_scale_in_loop import Cadence, NoiseScaleWindow, grad_sq_norm
+from batchscope.trainers.optim import base_settings
 from batchscope.trainers.plan import RunPlan, plan_run
 from batchscope.trainers.recipes import build_any_task
 from batchscope.trainers.schedule import lr_multiplier
@@ -57,26 +58,10 @@ def is_oom_error(exc: BaseException) -> bool:
 
 
 def make_optimizer(spec: TrainSpec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    if spec.optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {spec.optimizer!r}.")
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def build(fused: bool | None) -> torch.optim.Optimizer:
-        if spec.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay, fused=fused)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=spec.weight_decay, fused=fused)
-
-    # Fused kernels: one kernel per step for all parameters instead of several ops per tensor.
-    # On CUDA one launch, and with fp16 the GradScaler hands them its inf check on the device
-    # (no per-step host sync); on the CPU (torch >= 2.4) the step of a small model is 2-3.5x
-    # faster (MNIST-1D MLP: SGD 118 -> 52 us, AdamW 340 -> 95 us). Devices or dtypes without
-    # fused kernels get torch's default implementation.
-    if params:
-        try:
-            return build(fused=True)
-        except RuntimeError:
-            pass
-    return build(fused=None)
+    """`spec`'s optimizer at learning rate `lr`, its settings without batch-size couplings (the
+    memory probes' and benchmarks' optimizer; a run's own comes from its plan)."""
+    settings = base_settings(spec.optimizer, spec.momentum, spec.weight_decay, spec.optimizer_options)
+    return optim.make_optimizer(spec.optimizer, model, lr, settings)
 
 
 def train(
@@ -203,7 +188,7 @@ class _Run:
         self.resolved["batchnorm"] = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         # torch.compile of a Module is a Module (OptimizedModule), which a recipe's step(model, batch) receives.
         self.step_model = cast(nn.Module, torch.compile(self.model)) if spec.compile else self.model
-        self.optimizer = make_optimizer(spec, self.model, plan.lr)
+        self.optimizer = optim.make_optimizer(spec.optimizer, self.model, plan.lr, plan.optimizer_settings)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_multiplier(spec.schedule, spec.warmup_steps, spec.max_steps)
         )

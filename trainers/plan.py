@@ -22,6 +22,7 @@ from batchscope.trainers.device import (
     resolve_precision,
     seed_everything,
 )
+from batchscope.trainers.optim import base_settings, coupled_settings
 from batchscope.trainers.schedule import scaled_lr
 from batchscope.trainers.spec import TrainSpec
 
@@ -45,6 +46,7 @@ class RunPlan:
     gns_plan: list[tuple[int, int]]  # the micro-batches of a step that measures the noise scale
     small_at: int  # the noise scale's small batch ends with micro-batch gns_plan[small_at]
     lr: float
+    optimizer_settings: dict[str, Any]  # after the batch-size couplings
     resolved: dict[str, Any]  # what the run returns and the sink logs as params
 
 
@@ -73,6 +75,8 @@ def plan_run(spec: TrainSpec) -> RunPlan:
     elif len(accum_plan) < 2:
         gns_plan = micro_batches(B, (B + 1) // 2)
     lr = scaled_lr(spec.lr, B, spec.lr_scaling, spec.reference_batch)
+    settings = base_settings(spec.optimizer, spec.momentum, spec.weight_decay, spec.optimizer_options)
+    settings = coupled_settings(settings, spec.couple, B, spec.reference_batch, lr, spec.lr)
     resolved: dict[str, Any] = {
         "device": str(device),
         "precision": precision.name,
@@ -82,7 +86,9 @@ def plan_run(spec: TrainSpec) -> RunPlan:
         # What `mem/peak_mb` measures: tensors on a GPU, or the whole process on a CPU.
         "memory_measure": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
     }
+    # The settings the batch size changed, as the optimizer gets them (sampled ones are the trial's params).
+    resolved.update({f"effective_{name}": settings[name] for name in spec.couple if name in settings})
     if W > 1:
         resolved["world_size"] = W
     gns_on = spec.gns and B >= 2
-    return RunPlan(device, precision, W, local_B, shard, accum_plan, gns_on, gns_plan, small_at, lr, resolved)
+    return RunPlan(device, precision, W, local_B, shard, accum_plan, gns_on, gns_plan, small_at, lr, settings, resolved)

@@ -25,9 +25,14 @@ class TrainSpec:
     # None: the whole batch in one forward pass; otherwise gradient accumulation.
     micro_batch_size: int | None = None
     lr: float = 0.1
+    # A built-in (sgd, adam, adamw) or a factory's import path `module:function` (trainers/optim.py).
     optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd's
+    weight_decay: float = 0.0  # a built-in's (a factory's is among its options)
+    # The optimizer's other settings (betas as beta1/beta2, eps, nesterov, ...; a factory's options).
+    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
+    # Settings scaled with the batch size from `reference_batch` (trainers.optim.coupled_settings).
+    couple: tuple[str, ...] = ()
     max_steps: int = 1000
     eval_every: int = 50
     # How often the per-step losses are copied to the host and handed to the sink.
@@ -83,12 +88,17 @@ class TrainSpec:
             raise ValueError(f"gns_budget must be in (0, 1], got {self.gns_budget=}.")
         if self.gns_window is not None and self.gns_window < 1:
             raise ValueError(f"gns_window must be at least 1 step (None: 4 × eval_every), got {self.gns_window=}.")
+        unknown = sorted(set(self.couple) - {"weight_decay", "beta1", "beta2", "eps"})
+        if unknown:
+            raise ValueError(f"couple: no batch-size rule for {unknown}, got {self.couple=}.")
         if self.divergence_factor is not None and not self.divergence_factor > 1:
             raise ValueError(f"divergence_factor must be above 1 (or None), got {self.divergence_factor=}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["recipe_options"] = dict(self.recipe_options)
+        d["optimizer_options"] = dict(self.optimizer_options)
+        d["couple"] = list(self.couple)
         return d
 
 
