@@ -16,6 +16,7 @@ from batchscope.analysis import style
 from batchscope.analysis.analyze import SweepAnalysis
 from batchscope.analysis.charts_cost import cost, generalization, throughput_latency
 from batchscope.analysis.charts_lr import lr_batch
+from batchscope.analysis.charts_params import params_chart, searched_params
 from batchscope.analysis.charts_scaling import b_crit_progress, convergence, noise_scale, steps_to_target
 from batchscope.analysis.charts_search import comparison, optuna_view
 from batchscope.analysis.load import SweepData
@@ -98,6 +99,16 @@ CHARTS: tuple[_Spec, ...] = (
         "open rings: the best is at the edge of what was tried), McCandlish et al.'s law "
         "ε_max/(1 + B_*/B) with its knee B_* and 95% interval, and one power law for comparison.",
         lr_batch,
+    ),
+    _Spec(
+        "params",
+        "Other searched hyperparameters",
+        "The hyperparameters searched besides batch size and learning rate (search.params): per batch size "
+        "the value of its best trial by the objective (large dots; grey: every completed trial). Where a "
+        "setting was scaled with the batch size (scale_with_batch), squares show the value the optimizer "
+        "used; the dots are the sampled value at the reference batch.",
+        params_chart,
+        when=lambda sweep: bool(searched_params(sweep)),
     ),
     _Spec(
         "generalization",

@@ -42,7 +42,8 @@ class OptimizerChoice(BaseModel):
                 options = {}
             if not isinstance(options, Mapping):
                 raise ValueError(f"the settings of {name!r} must be a mapping, got {options!r}")
-            return {"name": name, "options": _split_betas(dict(options))}
+            # A factory gets its options as written; a built-in's betas are searched as beta1 and beta2.
+            return {"name": name, "options": _split_betas(dict(options)) if name in BUILTIN_SETTINGS else dict(options)}
         raise ValueError(
             f"give a name (sgd, adam, adamw or 'package.module:function') or one name with its settings, got {raw!r}"
         )
