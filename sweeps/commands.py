@@ -18,6 +18,7 @@ from rich.table import Table
 from batchscope.sweeps import optuna_attrs as attrs
 from batchscope.sweeps.errors import UserError
 from batchscope.sweeps.locations import redact
+from batchscope.sweeps.progress import extra_params, param_text
 
 if TYPE_CHECKING:
     from batchscope.analysis.load import SweepData
@@ -303,7 +304,8 @@ def _print_best(sweep: Any) -> None:
     names = sweep.cfg.search.objectives
     for t in best[:5]:
         vals = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, t.values, strict=True))
-        out.print(f"best: trial {t.number}  batch_size={t.params['batch_size']}  lr={t.params['lr']:.4g}  {vals}")
+        point = f"batch_size={t.params['batch_size']}  lr={t.params['lr']:.4g}{extra_params(t.params)}"
+        out.print(f"best: trial {t.number}  {point}  {vals}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -375,9 +377,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     study = optuna.load_study(study_name=args.study, storage=storage)
     table = Table(title=f"study {escape(args.study)}")
-    for col in ("#", "state", "status", "batch_size", "lr", "objective", "steps to target", "run id", "reason"):
+    trials = study.get_trials(deepcopy=False)
+    # search.params, in the order trials first had them.
+    extra = list(dict.fromkeys(k for t in trials for k in t.params if k not in ("batch_size", "lr")))
+    for col in ("#", "state", "status", "batch_size", "lr", *extra, "objective", "steps to target", "run id", "reason"):
         table.add_column(col, overflow="fold")
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         vals = ", ".join(f"{v:.4g}" for v in t.values) if t.values else ""
         stt = t.user_attrs.get("steps_to_target")
         table.add_row(
@@ -386,6 +391,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             escape(str(t.user_attrs.get(attrs.STATUS, ""))),
             str(t.params.get("batch_size", "")),
             f"{t.params['lr']:.4g}" if "lr" in t.params else "",
+            *(escape(param_text(t.params[k])) if k in t.params else "" for k in extra),
             vals,
             "" if stt is None or not math.isfinite(stt) else f"{stt:.0f}",
             escape(str(t.user_attrs.get(attrs.MLFLOW_RUN_ID, ""))),

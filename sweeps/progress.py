@@ -105,7 +105,7 @@ class RichReporter:
         )
 
     def trial_started(self, number: int, params: Mapping[str, Any], seed: int, max_steps: int) -> None:
-        label = f"trial {number} bs={params['batch_size']} lr={params['lr']:.3g}"
+        label = f"trial {number} bs={params['batch_size']} lr={params['lr']:.3g}{extra_params(params)}"
         desc = f"  {label} seed={seed}"
         with self._lock:
             self._running.setdefault(number, _Running(label, time.monotonic()))
@@ -146,3 +146,13 @@ class RichReporter:
 
     def message(self, text: str) -> None:
         self.progress.console.print(escape(f"{clock()} {text}"), highlight=False)
+
+
+def param_text(value: Any) -> str:
+    """A param as a person reads it: floats to 3 significant digits, the rest as is."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def extra_params(params: Mapping[str, Any]) -> str:
+    """` wd=0.01 beta2=0.99`: a trial's `search.params` after its batch size and lr (empty without)."""
+    return "".join(f" {k}={param_text(v)}" for k, v in params.items() if k not in ("batch_size", "lr"))
