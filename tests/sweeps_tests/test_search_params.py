@@ -167,23 +167,31 @@ def test_every_sampler_samples_the_extra_dimensions_within_their_bounds(workdir:
         assert f"hidden={t.params['hidden']}" in runs[t.number]["dataset"]
 
 
-def test_a_users_optimizer_factory_is_swept_over_weight_decay(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A factory that keeps norms and biases out of weight decay, in a module of the user's own.
-    (workdir / "user_optim.py").write_text(
-        textwrap.dedent(
-            """
-            import torch
+USER_OPTIM = textwrap.dedent(
+    """
+    import torch
 
-            def make(params, lr, weight_decay=0.0, betas=(0.9, 0.999)):
-                decay = [p for p in params if p.ndim >= 2]
-                rest = [p for p in params if p.ndim < 2]
-                groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-                return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
-            """
-        )
-    )
+    def make(params, lr, weight_decay=0.0, betas=(0.9, 0.999)):
+        decay = [p for p in params if p.ndim >= 2]
+        rest = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    """
+)
+
+
+def _user_optim(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/recipes.md's factory (norms and biases kept out of weight decay), in a module of the user's own."""
+    (workdir / "user_optim.py").write_text(USER_OPTIM)
     monkeypatch.syspath_prepend(str(workdir))
-    monkeypatch.setenv("PYTHONPATH", str(workdir))  # the trial workers import it too
+    import os
+
+    # The trial workers import it too (as `PYTHONPATH=.` in the docs).
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(workdir), os.environ.get("PYTHONPATH")])))
+
+
+def test_a_users_optimizer_factory_is_swept_over_weight_decay(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _user_optim(workdir, monkeypatch)
     cfg = small_config("factory")
     cfg["train"].update(
         {
@@ -219,3 +227,52 @@ def test_a_factory_that_cannot_take_a_searched_option_is_refused_before_any_tria
     path = write_config(workdir / "n.yaml", cfg)
     err = _refused_in_one_line(workdir, capsys, ["sweep", str(path)])
     assert "narrow_optim:make" in err and "weight_decay" in err
+
+
+def test_a_dataloader_model_with_its_own_optimizer_swept_over_batch_lr_and_weight_decay(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's 'done when': a DataLoader recipe (a Dataset of dict batches, its own step and
+    metrics), a factory optimizer, batch size × lr × weight decay, every in-loop measurement, a report."""
+    _user_optim(workdir, monkeypatch)
+    cfg = {
+        "study": "user-model",
+        "trainer": {"recipe": "tests.trainers_tests.data_recipes:build", "model": "mlp", "form": "collate", "n": 256},
+        "train": {
+            "optimizer": "user_optim:make",
+            "max_steps": 24,
+            "eval_every": 8,
+            "target": {"metric": "val/acc", "value": 0.5},
+            "gns": {"every": 2},
+        },
+        "search": {
+            "batch_size": {"values": [16, 64]},
+            "lr": {"low": 1e-3, "high": 3e-2, "log": True},
+            "params": {"weight_decay": {"low": 1e-3, "high": 0.1, "log": True, "scale_with_batch": True}},
+            "n_trials": 4,
+            "sampler": "random",
+            "objective": "steps_to_target",
+        },
+        "device": "cpu",
+    }
+    assert main(["sweep", str(write_config(workdir / "u.yaml", cfg))]) == 0
+    trials = _study(workdir, "user-model").get_trials()
+    assert len(trials) == 4 and all(t.state.is_finished() for t in trials)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    runs = _runs(workdir, "user-model")
+    for t in trials:
+        params = runs[t.number]
+        # lr_scaling none: the factory got λ · B/128 to keep B/(η·λ) at the reference's.
+        expected = t.params["weight_decay"] * t.params["batch_size"] / 128
+        assert float(params["effective_weight_decay"]) == pytest.approx(expected, rel=1e-9)
+        run = client.search_runs(
+            [client.get_experiment_by_name("user-model").experiment_id],  # type: ignore[union-attr]
+            filter_string=f"tags.`optuna.trial_number` = '{t.number}'",
+        )[0]
+        # The in-loop measurements of any trial: loss windows, evaluations, the noise scale, speed, memory.
+        # (gns/b_simple only where the window's mean |G|² is 3 standard errors above 0: not guaranteed here.)
+        measured = {"train/loss", "val/acc", "gns/grad_sq", "gns/trace_sigma", "perf/samples_per_s", "mem/peak_mb"}
+        assert measured <= set(run.data.metrics), measured - set(run.data.metrics)
+        assert "final/sharpness" in run.data.metrics
+    html = (workdir / "reports" / "user-model" / "index.html").read_text()
+    assert "Other searched hyperparameters" in html
