@@ -164,6 +164,15 @@ def build_any_task(name: str, model: str, options: Mapping[str, Any], device: to
     return task
 
 
+def stated_num_train(name: str, options: Mapping[str, Any]) -> int | None:
+    """The training-set size the recipe states from its options (`Recipe.num_train`), or None:
+    for a stream, whose size the data itself does not tell."""
+    recipe = get_recipe(name)
+    if recipe.num_train is None:
+        return None
+    return int(recipe.num_train(recipe.options.model_validate(dict(options))))
+
+
 def build_task(name: str, model: str, options: Mapping[str, Any], device: torch.device) -> Task:
     """As `build_any_task`, for the tools that need the data as tensors on the device (the
     `noise` command, AutoBatch's memory probes, inference throughput): a `DataTask` is refused."""
@@ -291,4 +300,5 @@ __all__ = [
     "check_data_task",
     "check_task",
     "get_recipe",
+    "stated_num_train",
 ]
