@@ -174,15 +174,16 @@ def stated_num_train(name: str, options: Mapping[str, Any]) -> int | None:
 
 
 def build_task(name: str, model: str, options: Mapping[str, Any], device: torch.device) -> Task:
-    """As `build_any_task`, for the tools that need the data as tensors on the device (the
-    `noise` command, AutoBatch's memory probes, inference throughput): a `DataTask` is refused."""
+    """As `build_any_task`, for code that indexes the data as tensors on the device (the
+    hand-written reference loop in benchmarks/, tests): a `DataTask` is refused. Every command
+    and measurement takes either form (`build_any_task`)."""
     from batchscope.trainers.task import DataTask
 
     task = build_any_task(name, model, options, device)
     if isinstance(task, DataTask):
         raise ValueError(
-            f"recipe {name!r} gives its data as a DataTask (a Dataset or a stream); this command needs it "
-            "in memory as a Task (train_x, train_y, ...): use it with `batchscope sweep`/`train` only."
+            f"recipe {name!r} gives its data as a DataTask (a Dataset or a stream); this code needs it "
+            "in memory as a Task (train_x, train_y, ...): build it with build_any_task instead."
         )
     return task
 
