@@ -365,20 +365,37 @@ def measure_data_noise_scale(
 
 def _dataset_draw(task: DataTask, dataset: Dataset[Any], b_big: int, seed: int, device: torch.device) -> Draw:
     """Big batches of examples drawn with replacement, the indices `measure_noise_scale` draws
-    for the same seed, loaded through a DataLoader (its workers decode a round at a time)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for the same seed, through one DataLoader (its workers decode ahead of the measurement)."""
     workers = task.num_workers if task.num_workers is not None else default_workers(device)
     pin = device.type == "cuda"
+    loader = DataLoader(
+        dataset,
+        batch_sampler=_WithReplacement(len(dataset), b_big, seed),  # type: ignore[arg-type]
+        collate_fn=task.collate_fn,
+        num_workers=workers,
+        pin_memory=pin,
+    )
+    batches: Iterator[Any] | None = None
 
     def draw(k: int) -> Iterator[Any]:
-        indices = [torch.randint(len(dataset), (b_big,), generator=gen).tolist() for _ in range(k)]  # type: ignore[arg-type]
-        loader = DataLoader(
-            dataset, batch_sampler=indices, collate_fn=task.collate_fn, num_workers=workers, pin_memory=pin
-        )
-        for batch in loader:
-            yield to_device(batch, device, non_blocking=pin)
+        nonlocal batches
+        batches = iter(loader) if batches is None else batches  # opened at the first pair, kept to the end
+        for _ in range(k):
+            yield to_device(next(batches), device, non_blocking=pin)
 
     return draw
+
+
+class _WithReplacement:
+    """An endless batch sampler: `b_big` indices of `n` at a time, uniform with replacement."""
+
+    def __init__(self, n: int, b_big: int, seed: int) -> None:
+        self.n, self.b_big, self.seed = n, b_big, seed
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        while True:
+            yield torch.randint(self.n, (self.b_big,), generator=gen).tolist()
 
 
 class _StreamDraw:

@@ -29,9 +29,9 @@ CPU = torch.device("cpu")
 SIZES = {"b_small": 32, "b_big": 256}
 
 
-def blobs(form: str, n: int = 4096) -> Any:
+def blobs(form: str, n: int = 4096, **options: Any) -> Any:
     torch.manual_seed(0)  # the same initial weights in every form
-    return build_any_task(BLOBS, "mlp", {"form": form, "n": n}, CPU)
+    return build_any_task(BLOBS, "mlp", {"form": form, "n": n, **options}, CPU)
 
 
 def reference(n_batches: int | None = 16) -> NoiseScaleEstimate:
@@ -40,11 +40,12 @@ def reference(n_batches: int | None = 16) -> NoiseScaleEstimate:
     return measure_noise_scale(task.model, task.loss_fn, task.train_x, task.train_y, n_batches=n_batches, **SIZES)
 
 
-@pytest.mark.parametrize("form", ["dataset", "collate"])
-def test_a_dataset_gives_the_estimate_of_the_same_tensors(form: str) -> None:
+@pytest.mark.parametrize(("form", "workers"), [("dataset", None), ("dataset", 2), ("collate", None)])
+def test_a_dataset_gives_the_estimate_of_the_same_tensors(form: str, workers: int | None) -> None:
     # Drawn with replacement by the same indices for the same seed: (x, y) pairs with the
-    # default collate, or dicts with the recipe's collate and own step, give the same numbers.
-    task = blobs(form)
+    # default collate (loaded here or by DataLoader workers), or dicts with the recipe's
+    # collate and own step, give the same numbers.
+    task = blobs(form, num_workers=workers) if workers else blobs(form)
     estimate = measure_data_noise_scale(task, n_batches=16, **SIZES)
     expected = reference()
     assert estimate.b_simple == pytest.approx(expected.b_simple, rel=1e-4)
