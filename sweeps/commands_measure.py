@@ -62,7 +62,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     spec = make_spec(cfg, max(sizes), 1e-3, cfg.train.seeds[0])
     try:
         results = measure_inference(spec, sizes, iters=args.iters, weights=weights)
-    except ValueError as exc:  # e.g. a recipe whose data streams (a DataTask): it says what to do
+    except ValueError as exc:  # the recipe's own refusal (options, data): one line saying what to change
         raise UserError(str(exc)) from None
     out.print(inference_table(results))
     run_id = log_throughput(cfg, results, source_run)
@@ -78,8 +78,7 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
     import torch
 
     from batchscope.trainers.device import resolve_device, seed_everything
-    from batchscope.trainers.noise_scale_offline import default_batch_sizes, measure_noise_scale
-    from batchscope.trainers.recipes import build_task
+    from batchscope.trainers.recipes import build_any_task
 
     seed = cfg.train.seeds[0] if args.seed is None else args.seed
     try:
@@ -92,32 +91,14 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
     weights, source_run = resolve_weights(cfg, args.checkpoint)
     seed_everything(seed)
     try:
-        task = build_task(cfg.trainer.recipe, cfg.trainer.model, cfg.trainer.options, device)
-    except ValueError as exc:  # e.g. a recipe whose data streams (a DataTask): it says what to do
+        task = build_any_task(cfg.trainer.recipe, cfg.trainer.model, cfg.trainer.options, device)
+    except ValueError as exc:  # the recipe's own refusal (options, data): one line saying what to change
         raise UserError(str(exc)) from None
     where = "initialization"
     if weights is not None:
         _load_weights(task.model, Path(weights), device, shown=args.checkpoint)
         where = f"checkpoint {args.checkpoint}" if source_run is None else f"the weights of MLflow run {source_run}"
-    n = task.num_train
-    b_small, b_big = default_batch_sizes(n, args.b_small, args.b_big)
-    if not 1 <= b_small < b_big <= n:
-        raise UserError(
-            f"need 1 ≤ --b-small < --b-big ≤ {n} (the training set), got --b-small {b_small} and --b-big {b_big}"
-        )
-    est = measure_noise_scale(
-        task.model,
-        task.loss_fn,
-        task.train_x,
-        task.train_y,
-        b_small=b_small,
-        b_big=b_big,
-        n_batches=args.batches,
-        rel_precision=args.precision,
-        min_batches=min_batches,
-        max_batches=args.max_batches,
-        seed=seed,
-    )
+    est = _estimate(task, cfg, args, seed=seed, min_batches=min_batches)
     out.print(f"Gradient noise scale of {cfg.trainer.recipe}/{cfg.trainer.model} at {escape(where)}")
     table = Table()
     table.add_column("quantity")
@@ -133,6 +114,8 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
         f"from {est.n_batches} pairs of batches of {est.b_small} and {est.b_big} examples on {device} "
         f"(McCandlish et al. 2018); torch {torch.__version__}"
     )
+    if est.population is not None:
+        out.print(f"(batches of a stream, drawn without replacement: corrected for its {est.population} examples)")
     if est.b_simple != est.b_simple:  # NaN
         out.print("[yellow]|G|² is not distinguishable from zero here (near a minimum?); B_simple is undefined.[/]")
     if est.precision_reached is False:
@@ -141,6 +124,46 @@ def cmd_noise_scale(args: argparse.Namespace) -> int:
             f"{args.max_batches} pairs: raise --max-batches, or use a larger --b-big.[/]"
         )
     return 0
+
+
+def _estimate(task: Any, cfg: SweepConfig, args: argparse.Namespace, *, seed: int, min_batches: int) -> Any:
+    """The offline noise scale on the training data of either form of task (trainers/noise_scale_offline.py)."""
+    from batchscope.trainers.data import EmptyEpochError
+    from batchscope.trainers.noise_scale_offline import (
+        default_batch_sizes,
+        measure_data_noise_scale,
+        measure_noise_scale,
+    )
+    from batchscope.trainers.recipes import stated_num_train
+    from batchscope.trainers.task import Task
+
+    stream = not isinstance(task, Task) and task.streams
+    # A stream's size is the recipe's to state (Recipe.num_train), or unknown.
+    n = stated_num_train(cfg.trainer.recipe, cfg.trainer.options) if stream else task.num_train
+    b_small, b_big = default_batch_sizes(n if n is not None else 512, args.b_small, args.b_big)
+    if not 1 <= b_small < b_big <= (n if n is not None else b_big):
+        most = f" ≤ {n} (the training set)" if n is not None else ""
+        raise UserError(f"need 1 ≤ --b-small < --b-big{most}, got --b-small {b_small} and --b-big {b_big}")
+    common = {
+        "b_small": b_small,
+        "b_big": b_big,
+        "n_batches": args.batches,
+        "rel_precision": args.precision,
+        "min_batches": min_batches,
+        "max_batches": args.max_batches,
+        "seed": seed,
+    }
+    if isinstance(task, Task):
+        return measure_noise_scale(task.model, task.loss_fn, task.train_x, task.train_y, **common)
+    try:
+        return measure_data_noise_scale(task, num_train=n if stream else None, **common)
+    except EmptyEpochError:
+        raise UserError(
+            f"--b-big {b_big}: the training stream gives no batch of {b_big} examples in an epoch "
+            "(it holds fewer); lower --b-big"
+        ) from None
+    except ValueError as exc:  # the recipe's batches or loss refused (ragged batches, a per-example loss)
+        raise UserError(str(exc)) from None
 
 
 def _load_weights(model: Any, path: Path, device: Any, *, shown: str) -> None:

@@ -16,7 +16,9 @@ spec's precision, autocast and GradScaler):
    fitted and the smallest that did not, to within 1/32.
 
 Batches of 64 and more are kept to multiples of 8 (the growth sizes are powers of two
-times `min_batch`); a cap (`max_batch`, or the training set) is used exactly.
+times `min_batch`); a cap (`max_batch`, or the training set) is used exactly. A stream of
+unknown size that holds no batch of a probed size (`no_batch`) bounds the search as a batch
+that does not fit does, and the answer is reported as capped by the training data.
 
 What is probed, and how the memory is measured on CUDA and on a CPU: trainers/memory_probe.py.
 """
@@ -205,7 +207,10 @@ def search_batch_size(
     lo, hi = _grow(trail, budget_mb, min_batch, cap())
     if hi is None:
         return lo, trail, f"the cap {lo} fits"
-    lo, hi, verified = _fit_and_verify(trail, budget_mb, lo, hi)
+    verified = False
+    # A stream too small for the batch says nothing of memory: no line reaches that far.
+    if trail[-1].status != "no_batch":
+        lo, hi, verified = _fit_and_verify(trail, budget_mb, lo, hi)
     if verified:
         return lo, trail, "fit, verified"
     lo = _bisect(trail, lo, hi)
@@ -281,6 +286,8 @@ def _bisect(trail: _Trail, lo: int, hi: int) -> int:
 
 
 def _nothing_fits(first: Probe, budget_mb: float) -> str:
+    if first.status == "no_batch":
+        return f"the training data gives no batch of {first.batch_size} examples ({first.detail})"
     what = f"allocation failed ({first.detail})" if first.status == "oom" else f"peak {first.peak_mb:.1f} MB"
     base = f"; {first.baseline_mb:.1f} MB were in use before the step" if first.baseline_mb is not None else ""
     return (
@@ -353,15 +360,20 @@ def find_batch_size(
     verified = at_answer[-1].peak_mb if at_answer else None
     assert verified is not None  # the answer is always a probe that fitted
     capped_by = None
+    failed = sorted((p for p in probes if not p.fits), key=lambda p: p.batch_size)
     if answer == cap() and not any(p.batch_size > answer for p in probes):
         capped_by = "dataset" if cap_at_dataset and num_train is not None and answer == num_train else "max_batch"
+    elif failed and failed[0].status == "no_batch":
+        capped_by = "dataset"  # a stream smaller than the next batch tried: its size, not memory, bounds it
     where = "in forked child processes" if dev.type == "cpu" else "in this process"
-    failed = sorted((p for p in probes if not p.fits), key=lambda p: p.batch_size)
     parts = [
         f"{len(probes)} probes of real training steps {where} ({spec.optimizer}, {precision}, {dev})",
         f"linear fit {fit.intercept_mb:.1f} MB + {fit.mb_per_example * 1024:.2f} KB/example",
     ]
-    if capped_by == "dataset":
+    if capped_by == "dataset" and failed and failed[0].status == "no_batch":
+        parts.append(f"capped by the training data, which gives no batch of {failed[0].batch_size} examples")
+        parts.append(how)
+    elif capped_by == "dataset":
         parts.append(f"capped at the {num_train} training examples, which fit")
     elif capped_by == "max_batch":
         parts.append(f"capped at max_batch={max_batch}, which fits")

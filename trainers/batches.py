@@ -65,6 +65,37 @@ def _rows(v: Any, lo: int, hi: int) -> Any:
     return v[lo:hi] if isinstance(v, torch.Tensor) and v.ndim > 0 else v
 
 
+def take_rows(batch: Batch, index: torch.Tensor) -> Any:
+    """The rows at `index` of every tensor (a copy; rows may repeat); other leaves are kept whole."""
+    if isinstance(batch, torch.Tensor):
+        return batch[index.to(batch.device)]
+    if isinstance(batch, Mapping):
+        return {k: _take(v, index) for k, v in batch.items()}
+    return type(batch)(_take(v, index) for v in batch) if isinstance(batch, tuple) else [_take(v, index) for v in batch]
+
+
+def _take(v: Any, index: torch.Tensor) -> Any:
+    return v[index.to(v.device)] if isinstance(v, torch.Tensor) and v.ndim > 0 else v
+
+
+def cat_batches(batches: Sequence[Any]) -> Any:
+    """One batch of the examples of `batches` (all of one structure), in order; other leaves from the first."""
+    first = batches[0]
+    if len(batches) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(batches))
+    if isinstance(first, Mapping):
+        return {k: _cat([b[k] for b in batches]) for k in first}
+    joined = [_cat([b[i] for b in batches]) for i in range(len(first))]
+    return tuple(joined) if isinstance(first, tuple) else joined
+
+
+def _cat(values: list[Any]) -> Any:
+    v = values[0]
+    return torch.cat(values) if isinstance(v, torch.Tensor) and v.ndim > 0 else v
+
+
 def to_device(batch: Batch, device: torch.device, non_blocking: bool = False) -> Any:
     """The batch with every tensor on `device`. `non_blocking` with pinned host memory overlaps the copy
     with compute on CUDA (the DataLoader pins when training on CUDA)."""

@@ -190,6 +190,10 @@ class LoaderBatches:
         self._it = None  # reopened at the restored position by the next `next()`
 
 
+class EmptyEpochError(ValueError):
+    """A factory's epoch held no batch of the size asked for: its data is smaller than one batch."""
+
+
 class StreamBatches:
     """Batches from a recipe's factory `(batch_size, seed) -> iterable`, one epoch per call.
 
@@ -217,7 +221,7 @@ class StreamBatches:
         batch = next(self._it, None)
         if batch is None:
             if self.in_epoch == 0:
-                raise ValueError(f"the training factory yielded no batch for batch_size {self.batch_size}.")
+                raise EmptyEpochError(f"the training factory yielded no batch for batch_size {self.batch_size}.")
             self.epoch, self.in_epoch = self.epoch + 1, 0
             self._it = self._open()
             return self.next()
@@ -271,13 +275,25 @@ class TensorBatches:
 BatchSource = TensorBatches | LoaderBatches | StreamBatches
 
 
-def train_batches(task: Task | DataTask, batch_size: int, seed: int, shard: slice, device: torch.device) -> BatchSource:
-    """Where the loop draws its training batches from, for any form of task."""
+def train_batches(
+    task: Task | DataTask,
+    batch_size: int,
+    seed: int,
+    shard: slice,
+    device: torch.device,
+    *,
+    num_workers: int | None = None,
+) -> BatchSource:
+    """Where the loop draws its training batches from, for any form of task.
+
+    `num_workers` overrides the task's DataLoader workers (AutoBatch's probes load in-process:
+    a few batches each, where starting workers would cost more than it saves)."""
     if isinstance(task, Task):
         return TensorBatches(task, batch_size, seed, shard, device)
     if task.streams:
         return StreamBatches(task.train, batch_size, seed, shard, device)  # type: ignore[arg-type]
-    workers = task.num_workers if task.num_workers is not None else default_workers(device)
+    workers = num_workers if num_workers is not None else task.num_workers
+    workers = workers if workers is not None else default_workers(device)
     return LoaderBatches(task.train, task.collate_fn, batch_size, seed, shard, device, workers)  # type: ignore[arg-type]
 
 

@@ -29,6 +29,14 @@ What is probed is one forward/backward pass over the whole batch: the largest
 (`compile` is ignored) and does not include evaluation, which runs in chunks of 4096
 without gradients. The caller's objects are never touched: probes build their own
 task, model and optimizer and discard them.
+
+Either form of task is probed with batches drawn as the loop draws them
+(trainers/data.py: `train_batches`), so a `DataTask`'s probes train on real batches of its
+data (tensors, tuples or dicts) at the probed size, with its own `step` loss. They load
+in-process (no DataLoader workers): on a CPU, a batch is part of the probe's peak as it is of
+the training process's. A stream whose epoch holds no batch of the probed size (its data is
+smaller) answers `no_batch`, and the search treats it as the in-memory path treats a batch
+past the training set: the cap.
 """
 
 from __future__ import annotations
@@ -53,7 +61,8 @@ from typing import IO, Any, Literal
 
 import torch
 
-from batchscope.trainers.data import DeviceBatcher
+from batchscope.trainers.batches import task_loss
+from batchscope.trainers.data import EmptyEpochError, train_batches
 from batchscope.trainers.device import (
     Precision,
     make_precision,
@@ -64,11 +73,11 @@ from batchscope.trainers.device import (
     seed_everything,
 )
 from batchscope.trainers.loop import is_oom_error, make_optimizer
-from batchscope.trainers.recipes import build_task
+from batchscope.trainers.recipes import build_any_task, stated_num_train
 from batchscope.trainers.spec import TrainSpec
-from batchscope.trainers.task import Task
+from batchscope.trainers.task import DataTask, Task
 
-ProbeStatus = Literal["ok", "over_budget", "oom"]
+ProbeStatus = Literal["ok", "over_budget", "oom", "no_batch"]
 
 # Probe steps: enough for the GradScaler to take one optimizer step (fp16 may skip a few).
 _MAX_SCALER_SKIPS = 8
@@ -91,7 +100,8 @@ class Probe:
     """One measured attempt at a batch size.
 
     `status`: `ok` (ran and its peak is within the budget), `over_budget` (ran, but its
-    peak is above the budget) or `oom` (an allocation failed; `peak_mb` is then None).
+    peak is above the budget), `oom` (an allocation failed; `peak_mb` is then None) or
+    `no_batch` (a stream's epoch holds no batch this large: its data is smaller).
     `baseline_mb` is the memory in use just before the measured steps (CPU: resident
     memory of the probe process; CUDA: allocated by this process).
     """
@@ -113,7 +123,7 @@ class Probe:
 class StepRunner:
     """Training steps as the loop takes them, with a fresh optimizer, on a task it owns."""
 
-    def __init__(self, spec: TrainSpec, task: Task, device: torch.device, precision: Precision) -> None:
+    def __init__(self, spec: TrainSpec, task: Task | DataTask, device: torch.device, precision: Precision) -> None:
         self.spec = spec
         self.task = task
         self.device = device
@@ -125,15 +135,16 @@ class StepRunner:
         """`steps` steps at `batch_size`, and more while the GradScaler has skipped every step so far."""
         task, scaler = self.task, self.precision.scaler
         task.model.train()
-        batcher = DeviceBatcher(task.num_train, batch_size, self.device, seed=self.spec.seed)
+        # The loop's own batches (a Task's indexed on the device, the same indices as its
+        # DeviceBatcher), loaded in-process: a probe takes a few steps.
+        batches = train_batches(task, batch_size, self.spec.seed, slice(None), self.device, num_workers=0)
         for i in range(steps + _MAX_SCALER_SKIPS):
             if i >= steps and self.steps_taken > 0:
                 break
-            idx = batcher.next()
-            xb, yb = task.train_x[idx], task.train_y[idx]
+            batch = batches.next()
             self.optimizer.zero_grad(set_to_none=True)
             with self.precision.autocast():
-                loss = task.loss_fn(task.model(xb).float(), yb)
+                loss = task_loss(task, task.model, batch)
             scaler.scale(loss).backward()
             before = scaler.get_scale() if scaler.is_enabled() else 0.0  # host sync: probes only
             scaler.step(self.optimizer)
@@ -141,7 +152,7 @@ class StepRunner:
             # A skipped step (inf/NaN gradients) lowers the scale; otherwise it stays or grows.
             if not scaler.is_enabled() or scaler.get_scale() >= before:
                 self.steps_taken += 1
-        del xb, yb, loss
+        del batch, loss
 
 
 @contextlib.contextmanager
@@ -161,11 +172,18 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
         np.random.set_state(np_state)
 
 
-def build_probe_task(spec: TrainSpec, device: torch.device) -> tuple[Task, Precision]:
+def build_probe_task(spec: TrainSpec, device: torch.device) -> tuple[Task | DataTask, Precision]:
     seed_everything(spec.seed)
     precision = make_precision(resolve_precision(spec.precision, device), device)
-    task = build_task(spec.recipe, spec.model, spec.recipe_options, device)
+    task = build_any_task(spec.recipe, spec.model, spec.recipe_options, device)
     return task, precision
+
+
+def train_size(spec: TrainSpec, task: Task | DataTask) -> int | None:
+    """The training-set size AutoBatch caps at: the task's, or for a stream the recipe's
+    `Recipe.num_train` where it gives one (None: unknown, the stream itself says when a batch
+    is too large for it)."""
+    return task.num_train if task.num_train is not None else stated_num_train(spec.recipe, spec.recipe_options)
 
 
 def first_line(exc: BaseException) -> str:
@@ -207,7 +225,7 @@ class MemoryProber:
         self.timeout_s = timeout_s
         self.num_train: int | None = None
         self._server: _ProbeProcess | None = None
-        self._task: Task | None = None
+        self._task: Task | DataTask | None = None
         self._precision: Precision | None = None
 
     def __enter__(self) -> MemoryProber:
@@ -259,9 +277,11 @@ class MemoryProber:
         """
         assert self._server is not None
         reply = self._server.request({"spec": replace(self.spec, device="cpu"), "batch_size": None, "budget_mb": 0})
+        if reply.get("status") == "refused":  # the recipe's own one-line refusal, not a crash
+            raise AutoBatchError(str(reply.get("detail", "")))
         if reply.get("status") != "primed":
             raise AutoBatchError(f"the probe process could not build the task:\n{reply.get('detail', '')}".rstrip())
-        self.num_train = int(reply["num_train"])
+        self.num_train = None if reply.get("num_train") is None else int(reply["num_train"])
 
     def _probe_in_child(self, batch_size: int, budget: float) -> Probe:
         if self._server is None:
@@ -273,8 +293,10 @@ class MemoryProber:
         status = reply.get("status")
         if status == "ok":
             return self._classify(batch_size, float(reply["peak_mb"]), reply.get("baseline_mb"), budget)
-        if status == "oom":
-            return Probe(batch_size, "oom", None, reply.get("baseline_mb"), str(reply.get("detail", "")))
+        if status in ("oom", "no_batch"):
+            return Probe(batch_size, status, None, reply.get("baseline_mb"), str(reply.get("detail", "")))
+        if status == "refused":
+            raise AutoBatchError(f"at batch size {batch_size}: {reply.get('detail', '')}")
         raise AutoBatchError(
             f"the memory probe at batch size {batch_size} failed with an error that is not out of memory:\n"
             f"{reply.get('detail', '')}".rstrip()
@@ -288,12 +310,12 @@ class MemoryProber:
     def _probe_here_unseeded(self, batch_size: int, budget: float) -> Probe:
         if self._task is None:
             self._task, self._precision = build_probe_task(self.spec, self.device)
-            self.num_train = self._task.num_train
+            self.num_train = train_size(self.spec, self._task)
         assert self._precision is not None
         runner: StepRunner | None = None
         baseline: float | None = None
         peak: float | None = None
-        detail = ""
+        detail = no_batch = ""
         try:
             runner = StepRunner(self.spec, self._task, self.device, self._precision)
             runner.run(min(2, batch_size))  # optimizer state, cuBLAS workspaces: part of every step
@@ -303,6 +325,8 @@ class MemoryProber:
             runner.run(batch_size)
             torch.cuda.synchronize(self.device)  # host sync: the measurement point
             peak = peak_memory_mb(self.device)
+        except EmptyEpochError as exc:
+            no_batch = str(exc)
         except Exception as exc:
             if not is_oom_error(exc):
                 raise
@@ -313,6 +337,8 @@ class MemoryProber:
             for p in self._task.model.parameters():
                 p.grad = None
             _release(self.device)
+        if no_batch:
+            return Probe(batch_size, "no_batch", None, baseline, no_batch)
         if peak is None:
             return Probe(batch_size, "oom", None, baseline, detail)
         return self._classify(batch_size, peak, baseline, budget)

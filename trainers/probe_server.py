@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
+from batchscope.trainers.data import EmptyEpochError
 from batchscope.trainers.device import peak_memory_mb, reset_peak_memory
 from batchscope.trainers.loop import is_oom_error
-from batchscope.trainers.memory_probe import StepRunner, build_probe_task, decode_request, first_line
+from batchscope.trainers.memory_probe import StepRunner, build_probe_task, decode_request, first_line, train_size
 from batchscope.trainers.spec import TrainSpec
 
 # Extra address space allowed above the budget's headroom in a CPU probe: allocations
@@ -58,12 +59,13 @@ def _child_probe(request: dict[str, Any], report: Callable[[dict[str, Any]], Non
     loaded = set(sys.modules)
     try:
         task, precision = build_probe_task(spec, device)
+        num_train = train_size(spec, task)
         runner = StepRunner(spec, task, device, precision)
         runner.run(min(2, batch_size or 2))
         # Start the intra-op thread pool (their stacks) before the limit: steps that small may not.
         torch.ones(1 << 22).add_(1)
         # The helper imports these too, so that later children do not import them again.
-        report({"num_train": task.num_train, "imported": [m for m in sys.modules if m not in loaded]})
+        report({"num_train": num_train, "imported": [m for m in sys.modules if m not in loaded]})
         if batch_size is None:
             report({"status": "primed"})
             return
@@ -82,7 +84,11 @@ def _child_probe(request: dict[str, Any], report: Callable[[dict[str, Any]], Non
         reset_peak_memory(device)
         runner.run(batch_size)
         peak = peak_memory_mb(device)
-        report({"status": "ok", "peak_mb": peak, "baseline_mb": baseline, "num_train": task.num_train})
+        report({"status": "ok", "peak_mb": peak, "baseline_mb": baseline, "num_train": num_train})
+    except EmptyEpochError as exc:  # a stream smaller than the batch: the data's cap, not memory's
+        report({"status": "no_batch", "detail": str(exc), "baseline_mb": baseline})
+    except ValueError as exc:  # the recipe refused its options or its data: its own one line, no traceback
+        report({"status": "refused", "detail": str(exc).strip()})
     except Exception as exc:
         if is_oom_error(exc):
             report({"status": "oom", "detail": first_line(exc), "baseline_mb": baseline})

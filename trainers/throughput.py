@@ -6,6 +6,11 @@ mode under `torch.inference_mode` and the precision's autocast. The inputs are r
 validation examples (repeated when the batch is larger than the validation set),
 already on the device: what is timed is the model, not data loading.
 
+A forward pass is `model(x)` for a `Task`. For a `DataTask` (data that streams) it is what
+the recipe trains with, less the backward pass: its `step(model, batch)` where it gives one,
+else `model(**batch)` for a dict batch and `model(x)` for an `(x, y)` batch; the batch is
+drawn from its validation data (a tensor, tuple or dict batch), gathered on the device first.
+
 On CUDA each call is timed with a pair of CUDA events and the host waits only once
 per batch size, after the timed calls, so the timing does not include host
 round-trips. On CPU each call is timed with `time.perf_counter`.
@@ -20,7 +25,7 @@ import gc
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,12 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from batchscope.trainers.batches import batch_size_of, cat_batches, take_rows
+from batchscope.trainers.data import val_batches
 from batchscope.trainers.device import make_precision, resolve_device, resolve_precision, seed_everything
 from batchscope.trainers.loop import is_oom_error
 from batchscope.trainers.memory_probe import preserved_rng
-from batchscope.trainers.recipes import build_task
+from batchscope.trainers.recipes import build_any_task
 from batchscope.trainers.spec import TrainSpec
-from batchscope.trainers.task import Task
+from batchscope.trainers.task import DataTask, Task
 
 __all__ = ["InferenceResult", "inference_table", "load_weights", "measure_inference"]
 
@@ -65,7 +72,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], device: torch.d
 
 
 def measure_inference(
-    source: TrainSpec | Task,
+    source: TrainSpec | Task | DataTask,
     batch_sizes: Sequence[int],
     *,
     warmup: int = 5,
@@ -78,8 +85,9 @@ def measure_inference(
 
     Args:
         source: a spec (its recipe's model is built here, on `device` or `spec.device`,
-            and `weights` may be loaded into it) or a task whose model is used as it is
-            (on its own device; its train/eval mode is restored afterwards).
+            and `weights` may be loaded into it) or a task of either form (`Task`, or a
+            `DataTask` whose data streams) whose model is used as it is (on its own device;
+            its train/eval mode is restored afterwards).
         batch_sizes: measured in this order.
         warmup: untimed calls per batch size before the timed ones.
         iters: timed calls per batch size.
@@ -100,7 +108,7 @@ def measure_inference(
         dev = resolve_device(str(device) if device is not None else source.device)
         with preserved_rng(dev):  # seeded like a training run, without moving the caller's streams
             seed_everything(source.seed)
-            task = build_task(source.recipe, source.model, source.recipe_options, dev)
+            task = build_any_task(source.recipe, source.model, source.recipe_options, dev)
         if weights is not None:
             load_weights(task.model, weights, dev)
         precision_name = resolve_precision(precision or source.precision, dev)
@@ -119,16 +127,66 @@ def measure_inference(
     model.eval()
     results = []
     try:
+        with torch.inference_mode():  # the validation examples, gathered once for every batch size
+            forward = _tensor_forward(model, task.val_x, dev) if isinstance(task, Task) else _data_forward(task, dev)
         for b in batch_sizes:
-            results.append(_measure_one(model, task.val_x, b, dev, precision_name, autocast, warmup, iters))
+            results.append(_measure_one(forward, b, dev, precision_name, autocast, warmup, iters))
     finally:
         model.train(was_training)
     return results
 
 
+# A forward pass at a batch size: `prepare(batch_size)` puts the inputs on the device (untimed)
+# and returns the call that is timed.
+Prepare = Callable[[int], Callable[[], Any]]
+
+
+def _tensor_forward(model: nn.Module, examples: torch.Tensor, device: torch.device) -> Prepare:
+    def prepare(batch_size: int) -> Callable[[], Any]:
+        idx = torch.arange(batch_size, device=examples.device) % len(examples)
+        x = examples[idx].to(device)
+        return lambda: model(x)
+
+    return prepare
+
+
+def _data_forward(task: DataTask, device: torch.device) -> Prepare:
+    """Batches of a DataTask's validation examples (repeated past its end), and its forward pass."""
+    pool = _validation_pool(task, device)
+    n = batch_size_of(pool)
+    model, step = task.model, task.step
+
+    def prepare(batch_size: int) -> Callable[[], Any]:
+        batch = take_rows(pool, torch.arange(batch_size) % n)
+        if step is not None:
+            return lambda: step(model, batch)
+        if isinstance(batch, Mapping):
+            return lambda: model(**batch)
+        if isinstance(batch, torch.Tensor):
+            return lambda: model(batch)
+        return lambda: model(batch[0])  # (x, y): the inputs alone
+
+    return prepare
+
+
+# Validation examples kept for the inputs: enough for batches of this many distinct examples.
+_POOL = 4096
+
+
+def _validation_pool(task: DataTask, device: torch.device) -> Any:
+    batches, have = [], 0
+    for batch in val_batches(task, device):
+        batches.append(batch)
+        have += batch_size_of(batch)
+        if have >= _POOL:
+            break
+    if not batches:
+        raise ValueError("the validation data gave no batch; throughput needs at least one example.")
+    return cat_batches(batches)
+
+
 def _measure_one(
-    model: nn.Module,
-    examples: torch.Tensor,
+    prepare: Prepare,
     batch_size: int,
     device: torch.device,
     precision: str,
@@ -139,7 +197,7 @@ def _measure_one(
     latencies_ms: list[float] | None = None
     detail = ""
     try:
-        latencies_ms = _time_calls(model, examples, batch_size, device, autocast, warmup, iters)
+        latencies_ms = _time_calls(prepare, batch_size, device, autocast, warmup, iters)
     except Exception as exc:
         if not is_oom_error(exc):
             raise
@@ -166,8 +224,7 @@ def _measure_one(
 
 
 def _time_calls(
-    model: nn.Module,
-    examples: torch.Tensor,
+    prepare: Prepare,
     batch_size: int,
     device: torch.device,
     autocast: Any,
@@ -175,26 +232,25 @@ def _time_calls(
     iters: int,
 ) -> list[float]:
     """Milliseconds per forward pass, `iters` of them, after `warmup` untimed ones."""
-    idx = torch.arange(batch_size, device=examples.device) % len(examples)
-    x = examples[idx].to(device)
     cuda = device.type == "cuda"
     with torch.inference_mode(), autocast():
+        forward = prepare(batch_size)
         for _ in range(warmup):
-            model(x)
+            forward()
         if cuda:
             torch.cuda.synchronize(device)  # sync point: warm-up work must not leak into the timings
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
             for start, end in zip(starts, ends, strict=True):
                 start.record()
-                model(x)
+                forward()
                 end.record()
             torch.cuda.synchronize(device)  # sync point: once per batch size, after the timed calls
             return [start.elapsed_time(end) for start, end in zip(starts, ends, strict=True)]
         latencies = []
         for _ in range(iters):
             t0 = time.perf_counter()
-            model(x)
+            forward()
             latencies.append((time.perf_counter() - t0) * 1000.0)
         return latencies
 

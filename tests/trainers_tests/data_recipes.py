@@ -7,7 +7,8 @@ data reaches the loop: `dataset` (a map-style Dataset of (x, y) pairs, default c
 returns its loss, Hugging Face style; accuracy from the recipe's own metrics).
 `bad` breaks one rule on purpose: `per_example` (a step returning one loss per example),
 `ragged` (batches whose tensors disagree on the number of examples). `num_workers` goes
-to the `dataset` form's DataLoader.
+to the `dataset` form's DataLoader. `memory` gives the same blobs as an in-memory `Task`,
+the reference the other forms' measurements are compared with.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from batchscope.trainers.task import DataTask
+from batchscope.trainers.task import DataTask, Task
 
 DEFAULTS: dict[str, Any] = {
     "form": "dataset",
@@ -101,7 +102,7 @@ def stream(data: Blobs, ragged: bool = False) -> Any:
     return factory
 
 
-def build(model: str, options: dict[str, Any], device: torch.device) -> DataTask:
+def build(model: str, options: dict[str, Any], device: torch.device) -> DataTask | Task:
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"data_recipes: unknown option {unknown[0]!r}; known: {', '.join(DEFAULTS)}")
@@ -138,4 +139,14 @@ def build(model: str, options: dict[str, Any], device: torch.device) -> DataTask
             # Counted as if each example were 3 tokens: the loop logs perf/tokens_per_s from it.
             count=lambda b: 3 * b["features"].shape[0],
         )
-    raise ValueError(f"data_recipes: form must be dataset, collate or stream, got {form!r}")
+    if form == "memory":
+        train, val = Blobs(n, dim, classes, seed=1), Blobs(n // 4, dim, classes, seed=2)
+        return Task(
+            model=net,
+            train_x=train.x.to(device),
+            train_y=train.y.to(device),
+            val_x=val.x.to(device),
+            val_y=val.y.to(device),
+            loss_fn=F.cross_entropy,
+        )
+    raise ValueError(f"data_recipes: form must be dataset, collate, stream or memory, got {form!r}")

@@ -164,16 +164,26 @@ def build_any_task(name: str, model: str, options: Mapping[str, Any], device: to
     return task
 
 
+def stated_num_train(name: str, options: Mapping[str, Any]) -> int | None:
+    """The training-set size the recipe states from its options (`Recipe.num_train`), or None:
+    for a stream, whose size the data itself does not tell."""
+    recipe = get_recipe(name)
+    if recipe.num_train is None:
+        return None
+    return int(recipe.num_train(recipe.options.model_validate(dict(options))))
+
+
 def build_task(name: str, model: str, options: Mapping[str, Any], device: torch.device) -> Task:
-    """As `build_any_task`, for the tools that need the data as tensors on the device (the
-    `noise` command, AutoBatch's memory probes, inference throughput): a `DataTask` is refused."""
+    """As `build_any_task`, for code that indexes the data as tensors on the device (the
+    hand-written reference loop in benchmarks/, tests): a `DataTask` is refused. Every command
+    and measurement takes either form (`build_any_task`)."""
     from batchscope.trainers.task import DataTask
 
     task = build_any_task(name, model, options, device)
     if isinstance(task, DataTask):
         raise ValueError(
-            f"recipe {name!r} gives its data as a DataTask (a Dataset or a stream); this command needs it "
-            "in memory as a Task (train_x, train_y, ...): use it with `batchscope sweep`/`train` only."
+            f"recipe {name!r} gives its data as a DataTask (a Dataset or a stream); this code needs it "
+            "in memory as a Task (train_x, train_y, ...): build it with build_any_task instead."
         )
     return task
 
@@ -291,4 +301,5 @@ __all__ = [
     "check_data_task",
     "check_task",
     "get_recipe",
+    "stated_num_train",
 ]
