@@ -88,6 +88,9 @@ class FrontierSampler(optuna.samplers.BaseSampler):
         lr_resolution: neighbours' ratio on the grid over a continuous lr range (1.5: the best lr
             is known within a factor of 1.5).
         step: the first step out from a point, as an lr ratio (at least one grid step).
+        batch_sizes: the batch sizes searched, where the batch-size distribution does not list
+            them: an int range on a log scale (`batchscope.sweeps.ordered_batch`) holds every
+            integer between its ends; without this list, its powers of two are searched.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class FrontierSampler(optuna.samplers.BaseSampler):
         lr_param: str = "lr",
         lr_resolution: float = 1.5,
         step: float = 2.0,
+        batch_sizes: Sequence[int] | None = None,
     ) -> None:
         if not (math.isfinite(lr_resolution) and lr_resolution > 1):
             raise ValueError(f"lr_resolution must be a finite ratio above 1, but got {lr_resolution=}.")
@@ -108,6 +112,7 @@ class FrontierSampler(optuna.samplers.BaseSampler):
         self._names = (batch_param, lr_param)
         self._resolution = lr_resolution
         self._step = step
+        self._batch_sizes = None if batch_sizes is None else sorted(int(b) for b in batch_sizes)
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
 
     def reseed_rng(self) -> None:
@@ -141,7 +146,7 @@ class FrontierSampler(optuna.samplers.BaseSampler):
         if all(name in known for name in self._names):
             return self._propose(study, trial, known)[param_name]
         # The batch size of the very first trials: the middle of the range, then outwards.
-        batches = batch_values(param_distribution)
+        batches = batch_values(param_distribution, self._batch_sizes)
         middle = np.mean(np.log(batches))
         order = sorted(range(len(batches)), key=lambda i: (abs(math.log(batches[i]) - middle), i))
         return _choice(param_distribution, batches[order[_rank(study, trial) % len(order)]])
@@ -157,6 +162,7 @@ class FrontierSampler(optuna.samplers.BaseSampler):
             minimize=study.direction == optuna.study.StudyDirection.MINIMIZE,
             names=self._names,
             lr_resolution=self._resolution,
+            batch_sizes=self._batch_sizes,
         )
         fixed = trial.params.get(self._names[0])
         only = frontier.batch_index(fixed) if fixed is not None else None
@@ -195,8 +201,9 @@ class Frontier:
         minimize: bool = True,
         names: tuple[str, str] = ("batch_size", "lr"),
         lr_resolution: float = 1.5,
+        batch_sizes: Sequence[int] | None = None,
     ) -> Frontier:
-        frontier = cls(batch_values(batch_dist), lr_values(lr_dist, lr_resolution))
+        frontier = cls(batch_values(batch_dist, batch_sizes), lr_values(lr_dist, lr_resolution))
         for t in trials:
             params = t.params if all(n in t.params for n in names) else t.system_attrs.get("fixed_params", {})
             if not all(n in params for n in names):
@@ -331,10 +338,13 @@ class Frontier:
         ]
 
 
-def batch_values(dist: BaseDistribution) -> list[int]:
-    """The batch sizes a distribution holds: a categorical's choices, an int range's values (its
-    powers of two when it is log-scaled or wider than 64 values)."""
-    if isinstance(dist, CategoricalDistribution):
+def batch_values(dist: BaseDistribution, listed: Sequence[int] | None = None) -> list[int]:
+    """The batch sizes a distribution holds: the `listed` ones it contains if given, else a
+    categorical's choices, an int range's values (its powers of two when it is log-scaled or
+    wider than 64 values)."""
+    if listed is not None:
+        values = sorted(int(b) for b in listed if _holds(dist, int(b)))
+    elif isinstance(dist, CategoricalDistribution):
         values = sorted(int(c) for c in dist.choices)  # type: ignore[arg-type]
     elif isinstance(dist, IntDistribution):
         values = list(range(dist.low, dist.high + 1, dist.step))
@@ -346,6 +356,14 @@ def batch_values(dist: BaseDistribution) -> list[int]:
     if not values or values[0] < 1:
         raise ValueError(f"batch sizes must be positive integers, but got {values}")
     return values
+
+
+def _holds(dist: BaseDistribution, batch: int) -> bool:
+    if isinstance(dist, CategoricalDistribution):
+        return batch in dist.choices
+    if isinstance(dist, IntDistribution):
+        return dist.low <= batch <= dist.high and (batch - dist.low) % dist.step == 0
+    raise ValueError(f"the batch size must be categorical or an int, but got {dist}")
 
 
 def lr_values(dist: BaseDistribution, resolution: float = 1.5) -> list[float]:
@@ -396,11 +414,12 @@ def frontier_done(
     lr_resolution: float = 1.5,
     step: float = 2.0,
     seed: int = 0,
+    batch_sizes: Sequence[int] | None = None,
 ) -> tuple[bool, str]:
     """Whether the frontier is known: every batch size's best lr bracketed on both sides (or the
     batch size unreachable: `Line.unreachable`), and B_crit's 95% bootstrap interval
     (high − low)/B_crit at most `b_crit_rel_ci`; and why. `lr_resolution` and `step` as the
-    sampler's.
+    sampler's, and `batch_sizes` (the batch sizes searched where the distribution does not list them).
 
     B_crit is fitted (`batchscope.analysis.fits.fit_critical_batch`) to the steps to target of each batch
     size's best trial: `steps(trial)`, by default the trial's value.
@@ -409,7 +428,9 @@ def frontier_done(
     if space is None:
         return False, "no trial has sampled a batch size and a learning rate yet"
     finished = [t for t in trials if t.state in _FINISHED]
-    frontier = Frontier.from_trials(finished, *space, minimize=minimize, names=names, lr_resolution=lr_resolution)
+    frontier = Frontier.from_trials(
+        finished, *space, minimize=minimize, names=names, lr_resolution=lr_resolution, batch_sizes=batch_sizes
+    )
     open_batches = frontier.unfinished(step)
     if open_batches:
         return False, f"the best lr is not bracketed yet at batch size(s) {open_batches}"
@@ -448,5 +469,6 @@ def stop_reason(study: optuna.Study, search: SearchConfig) -> str | None:
         b_crit_rel_ci=search.stop_when.b_crit_rel_ci,
         minimize=study.direction == optuna.study.StudyDirection.MINIMIZE,
         steps=steps,
+        batch_sizes=search.batch_choices(),
     )
     return f"frontier search done: {why}" if done else None

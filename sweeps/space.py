@@ -12,6 +12,7 @@ import optuna
 
 from batchscope.sweeps.config import LrRange, SearchConfig, SweepConfig, TrainConfig, config_to_dict
 from batchscope.sweeps.config_params import ParamValues
+from batchscope.sweeps.ordered_batch import OrderedBatchSampler, suggest_batch_size
 
 # objective name -> (direction, per-seed metric it reads from the trainer's final metrics)
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -50,26 +51,33 @@ def directions(search: SearchConfig) -> list[str]:
 
 
 def make_sampler(search: SearchConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
-    """The configured sampler, seeded with `seed` (default `search.seed`).
+    """The configured sampler, seeded with `seed` (default `search.seed`), wrapped so that the
+    batch size, an int on a log scale, only takes the configured values (sweeps.ordered_batch).
 
     A sweep passes its process's own seed (`process_seed`): processes sharing a study with one
     seed would propose the same trials.
     """
     seed = search.seed if seed is None else seed
+    batches = search.batch_choices()
+    inner: optuna.samplers.BaseSampler
+    random_trials: float = 0  # finished trials during which `inner` draws at random
     if search.sampler == "grid":
-        grid: dict[str, Any] = {"batch_size": search.batch_choices(), "lr": search.lr_choices()}
+        grid: dict[str, Any] = {"batch_size": batches, "lr": search.lr_choices()}
         grid |= {name: space.choices() for name, space in search.params.items()}
-        return optuna.samplers.GridSampler(grid, seed=seed)
-    if search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if search.sampler == "frontier":
+        inner = optuna.samplers.GridSampler(grid, seed=seed)
+    elif search.sampler == "random":
+        inner, random_trials = optuna.samplers.RandomSampler(seed=seed), math.inf
+    elif search.sampler == "frontier":
         from batchscope.sweeps.frontier import FrontierSampler
 
         # Its proposals follow from the study's trials (pending ones included): the seed only
         # breaks ties once the grid is used up, so a per-process seed is safe.
-        return FrontierSampler(seed=seed)
-    # A few random trials first, then TPE; multivariate TPE models batch size and lr jointly.
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(8, search.n_trials // 3 or 1))
+        inner = FrontierSampler(seed=seed, batch_sizes=batches)
+    else:
+        # A few random trials first, then TPE; multivariate TPE models batch size and lr jointly.
+        random_trials = min(8, search.n_trials // 3 or 1)
+        inner = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=int(random_trials))
+    return OrderedBatchSampler(inner, batches, random_trials=random_trials, seed=seed)
 
 
 def sampler_seed(search: SearchConfig) -> int:
@@ -212,9 +220,10 @@ def sampled(params: Mapping[str, Any]) -> bool:
 
 
 def suggest(trial: optuna.trial.BaseTrial, search: SearchConfig) -> dict[str, Any]:
-    """Sample (batch_size, lr), then `search.params` in the config's order. Batch sizes are
-    categorical: the listed or power-of-two values."""
-    params: dict[str, Any] = {"batch_size": trial.suggest_categorical("batch_size", search.batch_choices())}
+    """Sample (batch_size, lr), then `search.params` in the config's order. The batch size is one
+    of the listed or power-of-two values, on an ordered log axis (an int, or a categorical in a
+    study an earlier version created: sweeps.ordered_batch)."""
+    params: dict[str, Any] = {"batch_size": suggest_batch_size(trial, search.batch_choices())}
     lrs = search.lr_choices()
     if lrs is not None:
         params["lr"] = trial.suggest_categorical("lr", lrs)

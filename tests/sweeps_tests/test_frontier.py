@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from batchscope.analysis.fits import fit_critical_batch
 from batchscope.sweeps.config import SearchConfig, StopWhen, SweepConfig
 from batchscope.sweeps.frontier import Frontier, FrontierSampler, frontier_done, stop_reason
+from batchscope.sweeps.ordered_batch import OrderedBatchSampler
 from batchscope.sweeps.frontier_line import DIVERGED, FINITE, WORSE, Line, noise_scale
 from tests.conftest import small_config, write_config
 
@@ -320,7 +321,9 @@ def test_sweep_config_builds_the_sampler() -> None:
     from batchscope.sweeps.space import make_sampler, sampler_seed
 
     search = SearchConfig(sampler="frontier")
-    assert isinstance(make_sampler(search, sampler_seed(search)), FrontierSampler)
+    sampler = make_sampler(search, sampler_seed(search))
+    assert isinstance(sampler, OrderedBatchSampler)  # the batch size on an ordered axis
+    assert isinstance(sampler.inner, FrontierSampler)
 
 
 # ---- a real sweep, 2 workers, killed and resumed --------------------------------------------
