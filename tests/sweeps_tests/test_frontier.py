@@ -15,13 +15,14 @@ from typing import Any
 import numpy as np
 import optuna
 import pytest
+from optuna.distributions import IntDistribution
 from optuna.trial import TrialState
 
 from batchscope.analysis.fits import fit_critical_batch
 from batchscope.sweeps.config import SearchConfig, StopWhen, SweepConfig
 from batchscope.sweeps.frontier import Frontier, FrontierSampler, frontier_done, stop_reason
-from batchscope.sweeps.ordered_batch import OrderedBatchSampler
 from batchscope.sweeps.frontier_line import DIVERGED, FINITE, WORSE, Line, noise_scale
+from batchscope.sweeps.ordered_batch import OrderedBatchSampler, suggest_batch_size
 from tests.conftest import small_config, write_config
 
 # ---- a synthetic world with a known frontier (no training) ----------------------------------
@@ -41,6 +42,8 @@ def synthetic_objective(
     seed: int,
     *,
     continuous: bool = False,
+    ordered: bool = False,
+    batches: list[int] = BATCHES,
     unreachable: tuple[int, ...] = (),
     noise: float = 0.05,
     plateau: float = 0.0,
@@ -51,7 +54,8 @@ def synthetic_objective(
     rng = np.random.default_rng(seed + 1000)
 
     def objective(trial: optuna.Trial) -> float:
-        batch = trial.suggest_categorical("batch_size", BATCHES)
+        # ordered: as a sweep suggests it, an int on a log scale (sweeps.ordered_batch).
+        batch = suggest_batch_size(trial, batches) if ordered else trial.suggest_categorical("batch_size", batches)
         if continuous:
             lr = trial.suggest_float("lr", LRS[0], LRS[-1], log=True)
         else:
@@ -68,15 +72,27 @@ def synthetic_objective(
 
 
 def run_synthetic(
-    seed: int, n_trials: int, *, continuous: bool = False, rel_ci: float = 0.25, **world: Any
+    seed: int,
+    n_trials: int,
+    *,
+    continuous: bool = False,
+    ordered: bool = False,
+    batches: list[int] = BATCHES,
+    rel_ci: float = 0.25,
+    **world: Any,
 ) -> optuna.Study:
-    study = optuna.create_study(direction="minimize", sampler=FrontierSampler(seed=seed))
+    sampler: optuna.samplers.BaseSampler = FrontierSampler(seed=seed)
+    if ordered:
+        sampler = OrderedBatchSampler(FrontierSampler(seed=seed, batch_sizes=batches), batches)
 
     def stop(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
-        if frontier_done(study.get_trials(deepcopy=False), b_crit_rel_ci=rel_ci)[0]:
+        trials = study.get_trials(deepcopy=False)
+        if frontier_done(trials, b_crit_rel_ci=rel_ci, batch_sizes=batches if ordered else None)[0]:
             study.stop()
 
-    study.optimize(synthetic_objective(seed, continuous=continuous, **world), n_trials=n_trials, callbacks=[stop])
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+    objective = synthetic_objective(seed, continuous=continuous, ordered=ordered, batches=batches, **world)
+    study.optimize(objective, n_trials=n_trials, callbacks=[stop])
     return study
 
 
@@ -134,6 +150,27 @@ def test_proposals_are_deterministic_given_the_study() -> None:
     a = run_synthetic(5, n_trials=20)
     b = run_synthetic(5, n_trials=20)
     assert [t.params for t in a.trials] == [t.params for t in b.trials]
+
+
+@pytest.mark.parametrize(("seed", "continuous"), [(0, False), (3, False), (1, True)])
+def test_an_ordered_batch_axis_gets_the_same_proposals_as_a_categorical(seed: int, continuous: bool) -> None:
+    """A sweep suggests the batch size as an int on a log scale (sweeps.ordered_batch): the
+    frontier search is the same, trial for trial, as over the categorical of earlier versions."""
+    categorical = run_synthetic(seed, n_trials=40, continuous=continuous)
+    ordered = run_synthetic(seed, n_trials=40, continuous=continuous, ordered=True)
+    assert [t.params for t in ordered.trials] == [t.params for t in categorical.trials]
+    assert [t.state for t in ordered.trials] == [t.state for t in categorical.trials]  # it stopped alike
+    assert all(t.distributions["batch_size"] == IntDistribution(16, 2048, log=True) for t in ordered.trials)
+
+
+def test_an_int_batch_axis_is_searched_at_the_listed_batch_sizes_only() -> None:
+    # An int range holds every integer between its ends: without the list, its powers of two
+    # (32, 128) would be searched, and the trials at 48 would be read as no batch size at all.
+    study = run_synthetic(0, n_trials=30, ordered=True, batches=[16, 48, 256], rel_ci=0.01)
+    assert sorted({t.params["batch_size"] for t in study.trials}) == [16, 48, 256]
+    assert len(study.trials) == 30
+    points = [(t.params["batch_size"], t.params["lr"]) for t in study.trials]
+    assert len(points) == len(set(points))  # no point trained twice: the trials at 48 are seen
 
 
 def test_pending_trials_count_as_explored() -> None:

@@ -192,6 +192,15 @@ def test_optuna_dashboard_serves_the_study_with_its_objective_named(workdir: Pat
             detail = json.load(r)
         assert detail["objective_names"] == ["val_loss"]  # not "Objective 0"
         assert len(detail["trials"]) == 3
+        # The batch-size axis of its plots: an int on a log scale, drawn in order (a categorical's
+        # choices are merged through a set and drawn as unordered labels: 256, 16, 64).
+        ordered = {"type": "IntDistribution", "low": 16, "high": 256, "step": 1, "log": True}
+        for space in ("intersection_search_space", "union_search_space"):
+            assert {p["name"]: p["distribution"] for p in detail[space]}["batch_size"] == ordered, space
+        for t in detail["trials"]:
+            (batch,) = [p for p in t["params"] if p["name"] == "batch_size"]
+            # The value plotted is the batch size itself (a categorical plots its choice's index).
+            assert batch["param_internal_value"] == int(batch["param_external_value"]) in (16, 64, 256)
     finally:
         # As a job system stops it (SIGINT may be ignored under a test runner's workers): the
         # dashboard goes with it, so the pipe closes and the port is free.
