@@ -110,7 +110,12 @@ def _line_index(journal: Path, op_code: int, nth: int = 0) -> int:
 def _killed_mid_trial(base: Path) -> tuple[int, str]:
     """What a sweep killed mid-trial leaves: a RUNNING trial whose worker is gone, with a RUNNING run
     that the trial does not list yet (killed between creating the run and recording it)."""
-    study = optuna.load_study(study_name=NAME, storage=journal_storage(_journal(base)))
+    from batchscope.sweeps.config_load import validate
+    from batchscope.sweeps.space import make_sampler
+
+    # Sampled as the sweep samples (its batch sizes only: an int axis holds every integer between them).
+    sampler = make_sampler(validate(_config(), "test").search, 0)
+    study = optuna.load_study(study_name=NAME, storage=journal_storage(_journal(base)), sampler=sampler)
     trial = study.ask(fixed_distributions=study.trials[0].distributions)
     trial.set_user_attr("worker", DEAD_WORKER)
     tracker = Tracker(f"sqlite:///{base / 'mlruns' / 'mlflow.db'}")
