@@ -183,6 +183,7 @@ def replay(
                 b_crit_rel_ci=plan.stop_when,
                 minimize=minimize,
                 steps=lambda t: float(t.user_attrs.get("steps_to_target", math.nan)),
+                batch_sizes=cfg.search.batch_choices(),  # the batch size is an int range (sweeps.ordered_batch)
             )
             if done:
                 return Outcome(history, frontier_at, frontier_grid_at, best_at, True, frontier_pooled_at)
@@ -238,7 +239,7 @@ def _tell(study: Any, trial: Any, **result: Any) -> None:
     except RuntimeError:
         # GridSampler calls study.stop() after its last point, which only works inside optimize();
         # the trial is stored before that (optuna.study._tell), so the grid is simply done.
-        if not isinstance(study.sampler, optuna.samplers.GridSampler):
+        if not isinstance(getattr(study.sampler, "inner", study.sampler), optuna.samplers.GridSampler):
             raise
 
 
