@@ -8,16 +8,15 @@ because the REST API has no public bulk history endpoint).
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
+
+from batchscope.analysis._gc import paused_gc
 
 FINAL_PREFIX = "final/"
 # MLflow's SQL stores clamp ±inf to ±float max and store NaN as 0 with is_nan set.
@@ -76,19 +75,6 @@ _SQL_METRICS = (
     f"JOIN runs r ON r.run_uuid = m.run_uuid WHERE {_ACTIVE} AND m.key NOT LIKE 'final/%'"
 )
 _SQL_EXPERIMENT = "SELECT experiment_id FROM experiments WHERE name = :name AND lifecycle_stage = 'active'"
-
-
-@contextmanager
-def _no_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector while millions of row tuples are built: it would
-    otherwise rescan them again and again (about half of the load time at 1M rows)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _fetch_columns(cursor: Any, query: str, n_columns: int) -> list[np.ndarray]:
@@ -159,7 +145,7 @@ def _fetch_experiment(cursor: Any, found: list[Any]) -> tuple[int, list[list[np.
     # a million rows) without caring about each driver's parameter style.
     experiment_id = max(int(row[0]) for row in found)
     try:
-        with _no_gc():
+        with paused_gc():
             columns = [
                 _fetch_columns(cursor, _SQL_RUNS.format(eid=experiment_id), 4),
                 _fetch_columns(cursor, _SQL_KEY_VALUE.format(table="tags", eid=experiment_id), 3),
@@ -174,7 +160,7 @@ def _fetch_experiment(cursor: Any, found: list[Any]) -> tuple[int, list[list[np.
 
 def _raw_experiment(experiment_id: int, columns: list[list[np.ndarray]]) -> RawExperiment:
     runs, tags, params, finals, metrics = columns
-    with _no_gc():
+    with paused_gc():
         metric_frame = pd.DataFrame(
             {
                 "run_id": _categorical(metrics[0]),

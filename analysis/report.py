@@ -24,6 +24,7 @@ from urllib.parse import quote
 import pandas as pd
 
 from batchscope.analysis import report_cache, tables
+from batchscope.analysis._gc import paused_gc
 from batchscope.analysis.load import ReadMethod, SweepData, load_sweep
 from batchscope.analysis.paths import child_dir, safe_name
 from batchscope.analysis.readonly_stores import DEFAULT_TRACKING_UI, StorageLike, redact_url
@@ -182,13 +183,15 @@ def render_report(
 
     colors = BatchColors(b for s in sweeps for b in s.trials["batch_size"].dropna())
     reports = []
-    for sweep in sweeps:
-        result = analyze(sweep)
-        charts = render_charts(sweep, result, colors, image_format=image_format, strict=strict)
-        reports.append(StudyReport(sweep, result, findings(sweep, result), charts))
-    comparison = None
-    if len(reports) > 1:
-        comparison = render_comparison([(r.sweep.study_name, r.analysis) for r in reports], image_format=image_format)
+    with paused_gc():  # a tenth of the rendering time otherwise (see paused_gc)
+        for sweep in sweeps:
+            result = analyze(sweep)
+            charts = render_charts(sweep, result, colors, image_format=image_format, strict=strict)
+            reports.append(StudyReport(sweep, result, findings(sweep, result), charts))
+        comparison = None
+        if len(reports) > 1:
+            pairs = [(r.sweep.study_name, r.analysis) for r in reports]
+            comparison = render_comparison(pairs, image_format=image_format)
 
     folder.mkdir(parents=True, exist_ok=True)
     report_cache.forget(folder)
