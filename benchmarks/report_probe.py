@@ -1,6 +1,6 @@
 """The phases of `batchscope report`'s first report, timed in one process (run by report_speed.py).
 
-    python -m benchmarks.report_probe STUDY STORE_DIR OUT_DIR
+    python benchmarks/report_probe.py STUDY STORE_DIR OUT_DIR
 
 Runs the steps `batchscope report STUDY` takes, in its order, on the stores under STORE_DIR
 (optuna.journal, mlflow.db) and prints one JSON line: CPU seconds of each phase. It uses only
