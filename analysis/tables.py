@@ -70,7 +70,10 @@ def fastest_to_target(trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]
     for column in (SAMPLES, TIME):
         if column not in runs:
             runs[column] = np.nan
-    reached = runs.groupby("trial")[STEPS].apply(lambda s: bool(np.isfinite(s).all()))
+    # Whether each trial's runs all reached it: one grouped reduction (a Python call per trial took
+    # a tenth of a 500-trial report).
+    finite = pd.Series(np.isfinite(runs[STEPS].to_numpy(dtype=float)), index=runs.index)
+    reached = finite.groupby(runs["trial"]).all()
     runs = runs[runs["trial"].map(reached).fillna(False).astype(bool)]
     if runs.empty:
         return pd.DataFrame(columns=per_batch_columns), pd.DataFrame(columns=point_columns)
