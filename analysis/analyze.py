@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import optuna
 import pandas as pd
-from scipy import stats
+from scipy import special
 
 from batchscope.analysis import frontier, noise, tables
 from batchscope.analysis.fits import (
@@ -143,7 +143,7 @@ def ratio_interval(
     """numerator/denominator with a normal interval on the log scale (independent errors)."""
     if not (numerator > 0 and denominator > 0 and math.isfinite(log_se_numerator + log_se_denominator)):
         return None
-    z = float(stats.norm.ppf((1 + confidence) / 2))
+    z = float(special.ndtri((1 + confidence) / 2))  # the normal quantile, as stats.norm.ppf
     value = numerator / denominator
     half = z * math.hypot(log_se_numerator, log_se_denominator)
     return Ratio(value, value * math.exp(-half), value * math.exp(half), confidence)
@@ -159,7 +159,7 @@ def _vs_b_crit(fit: CriticalBatchFit | None, near: NoiseEstimate | None) -> Rati
     if not near.bounded:
         return None
     # The bootstrap interval of B_crit as a log-scale standard error (it is roughly symmetric in log B).
-    z = float(stats.norm.ppf((1 + fit.confidence) / 2))
+    z = float(special.ndtri((1 + fit.confidence) / 2))
     log_se = (math.log(fit.b_crit_high) - math.log(fit.b_crit_low)) / (2 * z)
     return ratio_interval(fit.b_crit, log_se, near.b_simple, near.log_stderr(), fit.confidence)
 

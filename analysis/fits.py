@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, special, stats
 
 ArrayLike = Sequence[float] | np.ndarray
 
@@ -211,6 +210,8 @@ def _fit_knee(b: np.ndarray, y: np.ndarray, *, sign: float, n_bootstrap: int, se
         return float(((r - r.mean()) ** 2).sum())
 
     step = grid[1] - grid[0]
+    from scipy import optimize  # here: the sweep's frontier sampler imports this module as it starts (0.3 s)
+
     refined = optimize.minimize_scalar(
         sse, bounds=(max(log_lo, start - step), min(log_hi, start + step)), method="bounded"
     )
@@ -291,10 +292,12 @@ def fit_power_law(x: ArrayLike, y: ArrayLike, *, confidence: float = 0.95) -> Po
     xs, ys = xs[usable], ys[usable]
     if np.unique(xs).size < 2:
         return None
+    from scipy import special, stats  # here: 0.3-0.7 s of imports that a sweep's start-up does not need
+
     result = stats.linregress(np.log(xs), np.log(ys))
     low = high = float("nan")
     if xs.size >= 3:
-        half = stats.t.ppf((1 + confidence) / 2, df=xs.size - 2) * result.stderr
+        half = special.stdtrit(xs.size - 2, (1 + confidence) / 2) * result.stderr  # Student's t quantile
         low, high = result.slope - half, result.slope + half
     return PowerLawFit(
         exponent=float(result.slope),
@@ -338,6 +341,8 @@ def _centred_residuals(log_b: np.ndarray, y: np.ndarray, params: np.ndarray) -> 
     slope, log_knee = params[:, :1], params[:, 1:]
     distance = log_knee - log_b
     shape = _general_shape(log_b, params[:, 0], params[:, 1])
+    from scipy import special  # here, as optimize and stats below: not on a sweep's start-up path
+
     # d shape/dα = −σ(|α| d)·d and d shape/d log B_* = −α·σ(|α| d), on both sides of α = 0.
     weight = special.expit(np.abs(slope) * distance)
     jacobian = np.stack([weight * distance, weight * slope], axis=2)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special
 
 GRAD_SQ = "gns/grad_sq"
 TRACE = "gns/trace_sigma"
@@ -62,7 +62,7 @@ class NoiseEstimate:
 
 
 def _z(confidence: float) -> float:
-    return float(stats.norm.ppf((1 + confidence) / 2))
+    return float(special.ndtri((1 + confidence) / 2))  # the normal quantile, as stats.norm.ppf
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def fieller_interval(
     m = _moments(grad_sq, trace_sigma, groups)
     if m is None:
         return math.nan, math.nan
-    z2 = float(stats.t.ppf((1 + confidence) / 2, df=max(m.df, 1))) ** 2  # Student's t: windows hold few reads
+    z2 = float(special.stdtrit(max(m.df, 1), (1 + confidence) / 2)) ** 2  # Student's t: windows hold few reads
     a = m.g**2 - z2 * m.var_g  # > 0 exactly when the mean |G|² is z standard errors clear of 0
     b = m.t * m.g - z2 * m.cov
     disc = b**2 - a * (m.t**2 - z2 * m.var_t)

@@ -24,16 +24,13 @@ from urllib.parse import quote
 import pandas as pd
 
 from batchscope.analysis import report_cache, tables
+from batchscope.analysis._gc import paused_gc
 from batchscope.analysis.load import ReadMethod, SweepData, load_sweep
 from batchscope.analysis.paths import child_dir, safe_name
-from batchscope.analysis.readonly_stores import (
-    DEFAULT_TRACKING_UI,
-    StorageLike,
-    local_stores,
-    redact_url,
-)
+from batchscope.analysis.readonly_stores import DEFAULT_TRACKING_UI, StorageLike, redact_url
+from batchscope.analysis.report_artifacts import REPORT_FILE, SUMMARY_FILE
+from batchscope.analysis.report_artifacts import log_report_artifacts as log_report_artifacts  # its home until now
 from batchscope.analysis.text import interval, number
-from batchscope.contract import ROLE, SWEEP_ROLE, sweep_run
 
 if TYPE_CHECKING:
     # Rendering (analysis, matplotlib, scipy through optuna.importance) is imported where it
@@ -43,9 +40,6 @@ if TYPE_CHECKING:
     from batchscope.analysis.findings import Findings
     from batchscope.analysis.style import ImageFormat
 
-REPORT_FILE = "index.html"
-SUMMARY_FILE = "summary.md"
-ARTIFACT_PATH = "report"
 
 # Trial table: (header, trials column, is numeric).
 _TRIAL_COLUMNS: tuple[tuple[str, str, bool], ...] = (
@@ -189,13 +183,15 @@ def render_report(
 
     colors = BatchColors(b for s in sweeps for b in s.trials["batch_size"].dropna())
     reports = []
-    for sweep in sweeps:
-        result = analyze(sweep)
-        charts = render_charts(sweep, result, colors, image_format=image_format, strict=strict)
-        reports.append(StudyReport(sweep, result, findings(sweep, result), charts))
-    comparison = None
-    if len(reports) > 1:
-        comparison = render_comparison([(r.sweep.study_name, r.analysis) for r in reports], image_format=image_format)
+    with paused_gc():  # a tenth of the rendering time otherwise (see paused_gc)
+        for sweep in sweeps:
+            result = analyze(sweep)
+            charts = render_charts(sweep, result, colors, image_format=image_format, strict=strict)
+            reports.append(StudyReport(sweep, result, findings(sweep, result), charts))
+        comparison = None
+        if len(reports) > 1:
+            pairs = [(r.sweep.study_name, r.analysis) for r in reports]
+            comparison = render_comparison(pairs, image_format=image_format)
 
     folder.mkdir(parents=True, exist_ok=True)
     report_cache.forget(folder)
@@ -206,55 +202,6 @@ def render_report(
         _write_images(folder, reports, comparison)
     report_cache.record(folder, key)
     return folder / REPORT_FILE
-
-
-def log_report_artifacts(
-    report: Path,
-    studies: Sequence[str],
-    *,
-    tracking_uri: str | None = None,
-    artifact_path: str = ARTIFACT_PATH,
-) -> list[str]:
-    """Log index.html and summary.md (from `report`, the path build_report returned, or its
-    folder) as artifacts of each study's sweep parent run; returns the parent run ids.
-    `tracking_uri` left out is the local store's (see `load_sweep`). A report logged there
-    already and not rendered since is not logged again."""
-    if tracking_uri is None:
-        tracking_uri = local_stores()[1]
-
-    folder = report if report.is_dir() else report.parent
-    files = [folder / REPORT_FILE, folder / SUMMARY_FILE]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"Report files not found: {missing}")
-    target: dict[str, object] = {"tracking_uri": tracking_uri, "studies": list(studies), "path": artifact_path}
-    logged = report_cache.logged_run_ids(folder, target)
-    if logged is not None:
-        return logged  # these very files are there already (an unchanged report: report_cache)
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    run_ids = []
-    for study in studies:
-        run_id = _parent_run_id(client, study)
-        for file in files:
-            client.log_artifact(run_id, str(file), artifact_path=artifact_path)
-        run_ids.append(run_id)
-    report_cache.record_logged(folder, target, run_ids)
-    return run_ids
-
-
-def _parent_run_id(client: object, study: str) -> str:
-    from mlflow import MlflowClient
-
-    assert isinstance(client, MlflowClient)
-    experiment = client.get_experiment_by_name(study)
-    if experiment is None:
-        raise LookupError(f"No MLflow experiment named {study!r}.")
-    run = sweep_run(client, experiment.experiment_id)
-    if run is None:
-        raise LookupError(f"No sweep parent run (tag {ROLE}={SWEEP_ROLE}) in study {study!r}.")
-    return str(run.info.run_id)
 
 
 # --- HTML -----------------------------------------------------------------------------------

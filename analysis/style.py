@@ -19,6 +19,7 @@ import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import TightLayoutEngine
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
 
@@ -173,6 +174,8 @@ def to_bytes(
     _tidy_log_axes(fig)
     band = _header(fig, title, legend_handles or []) if title or legend_handles else 0.0
     buffer = io.BytesIO()
-    fig.tight_layout(rect=(0, 0, 1, 1 - band))
+    # The engine run once, not Figure.tight_layout: that leaves a placeholder layout engine set,
+    # for which savefig runs a second full layout draw before drawing (a fifth of the charts' time).
+    TightLayoutEngine(rect=(0, 0, 1, 1 - band)).execute(fig)
     fig.savefig(buffer, format=image_format, dpi=DPI)
     return buffer.getvalue()

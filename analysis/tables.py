@@ -70,7 +70,10 @@ def fastest_to_target(trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]
     for column in (SAMPLES, TIME):
         if column not in runs:
             runs[column] = np.nan
-    reached = runs.groupby("trial")[STEPS].apply(lambda s: bool(np.isfinite(s).all()))
+    # Whether each trial's runs all reached it: one grouped reduction (a Python call per trial took
+    # a tenth of a 500-trial report).
+    finite = pd.Series(np.isfinite(runs[STEPS].to_numpy(dtype=float)), index=runs.index)
+    reached = finite.groupby(runs["trial"]).all()
     runs = runs[runs["trial"].map(reached).fillna(False).astype(bool)]
     if runs.empty:
         return pd.DataFrame(columns=per_batch_columns), pd.DataFrame(columns=point_columns)
@@ -131,12 +134,11 @@ def seed_curve(history: pd.DataFrame, run_ids: Iterable[str], key: str, *, max_p
     rows = rows[np.isfinite(rows["value"].to_numpy(dtype=float))]
     if rows.empty:
         return pd.DataFrame(columns=CURVE_COLUMNS)
-    values = rows.pivot_table(index="step", columns="run_id", values="value", aggfunc="last", observed=True)
-    times = rows.pivot_table(index="step", columns="run_id", values="time_s", aggfunc="last", observed=True)
+    steps, values, times = _by_step_and_run(rows)
     batch_size = float(rows["batch_size"].iloc[0])
     curve = pd.DataFrame(
         {
-            "step": values.index.to_numpy(dtype=float),
+            "step": steps.astype(float),
             "time_s": times.mean(axis=1).to_numpy(),
             "mean": values.mean(axis=1).to_numpy(),
             "low": values.min(axis=1).to_numpy(),
@@ -150,3 +152,23 @@ def seed_curve(history: pd.DataFrame, run_ids: Iterable[str], key: str, *, max_p
         curve = curve.groupby(bins).mean()
     curve["samples"] = curve["step"] * batch_size
     return curve[CURVE_COLUMNS].reset_index(drop=True)
+
+
+def _by_step_and_run(rows: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """The sorted steps, and `value` and `time_s` as step × run tables (NaN where a run has no
+    value at a step; a step logged twice keeps its last value): what pivot_table(aggfunc="last")
+    gives for these finite values, built with numpy (pivot_table's groupby took a third of the
+    convergence chart's time)."""
+    step_values, step_index = np.unique(rows["step"].to_numpy(), return_inverse=True)
+    _, run_index = np.unique(rows["run_id"].astype(str).to_numpy(), return_inverse=True)
+    n_runs = int(run_index.max()) + 1
+    cell = step_index * n_runs + run_index
+    # The last row of each (step, run): the first of the reversed cells.
+    _, first_reversed = np.unique(cell[::-1], return_index=True)
+    last = cell.size - 1 - first_reversed
+    tables = []
+    for column in ("value", "time_s"):
+        table = np.full(step_values.size * n_runs, np.nan)
+        table[cell[last]] = rows[column].to_numpy(dtype=float)[last]
+        tables.append(pd.DataFrame(table.reshape(step_values.size, n_runs)))
+    return step_values, tables[0], tables[1]

@@ -1,7 +1,7 @@
 """Run the benchmarks: `python -m benchmarks [--quick] [--only NAME ...] [--write-readme]`.
 
-Sections (in this order): tracking, gns, startup, efficiency, replay, analysis, gpu, findings, frontier. Each prints
-one table as it finishes; `--write-readme` puts the results into the marked block of
+Sections (in this order): tracking, gns, startup, efficiency, replay, analysis, report, gpu, findings,
+frontier. Each prints one table as it finishes; `--write-readme` puts the results into the marked block of
 benchmarks/README.md, replacing only the sections that ran.
 """
 
@@ -19,7 +19,7 @@ from benchmarks.common import Section, machine, now_text, quiet, run_section
 
 README = Path(__file__).parent / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-NAMES = ("tracking", "gns", "startup", "efficiency", "replay", "analysis", "gpu", "findings", "frontier")
+NAMES = ("tracking", "gns", "startup", "efficiency", "replay", "analysis", "report", "gpu", "findings", "frontier")
 
 
 def section_function(name: str) -> Callable[[bool], Section]:
@@ -48,6 +48,10 @@ def section_function(name: str) -> Callable[[bool], Section]:
         from benchmarks.analysis_scale import analysis_section
 
         return analysis_section
+    if name == "report":
+        from benchmarks.report_speed import report_section
+
+        return report_section
     if name == "gpu":
         from benchmarks.gpu import gpu_section
 

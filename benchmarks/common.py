@@ -148,13 +148,17 @@ def git_commit() -> str:
     """The checked-out commit, read from .git without running git."""
     git = REPO / ".git"
     try:
+        if git.is_file():  # a worktree: "gitdir: <its folder under the main repository's .git>"
+            git = Path(git.read_text().strip().removeprefix("gitdir: "))
         head = (git / "HEAD").read_text().strip()
+        common = git / "commondir"  # a worktree's branches are the main repository's
+        git_refs = (git / common.read_text().strip()).resolve() if common.is_file() else git
         if not head.startswith("ref: "):
             return head[:12]
         ref = head.removeprefix("ref: ")
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()[:12]
-        for line in (git / "packed-refs").read_text().splitlines():
+        if (git_refs / ref).exists():
+            return (git_refs / ref).read_text().strip()[:12]
+        for line in (git_refs / "packed-refs").read_text().splitlines():
             if line.endswith(" " + ref):
                 return line.split()[0][:12]
     except OSError:

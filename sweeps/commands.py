@@ -238,20 +238,33 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _store_errors(stores: Any) -> Iterator[None]:
     """A study or store that is not there, or not what it should be, is the user's to fix: one
     line, no traceback (and no password, whatever the driver echoed)."""
-    from mlflow.exceptions import MlflowException
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from batchscope.sweeps.store_setup import driver_error
-
     try:
         yield
     except (LookupError, FileNotFoundError) as exc:
         raise UserError(redact(str(exc).strip("'\""))) from None
-    except (SQLAlchemyError, MlflowException) as exc:
+    except Exception as exc:
+        if not _is_store_error(exc):
+            raise
+        from batchscope.sweeps.store_setup import driver_error
+
         raise UserError(
             f"the MLflow store {redact(stores.tracking_uri)!r} could not be read: "
             f"{driver_error(exc, stores.tracking_uri)[:300]}"
         ) from None
+
+
+def _is_store_error(exc: Exception) -> bool:
+    """An error of the database driver, SQLAlchemy or MLflow. Their modules are looked up, not
+    imported: an exception can only be theirs if they were loaded, and importing MLflow to find
+    out would cost a report of a SQLite store 1 s (it reads the tables with sqlite3 alone)."""
+    import sqlite3
+
+    kinds: list[type[BaseException]] = [sqlite3.Error]
+    for module, name in (("sqlalchemy.exc", "SQLAlchemyError"), ("mlflow.exceptions", "MlflowException")):
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            kinds.append(getattr(loaded, name))
+    return isinstance(exc, tuple(kinds))
 
 
 def _analysis_stores(storage: str | None, tracking_uri: str | None) -> Any:
