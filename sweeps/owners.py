@@ -133,7 +133,7 @@ def sampling_lock(storage: optuna.storages.BaseStorage, storage_url: str, study_
     backend = getattr(storage, "_backend", storage)  # Optuna wraps an RDBStorage in a cache
     engine = getattr(backend, "engine", None)
     if engine is not None and engine.dialect.name in ("postgresql", "mysql"):
-        with _database_lock(engine, f"batchscope-sample:{study_name}"):
+        with database_lock(engine, f"batchscope-sample:{study_name}"):
             yield
         return
     if "://" not in storage_url:  # the local journal file
@@ -145,7 +145,8 @@ def sampling_lock(storage: optuna.storages.BaseStorage, storage_url: str, study_
 
 
 @contextlib.contextmanager
-def _database_lock(engine: Any, name: str) -> Iterator[None]:
+def database_lock(engine: Any, name: str) -> Iterator[None]:
+    """A lock named `name` that every process on this PostgreSQL or MySQL database shares."""
     from sqlalchemy import text
 
     with engine.connect() as conn:

@@ -226,6 +226,8 @@ def check_tracking(stores: Stores, *, create: bool = True, field: str = "trackin
         return
     if uri.split("://", 1)[0].split("+")[0].lower() in ("postgresql", "mysql", "mssql"):
         _check_sql_server(uri, field)
+        if create:
+            _init_sql_store(uri)
         return
     if create and uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
@@ -278,6 +280,29 @@ def _check_sql_server(uri: str, field: str) -> None:
             f"{field} {redact(uri)!r} cannot be reached: {driver_error(exc, uri)}; "
             "check that the database is running and the URL is right"
         ) from None
+
+
+def _init_sql_store(uri: str) -> None:
+    """Create MLflow's schema in a PostgreSQL or MySQL database under a lock the database holds.
+
+    Workers started together on a new database each ran MLflow's migrations, and all but one
+    died with a traceback (PostgreSQL: duplicate key ... (alembic_version, 2200)). Whoever takes
+    the lock first makes the tables; the others find them made. MLflow keeps the store it opens
+    here for the Tracker that follows, so a store that exists costs one lock round trip.
+    """
+    import sqlalchemy
+    from mlflow import MlflowClient
+
+    from batchscope.sweeps.owners import database_lock
+
+    engine = sqlalchemy.create_engine(uri, **_engine_kwargs(uri))
+    try:
+        if engine.dialect.name not in ("postgresql", "mysql"):  # SQL Server: left as MLflow makes it
+            return
+        with database_lock(engine, "batchscope-mlflow-schema"):
+            MlflowClient(uri).search_experiments(max_results=1)
+    finally:
+        engine.dispose()
 
 
 def _init_sqlite_store(uri: str, db: Path) -> None:

@@ -215,3 +215,29 @@ def test_worker_without_a_shared_storage_is_refused(workdir: Path, capsys: pytes
     config = write_config(workdir / "w.yaml", _cfg("solo", 2))
     assert main(["worker", str(config)]) == 2
     assert "--storage" in capsys.readouterr().err
+
+
+def test_processes_starting_together_on_a_new_postgres_mlflow_store_all_run(workdir: Path, pg_database: str) -> None:
+    """Each process that opened a new MLflow database ran MLflow's migrations: of three workers
+    started together, two died with a traceback (duplicate key ... alembic_version). The schema
+    is now made under a lock the database holds; `batchscope train` opens the store as a worker does."""
+    cfg = _cfg("fresh", 1)
+    cfg["tracking_uri"] = f"postgresql://postgres@127.0.0.1:5432/{pg_database}"
+    config = write_config(workdir / "t.yaml", cfg)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "batchscope.sweeps.cli", "train", str(config), "--seed", str(seed)],
+            env=_env(workdir),
+            cwd=workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for seed in range(3)
+    ]
+    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log
+        assert "Traceback" not in log
+    client = MlflowClient(cfg["tracking_uri"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
