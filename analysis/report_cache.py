@@ -60,7 +60,7 @@ def logged_run_ids(folder: Path, target: dict[str, object]) -> list[str] | None:
     path), or None if it was not: then it is logged. A report rendered anew has no record yet
     (`forget` drops it), so its files are always logged again."""
     entry = _read(folder).get("logged")
-    if not isinstance(entry, dict) or entry.get("target") != target:
+    if not isinstance(entry, dict) or entry.get("target") != _digest(target):
         return None
     run_ids = entry.get("run_ids")
     return [str(r) for r in run_ids] if isinstance(run_ids, list) else None
@@ -71,8 +71,14 @@ def record_logged(folder: Path, target: dict[str, object], run_ids: list[str]) -
     (it costs a tracking client, about 1 s of MLflow imports and connection)."""
     current = _read(folder)
     if "key" in current:  # only a report with a record can be said to be unchanged later
-        current["logged"] = {"target": target, "run_ids": run_ids}
+        current["logged"] = {"target": _digest(target), "run_ids": run_ids}
         (folder / KEY_FILE).write_text(json.dumps(current, indent=1), encoding="utf-8")
+
+
+def _digest(target: dict[str, object]) -> str:
+    """Where a report was logged, as a hash: the tracking URI may hold a password, and the report
+    folder is what people share."""
+    return hashlib.sha256(json.dumps(target, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _read(folder: Path) -> dict[str, object]:

@@ -78,6 +78,27 @@ def test_planted_password_appears_nowhere(workdir: Path, pg_database: str, capsy
     conn.close()
 
 
+def test_planted_password_in_the_tracking_uri_appears_in_no_file(
+    workdir: Path, pg_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # MLflow's runs on PostgreSQL with a planted password: the report folder (its cache record of
+    # where it was logged once kept the URI whole), the journal and every other file stay clean.
+    url = f"postgresql://postgres:{USERINFO_PW}@127.0.0.1:5432/{pg_database}"
+    cfg = small_config("leak-tracking")
+    cfg["train"]["max_steps"] = 20
+    cfg["search"]["n_trials"] = 1
+    cfg["tracking_uri"] = url
+    path = write_config(workdir / "leak.yaml", cfg)
+    assert main(["sweep", str(path)]) == 0  # with its report, logged to the parent run
+    assert main(["report", "leak-tracking", "--tracking-uri", url]) == 0  # unchanged: the cached one
+    out = capsys.readouterr()
+    _assert_hidden(out.out + out.err, "output")
+    assert list((workdir / "reports").rglob("index.html"))
+    for f in workdir.rglob("*"):
+        if f.is_file() and f != path:
+            _assert_hidden(f.read_bytes(), f)
+
+
 @pytest.fixture
 def redis_db() -> Iterator[int]:
     """An empty Redis database on the local server (numbers 8-15 are tried), emptied afterwards."""
