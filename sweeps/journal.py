@@ -347,12 +347,56 @@ def mend_journal(scan: JournalScan, data: bytes) -> Mend:
     kept = _without(data, spans)
     # A torn tail is safe to drop: nothing after it can refer to it.
     why = _unsafe_to_drop(data, scan.corrupt) or (_replay_problem(kept, bad[0].number) if scan.corrupt else "")
+    set_aside = b"".join(data[s:e] for s, e in spans)
     if not why:
-        return Mend(scan, kept, b"".join(data[s:e] for s, e in spans), 0, "")
+        return Mend(scan, kept, set_aside, 0, "")
+    # A trial's creation still legible in part is rebuilt, so that the trials after it keep their ids.
+    rebuilt = _rebuilt(data, scan)
+    if rebuilt is not None and not _replay_problem(rebuilt, bad[0].number):
+        return Mend(scan, rebuilt, set_aside, 0, "")
     first = bad[0].start
     prefix = data[:first]
     dropped = scan.records - prefix.count(b"\n")
     return Mend(scan, prefix, data[first:], dropped, why)
+
+
+def _rebuilt(data: bytes, scan: JournalScan) -> bytes | None:
+    """The journal with its bad lines out and each corrupt trial creation replaced by a placeholder
+    (its study, state and start time where still legible; the attributes it carried are lost);
+    None when no creation can be rebuilt or another creation cannot."""
+    import re
+
+    parts, pos, placed = [], 0, False
+    for line in sorted(scan.corrupt + scan.tail, key=lambda b: b.start):
+        parts.append(data[pos : line.start])
+        pos = line.end
+        text = data[line.start : line.end]
+        codes = [int(c) for c in re.findall(rb'"op_code"\s*:\s*(\d+)', text)]
+        if line not in scan.corrupt or not {_CREATE_STUDY, _CREATE_TRIAL} & set(codes):
+            continue
+        study = re.search(rb'"study_id"\s*:\s*(\d+)', text)
+        if codes != [_CREATE_TRIAL] or study is None:
+            return None  # a study's creation, or nothing to rebuild it from
+        record: dict[str, Any] = {"op_code": _CREATE_TRIAL, "worker_id": "batchscope-doctor"}
+        record["study_id"] = int(study.group(1))
+        record["datetime_start"] = _legible_time(text) or _legible_time(data[: line.start], last=True)
+        if (state := re.search(rb'"state"\s*:\s*(\d)\b', text)) is not None:
+            record["state"] = int(state.group(1))
+        parts.append(json.dumps(record).encode() + b"\n")
+        placed = True
+    parts.append(data[pos:])
+    return b"".join(parts) if placed else None
+
+
+def _legible_time(text: bytes, last: bool = False) -> str | None:
+    """The first (or last) ISO time of a `datetime_*` field in `text` that parses."""
+    import re
+
+    found = re.findall(rb'"datetime_\w+"\s*:\s*"([0-9T:.+\-]+)"', text)
+    for raw in reversed(found) if last else found:
+        with contextlib.suppress(ValueError):
+            return datetime.datetime.fromisoformat(raw.decode()).isoformat()
+    return None
 
 
 def _without(data: bytes, spans: list[tuple[int, int]]) -> bytes:

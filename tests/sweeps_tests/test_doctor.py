@@ -91,11 +91,12 @@ def _trials(journal: Path) -> list[tuple]:
     ]
 
 
-def _corrupt_line(journal: Path, index: int) -> int:
-    """One byte of line `index` (0-based) made invalid; returns its 1-based line number."""
+def _corrupt_line(journal: Path, index: int, at: int | None = None) -> int:
+    """One byte of line `index` (0-based) made invalid (its middle one, or byte `at`); returns its
+    1-based line number."""
     lines = journal.read_bytes().splitlines(keepends=True)
     bad = bytearray(lines[index])
-    bad[len(bad) // 2] = 0xFF
+    bad[len(bad) // 2 if at is None else at] = 0xFF
     journal.write_bytes(b"".join([*lines[:index], bytes(bad), *lines[index + 1 :]]))
     return index + 1
 
@@ -179,17 +180,42 @@ def test_repair_brings_back_a_corrupt_study_and_the_same_sweep_resumes_it(
     assert {t.number: t.user_attrs["mlflow_run_id"] for t in study.trials} == by_number
 
 
+def test_a_damaged_trial_creation_is_rebuilt_and_every_trial_kept(
+    copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A trial's creation with a bad byte in its middle still says which study it belongs to: it is
+    rebuilt from what is legible, so no later trial shifts id and every trial is kept (found by a
+    hostile-user check: trials 1–3 of a 4-trial study were given up)."""
+    journal = _journal(copy)
+    before = _trials(journal)
+    index = _line_index(journal, op_code=4, nth=1)  # trial 1's creation
+    corrupted_line = _corrupt_line(journal, index)
+    code, said = _doctor(capsys, "--repair")
+    assert code == 0, said
+    assert "Traceback" not in said and "records before line" not in said, said
+    assert _trials(journal) == before  # numbers, states, params and values of every trial
+    (sidecar,) = journal.parent.glob("optuna.journal.corrupt-*")
+    assert sidecar.read_bytes().count(b"\n") == 1 and corrupted_line
+    code, said = _doctor(capsys)
+    assert code == 0, said
+    proc = _sweep(copy, "--n-trials", str(len(before) + 1))  # the same command goes on
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(_trials(journal)) == len(before) + 1
+
+
 def test_a_lost_trial_creation_keeps_the_records_before_it_and_retires_its_run(
     copy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Dropping a trial's creation would shift every later trial onto the wrong id: only the records
-    before it are kept (the rest go to the sidecar), and the run of the trial lost is set aside."""
+    """A creation whose op code itself is unreadable cannot be rebuilt, and dropping it would shift
+    every later trial onto the wrong id: only the records before it are kept (the rest go to the
+    sidecar), and the run of the trial lost is set aside."""
     journal = _journal(copy)
     before = _trials(journal)
-    line = _corrupt_line(journal, _line_index(journal, op_code=4, nth=2))  # trial 2's creation
+    # trial 2's creation, its op code's digit: `{"op_code":4,` → byte 11
+    line = _corrupt_line(journal, _line_index(journal, op_code=4, nth=2), at=11)
     code, said = _doctor(capsys, "--repair")
     assert code == 0, said
-    assert f"records before line {line} (line {line} was the creation of" in said, said
+    assert f"records before line {line}" in said, said
     assert _trials(journal) == before[:2]
     client = _client(copy)
     every = client.search_runs([client.get_experiment_by_name(NAME).experiment_id], run_view_type=ViewType.ALL)
