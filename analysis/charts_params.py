@@ -106,10 +106,22 @@ def _panel(
         choices = distribution.choices
         where = np.arange(len(choices)) if _labelled(distribution) else np.asarray(choices, dtype=float)
         ax.set_yticks(where, [str(c) for c in choices])
-    elif getattr(distribution, "log", False):
-        ax.set_yscale("log")
+    else:
+        _numeric_axis(ax, tried[name].to_numpy(dtype=float), bool(getattr(distribution, "log", False)))
     batch_axis(ax, values["batch_size"].dropna().unique())
     ax.set_xlabel(BATCH_LABEL)
     ax.set_ylabel(name)
     ax.set_title(title)
     ax.legend(fontsize=7.5, loc="best")
+
+
+def _numeric_axis(ax: Axes, tried: np.ndarray, log: bool) -> None:
+    """Log where the values were searched on a log scale and span a decade; a few distinct values
+    (a list that was searched, e.g. beta2 in 0.95, 0.99, 0.999) are the ticks themselves."""
+    positive = tried[tried > 0]
+    if log and positive.size and positive.max() / positive.min() > 10:
+        ax.set_yscale("log")
+    distinct = np.unique(tried)
+    if 1 < distinct.size <= 8:
+        ax.set_yticks(distinct, [f"{v:.4g}" for v in distinct])
+        ax.minorticks_off()

@@ -22,23 +22,53 @@ its startup trials), the wrapper draws uniformly over the listed values, as a ca
 A study created by an earlier version holds a CategoricalDistribution for `batch_size`, and
 Optuna refuses another kind of distribution for the same name in one study: `suggest_batch_size`
 keeps suggesting the categorical there, so such a study resumes and finishes as before.
+
+The same holds for the numeric `values` lists of `search.params` (beta2 in 0.95, 0.99, 0.999;
+warmup_steps in 0, 100, 500): each is suggested on its own ordered axis (`suggest_ordered`, log
+when every value is positive, else linear) and mapped onto its values by the same wrapper.
+Lists of text or of true/false stay categoricals.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["BATCH_PARAM", "OrderedBatchSampler", "batch_distribution", "suggest_batch_size"]
+__all__ = [
+    "BATCH_PARAM",
+    "OrderedBatchSampler",
+    "batch_distribution",
+    "is_ordered",
+    "ordered_distribution",
+    "suggest_batch_size",
+    "suggest_ordered",
+]
 
 BATCH_PARAM = "batch_size"
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what TPE counts towards its startup trials
+Number = int | float
+
+
+def is_ordered(values: Sequence[Any]) -> bool:
+    """Whether a list of choices goes on an ordered axis: numbers only (not true/false)."""
+    return bool(values) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+
+
+def ordered_distribution(values: Sequence[Number]) -> IntDistribution | FloatDistribution:
+    """The distribution a list of numbers is suggested from: its range, log-scaled when every
+    value is positive; an int when every value is one."""
+    numbers = _sorted_numbers(values)
+    low, high, log = numbers[0], numbers[-1], numbers[0] > 0
+    if all(isinstance(v, int) for v in numbers):
+        return IntDistribution(int(low), int(high), log=log)
+    return FloatDistribution(float(low), float(high), log=log)
 
 
 def batch_distribution(batch_sizes: Sequence[int]) -> IntDistribution:
@@ -55,24 +85,34 @@ def suggest_batch_size(trial: optuna.trial.BaseTrial, batch_sizes: Sequence[int]
     sampler was not wrapped in `OrderedBatchSampler` (as `make_sampler` does): refused before
     anything is trained.
     """
-    values = _checked(batch_sizes)
-    if isinstance(_earlier_distribution(trial), CategoricalDistribution):
-        return int(trial.suggest_categorical(BATCH_PARAM, values))
-    value = trial.suggest_int(BATCH_PARAM, values[0], values[-1], log=True)
-    if value not in values:
+    return int(suggest_ordered(trial, BATCH_PARAM, _checked(batch_sizes)))
+
+
+def suggest_ordered(trial: optuna.trial.BaseTrial, name: str, values: Sequence[Number]) -> Number:
+    """Suggest `name` from the numbers `values` on an ordered axis (`ordered_distribution`),
+    or as the categorical an earlier trial of the study holds it as."""
+    numbers = _sorted_numbers(values)
+    if isinstance(_earlier_distribution(trial, name), CategoricalDistribution):
+        return trial.suggest_categorical(name, numbers)
+    distribution = ordered_distribution(numbers)
+    if isinstance(distribution, IntDistribution):
+        value: Number = trial.suggest_int(name, distribution.low, distribution.high, log=distribution.log)
+    else:
+        value = trial.suggest_float(name, distribution.low, distribution.high, log=distribution.log)
+    if value not in numbers:
         raise ValueError(
-            f"batch_size {value} is not one of the configured {values}: the study's sampler must be "
+            f"{name} {value} is not one of the configured {numbers}: the study's sampler must be "
             "wrapped in OrderedBatchSampler (batchscope.sweeps.space.make_sampler does it)"
         )
     return value
 
 
-def _earlier_distribution(trial: optuna.trial.BaseTrial) -> BaseDistribution | None:
-    """The batch-size distribution of the study's first trial that has one (None in a new study)."""
+def _earlier_distribution(trial: optuna.trial.BaseTrial, name: str) -> BaseDistribution | None:
+    """`name`'s distribution in the study's first trial that has it (None in a new study)."""
     study = getattr(trial, "study", None)
     trials: Sequence[Any] = study.get_trials(deepcopy=False) if study is not None else [trial]
     for t in trials:
-        if (dist := t.distributions.get(BATCH_PARAM)) is not None:
+        if (dist := t.distributions.get(name)) is not None:
             return dist
     return None
 
@@ -84,14 +124,43 @@ def _checked(batch_sizes: Sequence[int]) -> list[int]:
     return values
 
 
+def _sorted_numbers(values: Sequence[Number]) -> list[Number]:
+    if not is_ordered(values):
+        raise ValueError(f"an ordered axis needs numbers, but got {list(values)}.")
+    # A list mixing 0 and 0.1 is a list of decimals: one type, as the distribution has.
+    numbers: list[Number] = list(values) if all(isinstance(v, int) for v in values) else [float(v) for v in values]
+    return sorted(set(numbers))
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """One parameter on an ordered axis: its values, the distribution it is suggested from, and
+    for how many finished trials its draws are uniform over the values (the inner sampler's random phase)."""
+
+    values: list[Number]
+    distribution: IntDistribution | FloatDistribution
+    random_trials: float
+
+    def nearest(self, name: str, value: float) -> Number:
+        number = float(value)
+        if not math.isfinite(number) or (self.distribution.log and number <= 0):
+            raise ValueError(f"the inner sampler proposed {name}={value!r}, not a number on its axis.")
+        if self.distribution.log:
+            gaps = np.abs(np.log(np.asarray(self.values, dtype=float)) - math.log(number))
+        else:
+            gaps = np.abs(np.asarray(self.values, dtype=float) - number)
+        return self.values[int(np.argmin(gaps))]
+
+
 class OrderedBatchSampler(optuna.samplers.BaseSampler):
-    """Wraps `inner` so that `batch_size`, an int on a log scale, only takes the listed values.
+    """Wraps `inner` so that `batch_size`, an int on a log scale, only takes the listed values, and
+    so do the numeric lists of `others` (name → values, `search.params`).
 
     The inner sampler's proposal (relative or independent) is mapped to the nearest listed value
-    in log B; while the inner sampler would draw at random (its first `random_trials` finished
-    trials), the batch size is drawn uniformly over the list instead. Every other parameter, and
-    a `batch_size` of another distribution (a categorical in an older study), is the inner
-    sampler's alone.
+    (in log space on a log axis); while the inner sampler would draw at random (its first
+    `random_trials` finished trials; `others_random` for the others), the value is drawn
+    uniformly over the list instead. Every other parameter, and a parameter of another
+    distribution (a categorical in an older study), is the inner sampler's alone.
 
     Args:
         inner: the sampler that searches (TPE, random, grid, frontier).
@@ -100,6 +169,8 @@ class OrderedBatchSampler(optuna.samplers.BaseSampler):
             random: TPE's `n_startup_trials`; `math.inf` for RandomSampler; 0 for samplers
             whose proposals are already listed values (grid, frontier).
         seed: the seed of the wrapper's own uniform draws.
+        others: more parameters on ordered axes, each with its list of numbers.
+        others_random: as `random_trials`, for `others` (frontier draws them at random: inf).
     """
 
     def __init__(
@@ -109,14 +180,19 @@ class OrderedBatchSampler(optuna.samplers.BaseSampler):
         *,
         random_trials: float = 0,
         seed: int | None = None,
+        others: Mapping[str, Sequence[Number]] | None = None,
+        others_random: float | None = None,
     ) -> None:
         if not random_trials >= 0:
             raise ValueError(f"random_trials must be at least 0, but got {random_trials=}.")
         self.inner = inner
         self.batch_sizes = _checked(batch_sizes)
         self.distribution = batch_distribution(self.batch_sizes)
-        self._random_trials = random_trials
-        self._log_values = np.log(np.asarray(self.batch_sizes, dtype=float))
+        self._axes = {BATCH_PARAM: _Axis(list(self.batch_sizes), self.distribution, random_trials)}
+        rest = random_trials if others_random is None else others_random
+        for name, values in (others or {}).items():
+            numbers = _sorted_numbers(values)
+            self._axes[name] = _Axis(numbers, ordered_distribution(numbers), rest)
         # A stream of its own: RandomSampler(seed) draws lr from RandomState(seed), and the same
         # stream for the batch size would tie each trial's batch size to its lr.
         self._rng = np.random.default_rng(None if seed is None else [seed, 0xBA7C])
@@ -132,25 +208,24 @@ class OrderedBatchSampler(optuna.samplers.BaseSampler):
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
         params = self.inner.sample_relative(study, trial, search_space)
-        if BATCH_PARAM in params and search_space.get(BATCH_PARAM) == self.distribution:
-            params[BATCH_PARAM] = self.nearest(params[BATCH_PARAM])
+        for name, axis in self._axes.items():
+            if name in params and search_space.get(name) == axis.distribution:
+                params[name] = axis.nearest(name, params[name])
         return params
 
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
     ) -> Any:
-        if param_name != BATCH_PARAM or param_distribution != self.distribution:
+        axis = self._axes.get(param_name)
+        if axis is None or param_distribution != axis.distribution:
             return self.inner.sample_independent(study, trial, param_name, param_distribution)
-        if self._random_trials and len(study.get_trials(deepcopy=False, states=_FINISHED)) < self._random_trials:
-            return self.batch_sizes[int(self._rng.integers(len(self.batch_sizes)))]
-        return self.nearest(self.inner.sample_independent(study, trial, param_name, param_distribution))
+        if axis.random_trials and len(study.get_trials(deepcopy=False, states=_FINISHED)) < axis.random_trials:
+            return axis.values[int(self._rng.integers(len(axis.values)))]
+        return axis.nearest(param_name, self.inner.sample_independent(study, trial, param_name, param_distribution))
 
     def nearest(self, value: float) -> int:
         """The listed batch size nearest `value` in log B (the smaller one on a tie)."""
-        number = float(value)
-        if not (math.isfinite(number) and number > 0):
-            raise ValueError(f"the inner sampler proposed batch_size={value!r}, not a positive number.")
-        return self.batch_sizes[int(np.argmin(np.abs(self._log_values - math.log(number))))]
+        return int(self._axes[BATCH_PARAM].nearest(BATCH_PARAM, value))
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.inner.before_trial(study, trial)

@@ -12,7 +12,7 @@ import optuna
 
 from batchscope.sweeps.config import LrRange, SearchConfig, SweepConfig, TrainConfig, config_to_dict
 from batchscope.sweeps.config_params import ParamValues
-from batchscope.sweeps.ordered_batch import OrderedBatchSampler, suggest_batch_size
+from batchscope.sweeps.ordered_batch import OrderedBatchSampler, is_ordered, suggest_batch_size, suggest_ordered
 
 # objective name -> (direction, per-seed metric it reads from the trainer's final metrics)
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -52,7 +52,8 @@ def directions(search: SearchConfig) -> list[str]:
 
 def make_sampler(search: SearchConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
     """The configured sampler, seeded with `seed` (default `search.seed`), wrapped so that the
-    batch size, an int on a log scale, only takes the configured values (sweeps.ordered_batch).
+    batch size, an int on a log scale, and `search.params`' lists of numbers, each on its own
+    ordered axis, only take the configured values (sweeps.ordered_batch).
 
     A sweep passes its process's own seed (`process_seed`): processes sharing a study with one
     seed would propose the same trials.
@@ -77,7 +78,12 @@ def make_sampler(search: SearchConfig, seed: int | None = None) -> optuna.sample
         # A few random trials first, then TPE; multivariate TPE models batch size and lr jointly.
         random_trials = min(8, search.n_trials // 3 or 1)
         inner = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=int(random_trials))
-    return OrderedBatchSampler(inner, batches, random_trials=random_trials, seed=seed)
+    # search.params' lists of numbers go on ordered axes too; frontier samples them at random.
+    others = {n: p.choices() for n, p in search.params.items() if isinstance(p, ParamValues) and is_ordered(p.values)}
+    others_random = math.inf if search.sampler == "frontier" else random_trials
+    return OrderedBatchSampler(
+        inner, batches, random_trials=random_trials, seed=seed, others=others, others_random=others_random
+    )
 
 
 def sampler_seed(search: SearchConfig) -> int:
@@ -222,7 +228,8 @@ def sampled(params: Mapping[str, Any]) -> bool:
 def suggest(trial: optuna.trial.BaseTrial, search: SearchConfig) -> dict[str, Any]:
     """Sample (batch_size, lr), then `search.params` in the config's order. The batch size is one
     of the listed or power-of-two values, on an ordered log axis (an int, or a categorical in a
-    study an earlier version created: sweeps.ordered_batch)."""
+    study an earlier version created: sweeps.ordered_batch); a list of numbers in `search.params`
+    is on an ordered axis too, a list of text or true/false a categorical."""
     params: dict[str, Any] = {"batch_size": suggest_batch_size(trial, search.batch_choices())}
     lrs = search.lr_choices()
     if lrs is not None:
@@ -231,7 +238,9 @@ def suggest(trial: optuna.trial.BaseTrial, search: SearchConfig) -> dict[str, An
         assert isinstance(search.lr, LrRange)
         params["lr"] = trial.suggest_float("lr", search.lr.low, search.lr.high, log=search.lr.log)
     for name, space in search.params.items():
-        if isinstance(space, ParamValues):
+        if isinstance(space, ParamValues) and is_ordered(space.values):
+            params[name] = suggest_ordered(trial, name, space.choices())
+        elif isinstance(space, ParamValues):  # text or true/false: no order
             params[name] = trial.suggest_categorical(name, space.choices())
         elif space.integer:
             params[name] = trial.suggest_int(name, int(space.low), int(space.high), log=space.log)

@@ -138,3 +138,50 @@ def test_a_study_an_earlier_version_created_with_a_categorical_resumes_and_finis
     capsys.readouterr()
     assert main(["status", "old"]) == 0
     assert "COMPLETE" in capsys.readouterr().out
+
+
+# ---- search.params' lists of numbers: the same ordered axes ------------------------------------
+
+
+def _extra_draws(sampler: str, n: int) -> tuple[Counter[float], Counter[int], list[optuna.trial.FrozenTrial]]:
+    """`n` draws of a float list, an int list with 0 (a linear axis) and a text list, from one study."""
+    search = SearchConfig.model_validate(
+        {
+            "batch_size": {"values": BATCHES},
+            "sampler": sampler,
+            "n_trials": 30,
+            "seed": 0,
+            "params": {
+                "beta2": {"values": [0.95, 0.99, 0.999]},
+                "warmup_steps": {"values": [0, 100, 500]},
+                "norm": {"values": ["batch", "group"]},
+            },
+        }
+    )
+    study = optuna.create_study(sampler=space.make_sampler(search, 0))
+    betas: Counter[float] = Counter()
+    warmups: Counter[int] = Counter()
+    for _ in range(n):
+        trial = study.ask()
+        params = space.suggest(trial, search)
+        betas[params["beta2"]] += 1
+        warmups[params["warmup_steps"]] += 1
+        study.tell(trial, 0.0)
+    return betas, warmups, study.trials
+
+
+@pytest.mark.parametrize("sampler", ["random", "frontier"])
+def test_lists_of_numbers_in_search_params_are_ordered_axes_drawn_uniformly(sampler: str) -> None:
+    """optuna-dashboard draws them in order, every draw is a listed value, and drawn at random
+    each value gets a third (random; frontier samples search.params at random)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    n = 600
+    betas, warmups, trials = _extra_draws(sampler, n)
+    dists = trials[-1].distributions
+    assert dists["beta2"] == optuna.distributions.FloatDistribution(0.95, 0.999, log=True)
+    assert dists["warmup_steps"] == optuna.distributions.IntDistribution(0, 500, log=False)  # 0: linear
+    assert isinstance(dists["norm"], optuna.distributions.CategoricalDistribution)  # text keeps no order
+    assert set(betas) == {0.95, 0.99, 0.999} and set(warmups) == {0, 100, 500}
+    for counts in (betas, warmups):
+        chi_square = sum((c - n / 3) ** 2 / (n / 3) for c in counts.values())
+        assert chi_square < 18.4, counts  # P(χ² > 18.4) = 1e-4 with 2 degrees of freedom
