@@ -32,7 +32,7 @@ from batchscope.sweeps.config_bounds import (
     train_size_without_torch,
 )
 from batchscope.sweeps.config_optim import OptimizerChoice
-from batchscope.sweeps.config_params import ParamSpace, check_searched
+from batchscope.sweeps.config_params import ParamSpace, check_searched, evenly_spaced
 from batchscope.sweeps.devices import check_cuda
 from batchscope.trainers.recipes import get_recipe
 
@@ -288,11 +288,7 @@ class LrRange(_Strict):
         return self
 
     def grid(self) -> list[float]:
-        n = self.grid_points
-        if self.log:
-            a, b = math.log10(self.low), math.log10(self.high)
-            return [float(f"{10 ** (a + (b - a) * i / (n - 1)):.6g}") for i in range(n)]
-        return [float(f"{self.low + (self.high - self.low) * i / (n - 1):.6g}") for i in range(n)]
+        return [float(f"{x:.6g}") for x in evenly_spaced(self.low, self.high, self.grid_points, self.log)]
 
 
 def _values_or_range(raw: Any) -> str:

@@ -81,15 +81,18 @@ class ParamRange(_Param):
 
     def choices(self) -> list[Any]:
         """The grid sampler's values: evenly spaced (in log space with `log`), whole numbers if integer."""
-        n = self.grid_points
-        if self.log:
-            a, b = math.log(self.low), math.log(self.high)
-            raw = [math.exp(a + (b - a) * i / (n - 1)) for i in range(n)]
-        else:
-            raw = [self.low + (self.high - self.low) * i / (n - 1) for i in range(n)]
+        raw = evenly_spaced(float(self.low), float(self.high), self.grid_points, self.log)
         if self.integer:
             return sorted({round(x) for x in raw})
         return [float(f"{x:.6g}") for x in raw]
+
+
+def evenly_spaced(low: float, high: float, n: int, log: bool) -> list[float]:
+    """`n` values from `low` to `high`, evenly spaced (in log10 space with `log`): a range's grid."""
+    if log:
+        a, b = math.log10(low), math.log10(high)
+        return [10 ** (a + (b - a) * i / (n - 1)) for i in range(n)]
+    return [low + (high - low) * i / (n - 1) for i in range(n)]
 
 
 def _values_or_range(raw: Any) -> str:
@@ -140,6 +143,8 @@ def check_searched(cfg: Any) -> None:
     recipe = get_recipe(cfg.trainer.recipe)
     fields = recipe.options.model_fields
     recipe_fields = _recipe_fields(cfg)
+    if optimizer not in BUILTIN_SETTINGS:
+        _check_factory(optimizer, cfg)  # once: its signature against every option it will get
     for name, space in cfg.search.params.items():
         where = f"search.params.{name}"
         goes = _check_name(name, space, optimizer, recipe_fields, where)
@@ -156,8 +161,6 @@ def check_searched(cfg: Any) -> None:
         if isinstance(space, ParamRange) and decimal and space.integer:
             raise ValueError(f"{where}: {name} is a decimal; give low and high with a decimal point (e.g. 0.0)")
         values = space.choices() if isinstance(space, ParamValues) else [space.low, space.high]
-        if goes == "optimizer" and optimizer not in BUILTIN_SETTINGS:
-            _check_factory(optimizer, cfg)
         for value in values:
             if goes == "optimizer" and optimizer in BUILTIN_SETTINGS:
                 check_setting(name, value, where)
