@@ -12,6 +12,7 @@ import pandas as pd
 from scipy import special
 
 from batchscope.analysis import frontier, noise, tables
+from batchscope.analysis._fork import Background
 from batchscope.analysis.fits import (
     CriticalBatchFit,
     LrLawFit,
@@ -247,6 +248,15 @@ def _importances(study: optuna.Study) -> tuple[dict[str, float] | None, str]:
 
 
 def analyze(sweep: SweepData) -> SweepAnalysis:
+    # fANOVA (mostly sklearn's import) in a forked child while the rest is analysed (see _fork).
+    importances = Background(lambda: _importances(sweep.study))
+    try:
+        return _analyze(sweep, importances)
+    finally:
+        importances.discard()
+
+
+def _analyze(sweep: SweepData, pending_importances: Background[tuple[dict[str, float] | None, str]]) -> SweepAnalysis:
     trials = sweep.trials
     summary = tables.trial_table(trials)
     score, score_label, minimize = _score(sweep, summary)
@@ -275,7 +285,7 @@ def analyze(sweep: SweepData) -> SweepAnalysis:
     brackets = frontier.lr_brackets(summary, lr_points)
     progress, progress_note = frontier.b_crit_progress(trials, sweep.history)
     noise_summary, noise_note = _noise_scale(sweep, best_runs, points, critical)
-    importances, importance_note = _importances(sweep.study)
+    importances, importance_note = pending_importances.result()
     best_trial = _best_trial(summary, score, minimize)
     status_counts = trials.dropna(subset=["run_id"])["status"].value_counts().to_dict() if len(trials) else {}
     return SweepAnalysis(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from matplotlib.figure import Figure
 
 from batchscope.analysis import style
+from batchscope.analysis._fork import fork_map
 from batchscope.analysis.analyze import SweepAnalysis
 from batchscope.analysis.charts_cost import cost, generalization, throughput_latency
 from batchscope.analysis.charts_lr import lr_batch
@@ -158,12 +159,10 @@ def render_charts(
 ) -> list[Chart]:
     """Every chart of one study. With strict=False a chart that raises becomes a panel saying
     so (one bad chart should not cost the whole report); tests use strict=True."""
-    charts = []
     # Charts colour by batch size; one legend per figure, in its header.
     legend = colors.legend_handles(sweep.trials["batch_size"].dropna())
-    for spec in CHARTS:
-        if spec.when is not None and not spec.when(sweep):
-            continue
+
+    def render(spec: _Spec) -> Chart:
         with style.rc_context():  # the report's look, for drawing and saving alike
             try:
                 fig = spec.draw(sweep, result, colors)
@@ -174,8 +173,10 @@ def render_charts(
                 fig = _error_figure(spec.title, error)
             handles = legend if spec.batch_legend else None
             image = style.to_bytes(fig, image_format, title=spec.title, legend_handles=handles)
-        charts.append(Chart(spec.name, spec.title, spec.caption, image, image_format))
-    return charts
+        return Chart(spec.name, spec.title, spec.caption, image, image_format)
+
+    # Each chart drawn in whichever process is free (see _fork): half the wall time on 2 cores.
+    return fork_map(render, [spec for spec in CHARTS if spec.when is None or spec.when(sweep)])
 
 
 def render_comparison(studies: Sequence[tuple[str, SweepAnalysis]], *, image_format: ImageFormat = "png") -> Chart:

@@ -330,3 +330,28 @@ def test_report_shows_the_bracket_and_the_b_crit_chart(grid_store: Path, tmp_pat
     fit = analyze(_grid(grid_store)).critical_batch
     assert fit is not None
     assert "| 9 | " in summary and f"| {number(fit.b_crit)} | " in summary
+
+
+def test_a_report_forked_over_processes_is_the_report_drawn_in_one(
+    grid_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first report spreads fANOVA and the charts over forked processes (analysis/_fork.py):
+    every chart's bytes, the importances and the page must be those of the one-process report."""
+    from batchscope.analysis import _fork
+
+    pages, images, importances = {}, {}, {}
+    for processes in ("1", "2"):
+        monkeypatch.setenv(_fork.ENV, processes)
+        assert _fork.processes() == int(processes)  # no thread in the way: the forked path is taken
+        importances[processes] = analyze(_grid(grid_store)).importances
+        index = build_report(
+            ["grid"],
+            storage=grid_store / "mlruns" / "optuna.journal",
+            tracking_uri=f"sqlite:///{grid_store / 'mlruns' / 'mlflow.db'}",
+            out_dir=tmp_path / processes,
+        )
+        pages[processes] = index.read_text()
+        images[processes] = {p.name: p.read_bytes() for p in sorted((index.parent / "charts").iterdir())}
+    assert importances["1"] and importances["1"] == importances["2"]
+    assert len(images["1"]) >= 7 and images["1"] == images["2"]
+    assert pages["1"] == pages["2"]
