@@ -49,7 +49,7 @@ DemoWorld = dict[tuple[int, float], list[SeedRun]]  # (batch size, base lr) -> i
 
 
 def _grid_config() -> dict[str, Any]:
-    from batchscope.sweeps.config import read_yaml
+    from batchscope.sweeps.config_load import read_yaml
 
     raw = read_yaml(DEMO)
     raw["search"].update(GRID)

@@ -3,7 +3,9 @@
     python benchmarks/report_probe.py STUDY STORE_DIR OUT_DIR
 
 Runs the steps `batchscope report STUDY` takes, in its order, on the stores under STORE_DIR
-(optuna.journal, mlflow.db) and prints one JSON line: CPU seconds of each phase. It uses only
+(optuna.journal, mlflow.db) and prints one JSON line: CPU seconds of each phase (this process's and
+its forked children's: the report draws its charts in forked processes, analysis/_fork.py), and wall
+seconds (the first phase's from the launch, given as BATCHSCOPE_PROBE_LAUNCHED). It uses only
 functions that the code before issue 19's report work has too, so that report_speed.py can run
 it on both and show where the time went.
 """
@@ -12,18 +14,28 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import resource
 import sys
 import time
 
 
-def main(study: str, store: str, out: str) -> dict[str, float]:
-    phases: dict[str, float] = {}
-    last = [0.0]  # process_time counts from the interpreter's start
+def _cpu() -> float:
+    """CPU seconds of this process and of its children that have ended (the report's forks)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def main(study: str, store: str, out: str) -> dict[str, dict[str, float]]:
+    phases: dict[str, dict[str, float]] = {"cpu": {}, "wall": {}}
+    # Both from the interpreter's start: report_speed.py says when it launched this process.
+    last = {"cpu": 0.0, "wall": float(os.environ.get("BATCHSCOPE_PROBE_LAUNCHED", time.time()))}
 
     def mark(name: str) -> None:
-        now = time.process_time()
-        phases[name] = phases.get(name, 0.0) + now - last[0]
-        last[0] = now
+        now = {"cpu": _cpu(), "wall": time.time()}
+        for kind in ("cpu", "wall"):
+            phases[kind][name] = phases[kind].get(name, 0.0) + now[kind] - last[kind]
+            last[kind] = now[kind]
 
     from pathlib import Path
 
@@ -45,15 +57,15 @@ def main(study: str, store: str, out: str) -> dict[str, float]:
     # As render_report renders: with the garbage collector paused where that version pauses it.
     with getattr(report, "paused_gc", contextlib.nullcontext)():
         importances = analyze._importances(sweep.study)
-        mark("fANOVA importances (sklearn imported on first use)")
-        analyze._importances = lambda _study: importances  # computed once, as in analyze()
+        mark("fANOVA importances alone (sklearn imported; overlaps the rest in a fork where the version does)")
+        analyze._importances = lambda study: importances  # computed once, as in analyze()
         result = analyze.analyze(sweep)
         mark("the rest of the analysis (fits, B_crit progress, noise scale)")
         findings.findings(sweep, result)
         mark("findings")
         colors = style.BatchColors(sweep.trials["batch_size"].dropna())
         charts.render_charts(sweep, result, colors, strict=True)
-        mark("charts: 8 figures drawn, laid out, saved as PNG")
+        mark("charts: 8 figures drawn, laid out, saved as PNG (forked where the version does)")
     path = report.build_report([study], storage=stores.storage_url, tracking_uri=stores.tracking_uri, out_dir=Path(out))
     mark("(build_report again: the whole report, for the files to log)")
     report.log_report_artifacts(path, [study], tracking_uri=stores.tracking_uri)
