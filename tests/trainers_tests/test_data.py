@@ -141,3 +141,18 @@ def test_batches_of_any_structure_slice_and_count() -> None:
     assert batch_size_of((torch.zeros(4), torch.zeros(4, 2))) == 4
     with pytest.raises(ValueError, match="at least one tensor"):
         batch_size_of({"name": "no tensors"})
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(10, 5), (10, 3), (10, 1), (10, 10), (10, 25)])
+def test_device_batches_are_the_seeded_epochs_in_order(n: int, batch_size: int) -> None:
+    """Each epoch is one randperm of the seeded generator; batches take the epochs' indices in order,
+    across epoch ends and for batches larger than the dataset (the order a run's results depend on)."""
+    from batchscope.trainers.data import DeviceBatcher
+
+    cpu = torch.device("cpu")
+    batcher = DeviceBatcher(n, batch_size, cpu, seed=7)
+    drawn = torch.cat([batcher.next() for _ in range(12)])
+    gen = torch.Generator().manual_seed(7)
+    epochs = torch.cat([torch.randperm(n, generator=gen) for _ in range(len(drawn) // n + 1)])
+    assert torch.equal(drawn, epochs[: len(drawn)])
+    assert batcher.epochs_started == -(-len(drawn) // n)
