@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from batchscope.trainers import distributed, evaluation, optim
-from batchscope.trainers.batches import check_step_loss, slice_batch, task_loss
+from batchscope.trainers.batches import check_step_loss, loss_function, slice_batch
 from batchscope.trainers.checkpoint import Checkpointer, CheckpointPolicy, RunState
 from batchscope.trainers.checkpoint import load as checkpoint_load
 from batchscope.trainers.data import train_batches
@@ -196,6 +196,7 @@ class _Run:
         self.advance_lr = self.scheduler.step if spec.schedule != "constant" or spec.warmup_steps > 0 else _no_op
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.batches = train_batches(self.task, spec.batch_size, spec.seed, plan.shard, plan.device)
+        self.loss_of = loss_function(self.task)  # (model, batch) -> the batch's mean loss
         gns_window = spec.gns_window or 4 * spec.eval_every
         self.noise = NoiseScaleWindow(gns_window, population=self.task.num_train)
         if plan.gns_on:
@@ -254,7 +255,7 @@ class _Run:
         if self.single_pass and not measure:
             # The common case, kept as lean as a hand-written step: one pass over the batch.
             with self.autocast():
-                loss = task_loss(self.task, self.step_model, batch)
+                loss = self.loss_of(self.step_model, batch)
             self.check_loss(loss)
             self.scaler.scale(loss).backward()
             step_loss, small_sq = loss.detach(), None
@@ -283,7 +284,7 @@ class _Run:
         small_sq = None
         for j, (lo, hi) in enumerate(micro):
             with self.autocast():
-                loss = task_loss(self.task, self.step_model, slice_batch(batch, lo, hi))
+                loss = self.loss_of(self.step_model, slice_batch(batch, lo, hi))
                 self.check_loss(loss)
                 if hi - lo != local_B:
                     # Mean over the micro-batch, weighted so the sum is this process's batch mean.
