@@ -189,6 +189,7 @@ class _Run:
         # torch.compile of a Module is a Module (OptimizedModule), which a recipe's step(model, batch) receives.
         self.step_model = cast(nn.Module, torch.compile(self.model)) if spec.compile else self.model
         self.optimizer = optim.make_optimizer(spec.optimizer, self.model, plan.lr, plan.optimizer_settings)
+        self.zero_grad = optim.grad_resetter(self.optimizer)  # optimizer.zero_grad(set_to_none=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_multiplier(spec.schedule, spec.warmup_steps, spec.max_steps)
         )
@@ -201,10 +202,9 @@ class _Run:
             optim.unwrap_scheduler_step(self.optimizer)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.batches = train_batches(self.task, spec.batch_size, spec.seed, plan.shard, plan.device)
-        # The step's forward, backward and optimizer step, decided once for the precision (Precision).
         self.loss_of = loss_function(self.task)  # (model, batch) -> the batch's mean loss
-        self.autocast_loss = plan.precision.autocast_loss(self.loss_of)
-        self.backward = plan.precision.backward()
+        # The step's forward, backward and optimizer step, decided once for the precision (Precision).
+        self.autocast_loss, self.backward = plan.precision.autocast_loss(self.loss_of), plan.precision.backward()
         self.optimizer_step = plan.precision.optimizer_step(self.optimizer)
         gns_window = spec.gns_window or 4 * spec.eval_every
         self.noise = NoiseScaleWindow(gns_window, population=self.task.num_train)
@@ -256,7 +256,7 @@ class _Run:
         """One optimizer step on the next batch; the loss stays on the device. No host sync.
 
         At batch 16 on the CPU every Python call here costs about a microsecond of a ~170 µs step:
-        what can be decided once is (`autocast_loss`, `backward`, `optimizer_step`, `advance_lr`).
+        what can be decided once is (`zero_grad`, `autocast_loss`, `backward`, `optimizer_step`, `advance_lr`).
         """
         plan = self.plan
         batch = self.batches.next()  # this process's share of the global batch, on the device
@@ -270,7 +270,7 @@ class _Run:
                 measure, probe = self.cadence.measures(step), self.cadence.probing(step)
                 if probe:
                     self.timer.start()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         if self.single_pass and not measure:
             # The common case, kept as lean as a hand-written step: one pass over the batch.
             loss = self.autocast_loss(self.step_model, batch)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchscope.trainers.optim import coupled_settings, make_optimizer
+from batchscope.trainers.optim import coupled_settings, grad_resetter, make_optimizer
 from batchscope.trainers.plan import plan_run
 from batchscope.trainers.spec import TrainSpec
 
@@ -134,3 +134,26 @@ def test_a_coupling_without_a_rule_is_refused() -> None:
         coupled_settings({"momentum": 0.9}, ("momentum",), 64, 128, 1.0, 1.0)
     with pytest.raises(ValueError, match="couple: no batch-size rule"):
         TrainSpec(couple=("momentum",))
+
+
+def test_the_grad_resetter_does_what_zero_grad_set_to_none_does() -> None:
+    """Every parameter the optimizer holds loses its gradient; one it does not hold keeps it (as with zero_grad)."""
+    held, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD([{"params": [held.weight]}, {"params": [held.bias], "lr": 0.5}], lr=0.1, fused=True)
+    for module in (held, other):
+        module(torch.randn(4, 3)).sum().backward()
+    grad_resetter(opt)()
+    assert held.weight.grad is None and held.bias.grad is None
+    assert other.weight.grad is not None
+
+
+def test_an_optimizer_with_its_own_zero_grad_keeps_it() -> None:
+    calls: list[bool] = []
+
+    class Custom(torch.optim.SGD):
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            calls.append(set_to_none)
+            super().zero_grad(set_to_none)
+
+    grad_resetter(Custom(torch.nn.Linear(3, 2).parameters(), lr=0.1))()
+    assert calls == [True]
