@@ -84,9 +84,11 @@ class Precision:
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> Callable[[], Any]:
         """The optimizer's step: through the scaler with fp16 (it skips steps with inf/NaN gradients
-        and updates its scale), `optimizer.step` as it is bound now otherwise."""
+        and updates its scale), `optim.step_function` (as the optimizer is now) otherwise."""
         if not self.scaler.is_enabled():
-            return optimizer.step
+            from batchscope.trainers.optim import step_function
+
+            return step_function(optimizer)
         scaler = self.scaler
 
         def scaled_step() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchscope.trainers.optim import coupled_settings, grad_resetter, make_optimizer
+from batchscope.trainers.optim import coupled_settings, grad_resetter, make_optimizer, step_function
 from batchscope.trainers.plan import plan_run
 from batchscope.trainers.spec import TrainSpec
 
@@ -157,3 +157,31 @@ def test_an_optimizer_with_its_own_zero_grad_keeps_it() -> None:
 
     grad_resetter(Custom(torch.nn.Linear(3, 2).parameters(), lr=0.1))()
     assert calls == [True]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_the_unwrapped_step_updates_like_optimizer_step_and_keeps_hooks(kind: str) -> None:
+    """Without hooks the step skips torch's profiler wrapper, with the same updates; a hook registered
+    at any time (on the optimizer or globally) makes it go through the wrapper, so the hook runs."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    a, b = _model(), _model()
+    wrapped, fast = (make_optimizer(kind, m, 0.05, {"weight_decay": 0.01}) for m in (a, b))
+    step = step_function(fast)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    calls: list[str] = []
+    for i in range(6):
+        if i == 2:
+            own = fast.register_step_post_hook(lambda *_: calls.append("own"))
+        if i == 3:
+            own.remove()
+            glob = register_optimizer_step_pre_hook(lambda opt, *_: calls.append("global") if opt is fast else None)
+        if i == 4:
+            glob.remove()
+        for model, opt, do in ((a, wrapped, wrapped.step), (b, fast, step)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            do()
+    assert calls == ["own", "global"]
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
