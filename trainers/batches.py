@@ -8,7 +8,7 @@ say) travel along untouched and do not count.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -150,8 +150,22 @@ def check_step_loss(loss: object, name: str) -> None:
 
 def task_loss(task: Task | DataTask, model: nn.Module, batch: Any) -> torch.Tensor:
     """The mean loss of a training batch for either form of task (the loop's one definition of it)."""
-    step = task.step if isinstance(task, DataTask) else None
-    return loss_of(model, batch, step, task.loss_fn)
+    return loss_function(task)(model, batch)
+
+
+def loss_function(task: Task | DataTask) -> Callable[[nn.Module, Any], torch.Tensor]:
+    """`task_loss` for one task, `(model, batch) -> loss`, its form chosen once: the training step calls
+    it every step, where a `Task`'s (x, y) batches need none of `loss_of`'s checks."""
+    if isinstance(task, DataTask):
+        step, any_loss_fn = task.step, task.loss_fn
+        return lambda model, batch: loss_of(model, batch, step, any_loss_fn)
+    loss_fn = task.loss_fn
+
+    def tensor_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return loss_fn(model(x).float(), y)
+
+    return tensor_loss
 
 
 def eval_parts(task: Task | DataTask, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, int]:

@@ -46,13 +46,56 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
+# `(model, batch) -> loss`: the training step's forward pass (trainers.batches.loss_function).
+LossOf = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
 @dataclass
 class Precision:
-    """The autocast context and gradient scaler for one precision, built once."""
+    """The autocast context and gradient scaler for one precision, built once.
+
+    The training step takes its forward, backward and optimizer step from here, decided once:
+    in fp32 the autocast is a nullcontext and the scaler passes everything through, six Python
+    calls a step that cost ~3 µs of a ~170 µs step at batch 16 on the CPU.
+    """
 
     name: str
     autocast: Callable[[], contextlib.AbstractContextManager[Any]]
     scaler: torch.amp.GradScaler
+
+    def autocast_loss(self, loss_of: LossOf) -> LossOf:
+        """`loss_of` under this precision's autocast (itself in fp32, which has none)."""
+        if self.name == "fp32":
+            return loss_of
+        autocast = self.autocast
+
+        def under_autocast(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+            with autocast():
+                return loss_of(model, batch)
+
+        return under_autocast
+
+    def backward(self) -> Callable[[torch.Tensor], None]:
+        """The backward pass of a loss: of the scaled loss with fp16, of the loss itself otherwise."""
+        if not self.scaler.is_enabled():
+            return torch.Tensor.backward
+        scale = self.scaler.scale
+        return lambda loss: scale(loss).backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> Callable[[], Any]:
+        """The optimizer's step: through the scaler with fp16 (it skips steps with inf/NaN gradients
+        and updates its scale), `optim.step_function` (as the optimizer is now) otherwise."""
+        if not self.scaler.is_enabled():
+            from batchscope.trainers.optim import step_function
+
+            return step_function(optimizer)
+        scaler = self.scaler
+
+        def scaled_step() -> None:
+            scaler.step(optimizer)
+            scaler.update()
+
+        return scaled_step
 
 
 def make_precision(name: str, device: torch.device) -> Precision:

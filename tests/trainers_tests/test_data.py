@@ -141,3 +141,35 @@ def test_batches_of_any_structure_slice_and_count() -> None:
     assert batch_size_of((torch.zeros(4), torch.zeros(4, 2))) == 4
     with pytest.raises(ValueError, match="at least one tensor"):
         batch_size_of({"name": "no tensors"})
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(10, 5), (10, 3), (10, 1), (10, 10), (10, 25)])
+def test_device_batches_are_the_seeded_epochs_in_order(n: int, batch_size: int) -> None:
+    """Each epoch is one randperm of the seeded generator; batches take the epochs' indices in order,
+    across epoch ends and for batches larger than the dataset (the order a run's results depend on)."""
+    from batchscope.trainers.data import DeviceBatcher
+
+    cpu = torch.device("cpu")
+    batcher = DeviceBatcher(n, batch_size, cpu, seed=7)
+    drawn = torch.cat([batcher.next() for _ in range(12)])
+    gen = torch.Generator().manual_seed(7)
+    epochs = torch.cat([torch.randperm(n, generator=gen) for _ in range(len(drawn) // n + 1)])
+    assert torch.equal(drawn, epochs[: len(drawn)])
+    assert batcher.epochs_started == -(-len(drawn) // n)
+
+
+@pytest.mark.parametrize(
+    ("n", "batch_size", "shard"), [(10, 3, slice(None)), (10, 25, slice(None)), (12, 4, slice(2, 4))]
+)
+def test_tensor_batches_are_the_rows_of_the_device_batches(n: int, batch_size: int, shard: slice) -> None:
+    from batchscope.trainers.data import DeviceBatcher, TensorBatches
+    from batchscope.trainers.task import Task
+
+    x, y = torch.arange(n, dtype=torch.float32)[:, None], torch.arange(n)
+    task = Task(model=torch.nn.Linear(1, 1), train_x=x, train_y=y, val_x=x, val_y=y, loss_fn=F.cross_entropy)
+    cpu = torch.device("cpu")
+    batches, reference = TensorBatches(task, batch_size, 5, shard, cpu), DeviceBatcher(n, batch_size, cpu, seed=5)
+    for _ in range(12):
+        bx, by = batches.next()
+        idx = reference.next()[shard]
+        assert torch.equal(bx, x[idx]) and torch.equal(by, y[idx])

@@ -267,3 +267,27 @@ def test_a_loss_that_explodes_is_a_divergence(factor: float | None, reason: str)
     result = train(spec(lr=50.0, momentum=0.0, max_steps=400, divergence_factor=factor), RecordingSink())
     assert result.status == "diverged"
     assert reason in result.reason or (factor is None and "inf" in result.reason)
+
+
+@pytest.mark.parametrize(("schedule", "warmup"), [("constant", 0), ("constant", 5), ("cosine", 0), ("linear", 5)])
+def test_the_lr_follows_the_schedule_and_the_optimizer_steps_unwrapped(schedule: str, warmup: int) -> None:
+    """torch's scheduler wraps optimizer.step to warn when it steps first; the loop drops the wrapper
+    once nothing reads it (never stepped, or after its first step): no warning, the same lr."""
+    import warnings
+
+    from batchscope.trainers.loop import _Run
+    from batchscope.trainers.plan import plan_run
+    from batchscope.trainers.schedule import lr_multiplier
+    from batchscope.trainers.spec import NullSink
+
+    s = spec(schedule=schedule, warmup_steps=warmup, max_steps=20, eval_every=20, gns=False)
+    run = _Run(s, plan_run(s), NullSink(), None, None)
+    factor = lr_multiplier(schedule, warmup, s.max_steps)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(1, s.max_steps + 1):
+            run.train_step(step)
+            lrs.append(run.optimizer.param_groups[0]["lr"])
+            assert "step" not in vars(run.optimizer)  # the class's own step, without the wrapper
+    assert lrs == [run.plan.lr * factor(k) for k in range(1, s.max_steps + 1)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchscope.trainers.optim import coupled_settings, make_optimizer
+from batchscope.trainers.optim import coupled_settings, grad_resetter, make_optimizer, step_function
 from batchscope.trainers.plan import plan_run
 from batchscope.trainers.spec import TrainSpec
 
@@ -134,3 +134,54 @@ def test_a_coupling_without_a_rule_is_refused() -> None:
         coupled_settings({"momentum": 0.9}, ("momentum",), 64, 128, 1.0, 1.0)
     with pytest.raises(ValueError, match="couple: no batch-size rule"):
         TrainSpec(couple=("momentum",))
+
+
+def test_the_grad_resetter_does_what_zero_grad_set_to_none_does() -> None:
+    """Every parameter the optimizer holds loses its gradient; one it does not hold keeps it (as with zero_grad)."""
+    held, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD([{"params": [held.weight]}, {"params": [held.bias], "lr": 0.5}], lr=0.1, fused=True)
+    for module in (held, other):
+        module(torch.randn(4, 3)).sum().backward()
+    grad_resetter(opt)()
+    assert held.weight.grad is None and held.bias.grad is None
+    assert other.weight.grad is not None
+
+
+def test_an_optimizer_with_its_own_zero_grad_keeps_it() -> None:
+    calls: list[bool] = []
+
+    class Custom(torch.optim.SGD):
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            calls.append(set_to_none)
+            super().zero_grad(set_to_none)
+
+    grad_resetter(Custom(torch.nn.Linear(3, 2).parameters(), lr=0.1))()
+    assert calls == [True]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_the_unwrapped_step_updates_like_optimizer_step_and_keeps_hooks(kind: str) -> None:
+    """Without hooks the step skips torch's profiler wrapper, with the same updates; a hook registered
+    at any time (on the optimizer or globally) makes it go through the wrapper, so the hook runs."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    a, b = _model(), _model()
+    wrapped, fast = (make_optimizer(kind, m, 0.05, {"weight_decay": 0.01}) for m in (a, b))
+    step = step_function(fast)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    calls: list[str] = []
+    for i in range(6):
+        if i == 2:
+            own = fast.register_step_post_hook(lambda *_: calls.append("own"))
+        if i == 3:
+            own.remove()
+            glob = register_optimizer_step_pre_hook(lambda opt, *_: calls.append("global") if opt is fast else None)
+        if i == 4:
+            glob.remove()
+        for model, opt, do in ((a, wrapped, wrapped.step), (b, fast, step)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            do()
+    assert calls == ["own", "global"]
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
