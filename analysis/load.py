@@ -170,11 +170,35 @@ def export_sweep(sweep: SweepData, out_dir: Path, *, file_format: Literal["parqu
 def _load_study(study_name: str, storage: StorageLike) -> optuna.Study:
     opened = open_optuna_storage(storage)
     try:
-        return optuna.load_study(study_name=study_name, storage=opened)
+        study = optuna.load_study(study_name=study_name, storage=opened)
     except KeyError:
         known = optuna.get_all_study_names(opened)
         where = redact_url(str(storage)) if isinstance(storage, str | Path) else type(storage).__name__
         raise LookupError(f"No Optuna study named {study_name!r} in {where}; it holds {known}.") from None
+    return _snapshot(study)
+
+
+def _snapshot(study: optuna.Study) -> optuna.Study:
+    """The study as read now, in memory. Everything the analysis reads then agrees with the trials
+    table while a sweep goes on adding trials, and the report's forked processes (analysis/_fork.py)
+    never use the parent's database connection (a PostgreSQL socket shared by two processes
+    interleaves their messages)."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
+    try:
+        snapshot = optuna.create_study(
+            storage=optuna.storages.InMemoryStorage(), study_name=study.study_name, directions=study.directions
+        )
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    for key, value in study.user_attrs.items():
+        snapshot.set_user_attr(key, value)
+    if study.metric_names is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            snapshot.set_metric_names(study.metric_names)
+    snapshot.add_trials(study.get_trials(deepcopy=False))
+    return snapshot
 
 
 def _objective_names(study: optuna.Study, from_sweep: str | None) -> tuple[str, ...]:

@@ -355,3 +355,32 @@ def test_a_report_forked_over_processes_is_the_report_drawn_in_one(
     assert importances["1"] and importances["1"] == importances["2"]
     assert len(images["1"]) >= 7 and images["1"] == images["2"]
     assert pages["1"] == pages["2"]
+
+
+def test_the_report_of_a_postgresql_study_forks_without_sharing_its_connection(
+    grid_store: Path, tmp_path: Path, pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forked processes read a snapshot of the study taken at load time (analysis/load.py),
+    never the parent's PostgreSQL connection; the report is the journal's, and the store still
+    answers afterwards. The snapshot is what was loaded: a trial added later is not in it."""
+    from batchscope.analysis import _fork
+    from tests.conftest import PG_ADMIN
+
+    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{pg_database}"
+    journal = journal_storage(grid_store / "mlruns" / "optuna.journal")
+    optuna.copy_study(from_study_name="grid", from_storage=journal, to_storage=url)
+    monkeypatch.setenv(_fork.ENV, "2")
+    tracking = f"sqlite:///{grid_store / 'mlruns' / 'mlflow.db'}"
+    pages = {}
+    for name, storage in (("journal", grid_store / "mlruns" / "optuna.journal"), ("postgresql", url)):
+        index = build_report(["grid"], storage=storage, tracking_uri=tracking, out_dir=tmp_path / name)
+        pages[name] = index.read_text()
+    assert pages["journal"] == pages["postgresql"]
+
+    sweep = load_sweep("grid", storage=url, tracking_uri=tracking)
+    live = optuna.load_study(study_name="grid", storage=url)
+    assert [(t.number, t.params, t.values) for t in sweep.study.trials] == [
+        (t.number, t.params, t.values) for t in live.trials
+    ]
+    live.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
+    assert len(live.trials) == len(sweep.study.trials) + 1

@@ -185,3 +185,19 @@ def test_the_unwrapped_step_updates_like_optimizer_step_and_keeps_hooks(kind: st
     assert calls == ["own", "global"]
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_under_torch_profiler_the_step_and_reset_keep_their_ranges() -> None:
+    """The fast paths skip torch's profiler ranges only while no profile is being recorded: a user
+    profiling the loop with torch.profiler still sees Optimizer.step and Optimizer.zero_grad."""
+    model = _model()
+    opt = make_optimizer("sgd", model, 0.05, {})
+    step, reset = step_function(opt), grad_resetter(opt)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        reset()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        step()
+    names = {event.name for event in prof.events()}
+    assert any(name.startswith("Optimizer.step#") for name in names)
+    assert any(name.startswith("Optimizer.zero_grad#") for name in names)
