@@ -104,23 +104,28 @@ def test_a_discarded_background_child_is_stopped() -> None:
         os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left behind
 
 
-def test_no_fork_while_other_threads_run_or_when_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(_fork.ENV, "2")
-    assert _fork.processes() == 2
+def test_the_processes_are_one_per_cpu_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_fork.threading, "active_count", lambda: 1)  # threads earlier tests left behind
+    monkeypatch.setenv(_fork.ENV, "3")
+    assert _fork.processes() == 3
     monkeypatch.setenv(_fork.ENV, "1")
     assert _fork.processes() == 1
     monkeypatch.setenv(_fork.ENV, "two")
     with pytest.warns(UserWarning, match="BATCHSCOPE_REPORT_PROCESSES must be a whole number.*'two'"):
         assert _fork.processes() == 1
+    monkeypatch.delenv(_fork.ENV)
+    assert _fork.processes() == len(os.sched_getaffinity(0))
+
+
+def test_no_fork_while_another_thread_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fork copies the locks other threads hold (a sweep's writer threads, Jupyter's)."""
     monkeypatch.setenv(_fork.ENV, "2")
-    # A fork copies the locks other threads hold (a sweep's writer threads, Jupyter's).
     release = threading.Event()
     other = threading.Thread(target=release.wait)
     other.start()
     try:
         assert _fork.processes() == 1
+        assert {pid for _, pid in fork_map(_slow_square, [1, 2])} == {PARENT}
     finally:
         release.set()
         other.join()
-    monkeypatch.delenv(_fork.ENV)
-    assert _fork.processes() == len(os.sched_getaffinity(0))
