@@ -17,14 +17,14 @@ PARENT = os.getpid()
 
 
 def _slow_square(item: int) -> tuple[int, int]:
-    time.sleep(0.2)  # long enough that every process takes some of the items
+    time.sleep(0.3)  # long enough that every process takes some of the items, even on a loaded machine
     return item * item, os.getpid()
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_fork_map_returns_every_result_in_order(workers: int) -> None:
-    results = fork_map(_slow_square, list(range(6)), workers=workers)
-    assert [value for value, _ in results] == [i * i for i in range(6)]
+    results = fork_map(_slow_square, list(range(9)), workers=workers)
+    assert [value for value, _ in results] == [i * i for i in range(9)]
     # The work was spread: one process per worker, this one among them.
     assert len({pid for _, pid in results}) == workers
     assert PARENT in {pid for _, pid in results}
@@ -47,14 +47,14 @@ def test_an_error_that_cannot_be_pickled_arrives_as_its_text() -> None:
             self.callback = lambda: None
 
     def fails_in_a_child(item: int) -> int:
-        time.sleep(0.1)
+        time.sleep(0.2)  # the child starts long before this process has done all 8
         if os.getpid() != PARENT:
             raise Unpicklable()
         return item
 
     # Whichever item a child took fails; the parent's succeed.
     with pytest.raises(RuntimeError, match="held a lambda"):
-        fork_map(fails_in_a_child, list(range(4)), workers=2)
+        fork_map(fails_in_a_child, list(range(8)), workers=2)
 
 
 def test_warnings_in_a_child_are_warned_here() -> None:
