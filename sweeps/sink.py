@@ -157,7 +157,7 @@ class MetricWriter:
     def _log(self, run_id: str, rows: list[Row]) -> None:
         """Rows of keys MLflow has taken before go straight into a local SQLite store (see
         sweeps.sqlite_metrics: the same rows, a tenth of the time); the rest through log_batch."""
-        if self._fast is None and self._uri is not None and self._client is None:
+        if self._fast is None and self._uri is not None:  # a writer given a client: MLflow only
             from batchscope.sweeps.sqlite_metrics import SqliteMetricLog
 
             self._fast = SqliteMetricLog.open(self._uri) or False

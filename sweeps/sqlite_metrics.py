@@ -28,8 +28,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 
 from batchscope.analysis._mlflow_raw import sqlite_file
-
-Row = tuple[str, float, int, int]  # (key, value, timestamp in ms, step), as sweeps.sink sends it
+from batchscope.sweeps.sink import Row  # (key, value, timestamp in ms, step)
 
 # The two tables as MLflow's migrations create them (whitespace and quotes aside); MLflow 2.x-3.x.
 _SCHEMA = {

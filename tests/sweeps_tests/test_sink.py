@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -13,20 +12,12 @@ from mlflow import MlflowClient
 from batchscope.sweeps.sink import MetricWriter, MlflowSink
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> tuple[MlflowClient, str, str]:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("sink", artifact_location=(tmp_path / "a").as_uri())
-    return client, uri, exp
-
-
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float, int]]:
     return sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))
 
 
-def test_everything_is_written_by_close_with_per_step_timestamps(store: tuple[MlflowClient, str, str]) -> None:
-    client, uri, exp = store
+def test_everything_is_written_by_close_with_per_step_timestamps(mlflow_store: tuple[MlflowClient, str, str]) -> None:
+    client, uri, exp = mlflow_store
     run_id = client.create_run(exp).info.run_id
     writer = MetricWriter(uri)
     sink = MlflowSink(writer, run_id, flush_rows=25, flush_s=60.0)
@@ -47,8 +38,8 @@ def test_everything_is_written_by_close_with_per_step_timestamps(store: tuple[Ml
     writer.close()
 
 
-def test_a_client_gets_its_own_writer(store: tuple[MlflowClient, str, str]) -> None:
-    client, _, exp = store
+def test_a_client_gets_its_own_writer(mlflow_store: tuple[MlflowClient, str, str]) -> None:
+    client, _, exp = mlflow_store
     run_id = client.create_run(exp).info.run_id
     sink = MlflowSink(client, run_id)
     sink.series("train/loss", 1, [float(i) for i in range(2500)])  # more than one log_batch request
@@ -56,8 +47,8 @@ def test_a_client_gets_its_own_writer(store: tuple[MlflowClient, str, str]) -> N
     assert len(history(client, run_id, "train/loss")) == 2500
 
 
-def test_a_failed_write_is_reported_to_the_trial(store: tuple[MlflowClient, str, str]) -> None:
-    _, uri, _ = store
+def test_a_failed_write_is_reported_to_the_trial(mlflow_store: tuple[MlflowClient, str, str]) -> None:
+    _, uri, _ = mlflow_store
     writer = MetricWriter(uri)
     sink = MlflowSink(writer, "no-such-run", flush_rows=1)
     sink.metrics(1, {"train/loss": 1.0})  # handed to the writer at once (flush_rows=1)

@@ -28,14 +28,6 @@ BATCHES: list[list[tuple[str, float, int, int]]] = [
 ]
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> tuple[MlflowClient, str, str]:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("fast", artifact_location=(tmp_path / "a").as_uri())
-    return client, uri, exp
-
-
 def _tables(uri: str, run_id: str) -> dict[str, list[tuple[object, ...]]]:
     with sqlite3.connect(uri.removeprefix("sqlite:///")) as conn:
         return {
@@ -55,8 +47,8 @@ def _seen_by_mlflow(client: MlflowClient, run_id: str) -> tuple[dict[str, float]
     return {k: repr(v) for k, v in run.data.metrics.items()}, histories
 
 
-def test_the_rows_are_those_mlflow_writes(store: tuple[MlflowClient, str, str]) -> None:
-    client, uri, exp = store
+def test_the_rows_are_those_mlflow_writes(mlflow_store: tuple[MlflowClient, str, str]) -> None:
+    client, uri, exp = mlflow_store
     by_mlflow, direct = client.create_run(exp).info.run_id, client.create_run(exp).info.run_id
     fast = SqliteMetricLog.open(uri)
     assert fast is not None
@@ -70,8 +62,8 @@ def test_the_rows_are_those_mlflow_writes(store: tuple[MlflowClient, str, str]) 
     assert latest["train/loss"] == "1.7" and latest["val/acc"] == "0.6"
 
 
-def test_a_run_that_is_deleted_or_unknown_gets_nothing(store: tuple[MlflowClient, str, str]) -> None:
-    client, uri, exp = store
+def test_a_run_that_is_deleted_or_unknown_gets_nothing(mlflow_store: tuple[MlflowClient, str, str]) -> None:
+    client, uri, exp = mlflow_store
     run_id = client.create_run(exp).info.run_id
     fast = SqliteMetricLog.open(uri)
     assert fast is not None
@@ -96,9 +88,9 @@ def test_only_mlflows_own_tables_in_a_plain_sqlite_file_are_written(tmp_path: Pa
 
 
 def test_the_writer_sends_a_keys_first_rows_through_mlflow_then_writes_directly(
-    store: tuple[MlflowClient, str, str], monkeypatch: pytest.MonkeyPatch
+    mlflow_store: tuple[MlflowClient, str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client, uri, exp = store
+    client, uri, exp = mlflow_store
     run_ids = [client.create_run(exp).info.run_id for _ in range(2)]
     through_mlflow: list[list[str]] = []
     import batchscope.sweeps.sink as sink_module
@@ -123,8 +115,8 @@ def test_the_writer_sends_a_keys_first_rows_through_mlflow_then_writes_directly(
         assert _seen_by_mlflow(client, run_id) == _seen_by_mlflow(client, reference)
 
 
-def test_a_bad_metric_name_is_refused_by_mlflow_not_written(store: tuple[MlflowClient, str, str]) -> None:
-    client, uri, exp = store
+def test_a_bad_metric_name_is_refused_by_mlflow_not_written(mlflow_store: tuple[MlflowClient, str, str]) -> None:
+    client, uri, exp = mlflow_store
     run_id = client.create_run(exp).info.run_id
     writer = MetricWriter(uri)
     writer.submit(run_id, [("../escape", 1.0, NOW, 1)])
@@ -134,9 +126,9 @@ def test_a_bad_metric_name_is_refused_by_mlflow_not_written(store: tuple[MlflowC
     assert _tables(uri, run_id) == {"metrics": [], "latest_metrics": []}
 
 
-def test_mlflow_reads_what_a_sweep_wrote(store: tuple[MlflowClient, str, str]) -> None:
+def test_mlflow_reads_what_a_sweep_wrote(mlflow_store: tuple[MlflowClient, str, str]) -> None:
     """Written directly while MLflow's own connection is open in the same process: both see all."""
-    client, uri, exp = store
+    client, uri, exp = mlflow_store
     run_id = client.create_run(exp).info.run_id
     writer = MetricWriter(uri)
     steps = range(1, 2001)
