@@ -26,9 +26,12 @@ import math
 import re
 import sqlite3
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from batchscope.analysis._mlflow_raw import sqlite_file
-from batchscope.sweeps.sink import Row  # (key, value, timestamp in ms, step)
+
+if TYPE_CHECKING:  # sink imports this module when it first writes
+    from batchscope.sweeps.sink import Row  # (key, value, timestamp in ms, step)
 
 # The two tables as MLflow's migrations create them (whitespace and quotes aside); MLflow 2.x-3.x.
 _SCHEMA = {
